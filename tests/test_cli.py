@@ -1,0 +1,22 @@
+"""The interplab command: doctor and lab."""
+
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "interplab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_doctor_verifies_bundled_files_and_reports_the_hub():
+    r = run("doctor")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "files verified (sha256)" in r.stdout
+    assert "not reachable" in r.stdout  # the suite blocks the network
+    assert "transformer_lens" in r.stdout and "all good" in r.stdout
+
+
+def test_lab_opens_jupyterlab_on_the_chapters(repo):
+    r = run("lab", "--print-command")
+    assert r.returncode == 0
+    assert "jupyterlab" in r.stdout and str(repo / "chapters") in r.stdout

@@ -1,0 +1,108 @@
+"""The gradebook: correct, partly wrong and broken submissions each get the right rows."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from interplab.grading.gradebook import grade, grade_notebook
+from interplab.grading.notebooks import cell_source, inject_solutions, read_notebook, write_notebook
+
+
+def _replace_def(nb, name, new_source):
+    for cell in nb["cells"]:
+        src = cell_source(cell)
+        if cell["cell_type"] == "code" and f"def {name}(" in src:
+            check_line = f"{name} = check({name})"
+            cell["source"] = new_source + "\n\n" + (check_line if check_line in src else "")
+            return nb
+    raise LookupError(name)
+
+
+@pytest.fixture(scope="module")
+def submissions(tmp_path_factory, repo):
+    folder = tmp_path_factory.mktemp("submissions")
+    shipped = read_notebook(repo / "chapters" / "00_orientation.ipynb")
+
+    write_notebook(inject_solutions(shipped), folder / "00_correct.ipynb")
+
+    partly = inject_solutions(shipped)
+    _replace_def(partly, "previous_token_score",
+                 "def previous_token_score(pattern):\n    return pattern.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)")
+    _replace_def(partly, "ablate_head", "def ablate_head(z, head):\n    raise NotImplementedError")
+    write_notebook(partly, folder / "00_partly.ipynb")
+
+    broken = inject_solutions(shipped)
+    _replace_def(broken, "per_token_loss", "def per_token_loss(logits, tokens):\n    return logits[:, :-1 +")
+    _replace_def(broken, "answer_logit_diff", "def answer_logits_difference(logits, a, w):\n    return 0")
+    _replace_def(broken, "previous_token_score",
+                 "import sys\ndef previous_token_score(pattern):\n    print('spam' * 10**6)\n    sys.exit(0)")
+    _replace_def(broken, "ablate_head", "def ablate_head(z, head):\n    while True:\n        pass")
+    _replace_def(broken, "head_ablation_loss",
+                 "import os\ndef head_ablation_loss(model, tokens, layer, head):\n    os._exit(7)")
+    write_notebook(broken, folder / "00_broken.ipynb")
+
+    (folder / "00_garbage.ipynb").write_text("{ this is not json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rows(submissions):
+    out = submissions.parent / "grades.csv"
+    return grade([submissions], out=out, time_limit=3, progress=False), out
+
+
+def _status(rows, sub, exercise):
+    return next(r for r in rows if r.submission == sub and r.exercise == exercise)
+
+
+def test_correct_submission_passes_everything(rows):
+    rows, _ = rows
+    total = _status(rows, "00_correct.ipynb", "TOTAL")
+    assert total.status == "passed" and total.n_passed == total.n_total == 5
+
+
+def test_partly_wrong_submission(rows):
+    rows, _ = rows
+    assert _status(rows, "00_partly.ipynb", "per_token_loss").status == "passed"
+    wrong = _status(rows, "00_partly.ipynb", "previous_token_score")
+    assert wrong.status == "failed" and "Hint" in wrong.message
+    assert _status(rows, "00_partly.ipynb", "ablate_head").status == "not_implemented"
+    assert _status(rows, "00_partly.ipynb", "TOTAL").n_passed == 3
+
+
+def test_broken_submission_gets_a_clear_row_for_each_fault(rows):
+    rows, _ = rows
+    sub = "00_broken.ipynb"
+    assert _status(rows, sub, "per_token_loss").status == "syntax_error"
+    missing = _status(rows, sub, "answer_logit_diff")
+    assert missing.status == "missing" and "deleted" in missing.message
+    exited = _status(rows, sub, "previous_token_score")
+    assert exited.status == "error" and "SystemExit" in exited.message and len(exited.message) < 3000
+    assert _status(rows, sub, "ablate_head").status == "timeout"
+    crashed = _status(rows, sub, "head_ablation_loss")
+    assert crashed.status == "crashed" and "exit code 7" in crashed.message
+    assert _status(rows, sub, "TOTAL").n_passed == 0
+
+
+def test_unreadable_notebook(rows):
+    rows, _ = rows
+    r = [r for r in rows if r.submission == "00_garbage.ipynb" and r.exercise != "TOTAL"]
+    assert r and all(x.status == "unreadable" and "JSON" in x.message for x in r)
+
+
+def test_csv_and_json_have_every_row(rows):
+    rows, out = rows
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == 4 * 6
+    assert json.loads(out.with_suffix(".json").read_text())[0].keys() == table[0].keys()
+
+
+def test_cli_check_reports_on_one_notebook(submissions):
+    r = subprocess.run([sys.executable, "-m", "interplab.cli", "check", str(submissions / "00_partly.ipynb")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1
+    assert "3/5 exercises passed" in r.stdout and "previous_token_score" in r.stdout

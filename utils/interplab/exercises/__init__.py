@@ -1,0 +1,116 @@
+"""Exercise specs: one module per chapter, one `Exercise` per graded function.
+
+An exercise spec says
+- which reference function in `interplab.solutions` defines the exercise,
+- how to build its cases (fixed edge cases, seeded random ones, and cases on the
+  bundled model where the exercise is about a model),
+- how to compare outputs (tolerances, or a custom comparison), and
+- which known mistakes to recognise, each a small wrong implementation with the hint
+  a learner should see when their output matches it.
+
+Specs register themselves when their chapter module is imported; `get(name)` and
+`all_exercises()` import every chapter module first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Chapter modules, in course order. Each registers its exercises on import.
+CHAPTER_MODULES = ["ch00_orientation"]
+
+
+@dataclass
+class Case:
+    """One call of the exercise: positional and keyword arguments, and a label for reports."""
+
+    label: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Mistake:
+    """A known wrong implementation and the hint shown when a learner's output matches it."""
+
+    name: str
+    fn: Callable
+    hint: str
+
+
+@dataclass
+class Exercise:
+    """The spec of one graded function."""
+
+    name: str
+    chapter: str
+    reference: Callable
+    make_cases: Callable[[], list[Case]]
+    mistakes: list[Mistake] = field(default_factory=list)
+    rtol: float | None = None
+    atol: float | None = None
+    compare: Callable[[Any, Any], str | None] | None = None
+    time_limit: float = 30.0
+    _cases: list[Case] | None = field(default=None, repr=False)
+    _expected: list[Any] | None = field(default=None, repr=False)
+
+    def cases(self) -> list[Case]:
+        if self._cases is None:
+            self._cases = list(self.make_cases())
+            if not self._cases:
+                raise RuntimeError(f"exercise {self.name!r} has no cases")
+        return self._cases
+
+
+REGISTRY: dict[str, Exercise] = {}
+
+
+def register(name: str, chapter: str, reference: Callable, cases: Callable[[], list[Case]],
+             mistakes: list[Mistake] | None = None, **options) -> Exercise:
+    """Register an exercise (called at import time by the chapter modules)."""
+    if name in REGISTRY:
+        raise ValueError(f"exercise {name!r} is registered twice")
+    if reference.__name__ != name:
+        raise ValueError(f"exercise {name!r}: the reference is called {reference.__name__!r}; names must match")
+    ex = Exercise(name=name, chapter=chapter, reference=reference, make_cases=cases,
+                  mistakes=list(mistakes or []), **options)
+    REGISTRY[name] = ex
+    return ex
+
+
+@functools.lru_cache(maxsize=None)
+def load_all() -> None:
+    """Import every chapter module so that all exercises are registered."""
+    for mod in CHAPTER_MODULES:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+def all_exercises() -> list[Exercise]:
+    load_all()
+    return list(REGISTRY.values())
+
+
+def get(name: str) -> Exercise:
+    """The exercise called ``name``; a KeyError suggests close names when there is none."""
+    load_all()
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(
+            f"No exercise called {name!r}.{hint} check() finds the exercise by the function's name: keep the "
+            f"name from the notebook, or pass it explicitly: check(my_function, name='...'). "
+            f"All exercises: interplab.grading.exercise_names()."
+        )
+    return REGISTRY[name]
+
+
+@functools.lru_cache(maxsize=None)
+def shared_model():
+    """The bundled TinyWorld model on CPU, loaded once for all exercise cases."""
+    from ..models import load_model
+
+    return load_model("tinyworld", device="cpu")

@@ -1,0 +1,411 @@
+"""Running a learner's function against an exercise spec, safely.
+
+`run(name, fn)` calls ``fn`` on every case of the exercise and compares each output
+with the reference's. Each call gets its own copies of the inputs (so a learner's
+in-place edit cannot leak into the reference or the next case), runs under a time
+limit, and is checked for edits to its inputs, for weights it changed in a shared
+model (restored at once) and for hooks it left behind (removed at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..exercises import Exercise, get
+from .compare import compare, describe, matches
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+MAX_PRINTED = 2000  # characters of a learner's own printing kept per case
+
+
+class ExerciseTimeout(Exception):
+    pass
+
+
+@dataclass
+class CaseResult:
+    label: str
+    passed: bool
+    message: str = ""
+    hint: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    """What `run` found. ``failures`` holds one message per failing case."""
+
+    name: str
+    passed: bool
+    n_passed: int
+    n_total: int
+    failures: list[str] = field(default_factory=list)
+    hint: str | None = None
+    kind: str = "passed"  # passed | wrong | not_implemented | error | timeout | mutation | side_effect
+    results: list[CaseResult] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"{self.name}: {self.n_passed}/{self.n_total} checks passed"
+        first = next(r for r in self.results if not r.passed)
+        lines = [f"{self.name}: {self.n_passed}/{self.n_total} checks passed",
+                 f"First failing case: {first.label}", _indent(first.message)]
+        if self.hint:
+            lines.append(f"Hint: {self.hint}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "n_passed": self.n_passed, "n_total": self.n_total,
+                "kind": self.kind, "failures": self.failures, "hint": self.hint}
+
+
+def _indent(text: str, pad: str = "  ") -> str:
+    return "\n".join(pad + line for line in text.splitlines())
+
+
+# --- copies of inputs ---------------------------------------------------------------
+
+def fresh(x: Any) -> Any:
+    """A copy of a case argument: tensors cloned, containers copied, modules shared."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, torch.nn.Module):
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(fresh(v) for v in x)
+    if isinstance(x, dict):
+        return {k: fresh(v) for k, v in x.items()}
+    try:
+        return copy.deepcopy(x)
+    except Exception:
+        return x
+
+
+def _changed_inputs(before: Any, after: Any, path: str = "") -> str | None:
+    if isinstance(before, torch.Tensor):
+        same = after.shape == before.shape and torch.equal(after, before) if isinstance(after, torch.Tensor) else False
+        if not same and not (before.is_floating_point() and torch.isnan(before).any()
+                             and torch.allclose(before, after, equal_nan=True)):
+            return path or "an input tensor"
+        return None
+    if isinstance(before, (list, tuple)):
+        if not isinstance(after, (list, tuple)) or len(before) != len(after):
+            return path or "an input list"
+        for i, (b, a) in enumerate(zip(before, after)):
+            msg = _changed_inputs(b, a, f"{path}[{i}]")
+            if msg:
+                return msg
+    if isinstance(before, dict):
+        if not isinstance(after, dict) or set(before) != set(after):
+            return path or "an input dict"
+        for k in before:
+            msg = _changed_inputs(before[k], after[k], f"{path}[{k!r}]")
+            if msg:
+                return msg
+    return None
+
+
+def _mutated_parameter(ex: Exercise, before: tuple, after: tuple) -> str | None:
+    """The name of the first argument the call changed in place, if any."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(ex.reference).parameters)
+    except (TypeError, ValueError):
+        names = []
+    (b_args, b_kwargs), (a_args, a_kwargs) = before, after
+    for i, (b, a) in enumerate(zip(b_args, a_args)):
+        where = _changed_inputs(b, a)
+        if where:
+            name = names[i] if i < len(names) else f"argument {i}"
+            return name if where.startswith("an input") else name + where
+    for k in b_kwargs:
+        where = _changed_inputs(b_kwargs[k], a_kwargs.get(k))
+        if where:
+            return k if where.startswith("an input") else k + where
+    return None
+
+
+# --- guarding shared models ---------------------------------------------------------
+
+_SNAPSHOTS: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _models_in(args: Any) -> list[torch.nn.Module]:
+    found = []
+    if isinstance(args, torch.nn.Module):
+        found.append(args)
+    elif isinstance(args, (list, tuple)):
+        for a in args:
+            found += _models_in(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            found += _models_in(a)
+    return found
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    key = id(model)
+    if key not in _SNAPSHOTS:
+        _SNAPSHOTS[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _SNAPSHOTS[key]
+
+
+def _leftover_hooks(model: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
+def _restore(model: torch.nn.Module) -> list[str]:
+    """Undo a learner's side effects on a shared model; return what had to be undone."""
+    problems = []
+    if _leftover_hooks(model):
+        problems.append("left hooks attached to the model (use model.run_with_hooks or `with model.hooks(...)`, "
+                        "which remove them when the forward pass ends)")
+        if hasattr(model, "reset_hooks"):
+            model.reset_hooks(including_permanent=True)
+        for m in model.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+            m._backward_hooks.clear()
+    snap = _snapshot(model)
+    state = model.state_dict()
+    changed = [k for k, v in snap.items() if k in state and not torch.equal(state[k], v)]
+    if changed:
+        problems.append(f"changed the model's weights ({', '.join(changed[:3])}{'...' if len(changed) > 3 else ''}); "
+                        "they have been restored. Never edit parameters in place; work on copies or use hooks")
+        with torch.no_grad():
+            for k in changed:
+                state[k].copy_(snap[k])
+    for p in model.parameters():
+        p.grad = None
+    model.eval()
+    return problems
+
+
+# --- time limit ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ExerciseTimeout after ``seconds`` (Unix, main thread; elsewhere no limit)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable or not seconds:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise ExerciseTimeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class _BoundedWriter(io.TextIOBase):
+    """Swallows a learner's printing beyond a limit, so enormous output cannot flood anything."""
+
+    def __init__(self, limit: int = MAX_PRINTED):
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+
+    def write(self, s: str) -> int:
+        if self.size < self.limit:
+            self.parts.append(s[: self.limit - self.size])
+        self.size += len(s)
+        return len(s)
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        return out + (f"\n... ({self.size - self.limit} more characters not shown)" if self.size > self.limit else "")
+
+
+def learner_traceback(exc: BaseException) -> str:
+    """The exception with only the learner's own frames (not interplab's, not libraries')."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if not f.filename.startswith(PACKAGE_DIR) and "site-packages" not in f.filename
+           and "/lib/python" not in f.filename]
+    lines = []
+    for f in own[-3:]:
+        where = "your code" if f.filename.startswith("<") or "ipykernel" in f.filename else Path(f.filename).name
+        lines.append(f"  {where}, line {f.lineno}, in {f.name}")
+        if f.line:
+            lines.append(f"    {f.line}")
+    lines.append(f"{type(exc).__name__}: {exc}")
+    return "\n".join(lines)
+
+
+def call_safely(fn: Callable, args: tuple, kwargs: dict, seconds: float) -> tuple[str, Any, float, str]:
+    """Call fn; return (status, result or exception, seconds, captured output).
+
+    status is "ok", "timeout", "not_implemented", "exit" or "error".
+    """
+    out = _BoundedWriter()
+    grad = torch.is_grad_enabled()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), time_limit(seconds):
+            result = fn(*args, **kwargs)
+        status = "ok"
+    except ExerciseTimeout as e:
+        status, result = "timeout", e
+    except NotImplementedError as e:
+        status, result = "not_implemented", e
+    except (SystemExit, KeyboardInterrupt) as e:
+        status, result = "exit", e
+    except Exception as e:  # anything the learner's code raises
+        status, result = "error", e
+    finally:
+        torch.set_grad_enabled(grad)
+    return status, result, time.perf_counter() - t0, out.text()
+
+
+# --- running an exercise -----------------------------------------------------------------
+
+def expected_outputs(ex: Exercise) -> list[Any]:
+    """The reference's output on every case (computed once)."""
+    if ex._expected is None:
+        outs = []
+        for case in ex.cases():
+            status, result, _, _ = call_safely(ex.reference, fresh(case.args), fresh(case.kwargs), 0)
+            if status != "ok":
+                raise RuntimeError(f"the reference for {ex.name!r} failed on case {case.label!r}: {result!r}")
+            for m in _models_in((case.args, case.kwargs)):
+                _restore(m)
+            outs.append(result)
+        ex._expected = outs
+    return ex._expected
+
+
+def _compare(ex: Exercise, expected: Any, got: Any) -> str | None:
+    if ex.compare is not None:
+        return ex.compare(expected, got)
+    return compare(expected, got, ex.rtol, ex.atol)
+
+
+def _mistake_hint(ex: Exercise, case_index: int, got: Any) -> str | None:
+    case = ex.cases()[case_index]
+    for m in ex.mistakes:
+        status, out, _, _ = call_safely(m.fn, fresh(case.args), fresh(case.kwargs), ex.time_limit)
+        for model in _models_in((case.args, case.kwargs)):
+            _restore(model)
+        if status == "ok" and (_compare(ex, out, got) is None if ex.compare else matches(out, got, ex.rtol, ex.atol)):
+            return m.hint
+    return None
+
+
+def run(name: str | Exercise, fn: Callable, *, stop_on_timeout: bool = True) -> Report:
+    """Check ``fn`` against every case of exercise ``name``; never raises for the learner's faults."""
+    ex = name if isinstance(name, Exercise) else get(name)
+    if not callable(fn):
+        msg = f"check() needs a function, got {describe(fn)}"
+        return Report(ex.name, False, 0, len(ex.cases()), [msg], kind="error",
+                      results=[CaseResult("(no call)", False, msg)])
+    expected = expected_outputs(ex)
+    results: list[CaseResult] = []
+    hint = None
+    kind = "passed"
+    for i, case in enumerate(ex.cases()):
+        pristine = (fresh(case.args), fresh(case.kwargs))
+        args, kwargs = fresh(case.args), fresh(case.kwargs)
+        models = _models_in((args, kwargs))
+        for m in models:
+            _snapshot(m)
+            _restore(m)
+        status, got, secs, printed = call_safely(fn, args, kwargs, ex.time_limit)
+        side_effects = [p for m in models for p in _restore(m)]
+        msg, this_hint, this_kind = "", None, None
+        if status == "timeout":
+            msg = f"your function ran for more than {ex.time_limit:g} s on this case and was stopped (an endless loop?)"
+            this_kind = "timeout"
+        elif status == "not_implemented":
+            msg = "NotImplementedError: the function body is still the stub"
+            this_hint = "Replace `raise NotImplementedError` with your implementation."
+            this_kind = "not_implemented"
+        elif status == "exit":
+            msg = f"your function called {type(got).__name__} ({got!r}); functions must return a value, not exit"
+            this_kind = "error"
+        elif status == "error":
+            msg = "your function raised an exception:\n" + learner_traceback(got)
+            this_kind = "error"
+        else:
+            changed = _mutated_parameter(ex, pristine, (args, kwargs))
+            if changed:
+                msg = (f"your function modified its input `{changed}` in place. Work on a copy (x = x.clone()) "
+                       f"or use out-of-place operations (x = x + 1, not x += 1).")
+                this_kind = "mutation"
+                this_hint = _mistake_hint(ex, i, got)
+            elif side_effects:
+                msg = "your function " + "; and ".join(side_effects) + "."
+                this_kind = "side_effect"
+            else:
+                diff = _compare(ex, expected[i], got)
+                if diff:
+                    msg = diff
+                    this_kind = "wrong"
+                    this_hint = _mistake_hint(ex, i, got)
+        if printed and msg:
+            msg += "\n(your function printed:)\n" + _indent(printed[:500])
+        passed = not msg
+        results.append(CaseResult(case.label, passed, msg, this_hint, secs))
+        if not passed and kind == "passed":
+            kind, hint = this_kind or "wrong", this_hint
+        if status in ("timeout", "not_implemented") and stop_on_timeout:
+            for rest in ex.cases()[i + 1:]:
+                results.append(CaseResult(rest.label, False, "not run (an earlier case " +
+                                          ("timed out" if status == "timeout" else "is not implemented") + ")"))
+            break
+    n_passed = sum(r.passed for r in results)
+    failures = [f"{r.label}: {r.message}" for r in results if not r.passed]
+    return Report(ex.name, n_passed == len(results), n_passed, len(results), failures, hint, kind, results)
+
+
+class ExerciseFailed(AssertionError):
+    """Raised by check(..., strict=True) when a function fails its exercise."""
+
+
+def _strict_default() -> bool:
+    return os.environ.get("INTERPLAB_STRICT", "0") not in ("", "0")
+
+
+def check(fn: Callable, name: str | None = None, strict: bool | None = None) -> Callable:
+    """Check a learner's function, print a short report, and return the function to use from now on.
+
+    Returns ``fn`` when it passes; otherwise the reference solution (with a note), so
+    the rest of the chapter still runs. With ``strict=True`` (or INTERPLAB_STRICT=1) a
+    failure raises ExerciseFailed instead.
+    """
+    ex_name = name or getattr(fn, "__name__", None)
+    if not ex_name:
+        raise TypeError("check() could not tell which exercise this is; pass name='...'")
+    ex = get(ex_name)
+    report = run(ex, fn)
+    strict = _strict_default() if strict is None else strict
+    if report.passed:
+        print(f"\u2705 {report.summary()}")
+        return fn
+    print(f"\u274c {report.summary()}", file=sys.stdout)
+    if strict:
+        raise ExerciseFailed(report.summary())
+    print(f"\u21aa The rest of this chapter uses the reference solution for `{ex.name}`. "
+          f"Fix your function and run this cell again; show_solution('{ex.name}') prints the reference.")
+    return ex.reference
