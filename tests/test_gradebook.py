@@ -51,7 +51,7 @@ def submissions(tmp_path_factory, repo):
 @pytest.fixture(scope="module")
 def rows(submissions):
     out = submissions.parent / "grades.csv"
-    return grade([submissions], out=out, time_limit=3, progress=False), out
+    return grade([submissions], out=out, time_limit=5, progress=False), out
 
 
 def _status(rows, sub, exercise):

@@ -63,6 +63,9 @@ def test_report_fields():
 
 def test_learner_exception_shows_the_learners_line():
     code = "def per_token_loss(logits, tokens):\n    x = logits.log_softmax(-1)\n    return x[:, :-1].gather(-1, tokens)  # wrong index shape\n"
+    import linecache
+
+    linecache.cache["<learner-cell>"] = (len(code), None, code.splitlines(True), "<learner-cell>")  # as IPython does
     ns = {}
     exec(compile(code, "<learner-cell>", "exec"), ns)
     r = run("per_token_loss", ns["per_token_loss"])

@@ -18,7 +18,7 @@ if os.environ.get("INTERPLAB_BLOCK_NETWORK") == "1":
     _connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
 
     def _check(sock, address):
-        if sock.family == getattr(socket, "AF_UNIX", None):
+        if sock is not None and sock.family == getattr(socket, "AF_UNIX", None):
             return
         host = address[0] if isinstance(address, tuple) else str(address)
         if not str(host).startswith(_LOCAL):
@@ -35,6 +35,14 @@ if os.environ.get("INTERPLAB_BLOCK_NETWORK") == "1":
         _check(self, address)
         return _connect_ex(self, address)
 
+    _getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not str(host).startswith(_LOCAL) and host not in ("", b""):
+            _check(None, (host if isinstance(host, str) else host.decode(), 0))
+        return _getaddrinfo(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
     socket.NetworkBlockedError = NetworkBlockedError

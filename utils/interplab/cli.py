@@ -6,6 +6,7 @@
     interplab grade      grade submitted notebooks into a gradebook
     interplab check      check your own chapter notebook
     interplab exercises  list every exercise, its cases and known mistakes
+    interplab bench      speed and quality figures, side by side with peer libraries
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ def cmd_exercises(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main
+
+    return main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="interplab", description="interplab: a mechanistic interpretability course.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("exercises", help="list every exercise with its cases and known mistakes")
     ls.set_defaults(func=cmd_exercises)
+
+    bn = sub.add_parser("bench", help="speed and quality figures against peer libraries (see --help)", add_help=False)
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bn.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser("evaluate", help="capability figures of a TinyWorld model")
     ev.add_argument("--model", default="tinyworld")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # Chapter modules, in course order. Each registers its exercises on import.
-CHAPTER_MODULES = ["ch00_orientation"]
+CHAPTER_MODULES = ["ch00_orientation", "ch01_probes", "ch02_lenses", "ch03_saes", "ch04_transcoders", "ch05_patching"]
 
 
 @dataclass

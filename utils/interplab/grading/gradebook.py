@@ -65,10 +65,14 @@ def expected_exercises(path: Path, nb: dict | None) -> list[str]:
     return names
 
 
-def _worker_timeout(names: list[str], time_limit: float) -> float:
+STARTUP_SECONDS = 300.0  # importing torch and loading the model on a busy machine
+
+
+def _exercise_budget(name: str, time_limit: float) -> float:
+    """Seconds one exercise may take in the worker before it is declared stuck."""
     from ..exercises import get
 
-    return 120 + sum(time_limit * len(get(n).cases()) for n in names)
+    return 60 + 2 * time_limit * len(get(name).cases())
 
 
 def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None = None) -> list[Row]:
@@ -100,45 +104,63 @@ def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None
     return rows + [_total(sub, rows)]
 
 
+def _read_events(path: Path) -> list[dict]:
+    events = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return events
+
+
 def _run_worker(path: Path, sub: str, names: list[str], time_limit: float) -> list[Row]:
+    """Run one worker over ``names``; stop it if one exercise runs past its budget."""
     with tempfile.TemporaryDirectory(prefix="interplab-grade-") as tmp:
         out = Path(tmp) / "results.jsonl"
+        err_path = Path(tmp) / "stderr.txt"
         job = {"notebook": str(path.resolve()), "exercises": names, "time_limit": time_limit, "results": str(out)}
         env = {**os.environ, "INTERPLAB_STRICT": "0", "MPLBACKEND": "Agg"}
-        timeout = _worker_timeout(names, time_limit)
-        t0 = time.time()
-        try:
-            proc = subprocess.run([sys.executable, "-m", "interplab.grading.worker"], input=json.dumps(job), text=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, env=env,
-                                  cwd=tmp)
-            code, stderr = proc.returncode, proc.stderr[-2000:]
-        except subprocess.TimeoutExpired:
-            code, stderr = None, ""
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "interplab.grading.worker"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, cwd=tmp)
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            n_events, since, budget = 0, time.time(), STARTUP_SECONDS
+            killed = False
+            while proc.poll() is None:
+                time.sleep(0.2)
+                events = _read_events(out)
+                if len(events) != n_events:
+                    n_events, since = len(events), time.time()
+                    last = events[-1]
+                    budget = _exercise_budget(last["started"], time_limit) if "started" in last else STARTUP_SECONDS
+                if time.time() - since > budget:
+                    proc.kill()
+                    proc.wait()
+                    killed = True
+            code = None if killed else proc.returncode
+        stderr = err_path.read_text(errors="replace")[-2000:]
         rows, started = [], None
-        if out.exists():
-            for line in out.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "started" in rec:
-                    started = rec["started"]
-                elif rec.get("exercise"):
-                    rows.append(Row(submission=sub, **{k: rec[k] for k in FIELDS if k in rec and k != "submission"}))
-                    started = None
-        done = {r.exercise for r in rows}
-        if started and started not in done:
+        for rec in _read_events(out):
+            if "started" in rec:
+                started = rec["started"]
+            elif rec.get("exercise"):
+                rows.append(Row(submission=sub, **{k: rec[k] for k in FIELDS if k in rec and k != "submission"}))
+                started = None
+        if started:
             if code is None:
                 rows.append(Row(sub, started, "timeout",
-                                message=f"grading stopped after {time.time() - t0:.0f} s: the function never returned "
+                                message=f"grading stopped after {time.time() - since:.0f} s: the function never returned "
                                         f"(an endless loop the per-case time limit could not interrupt?)"))
             else:
                 rows.append(Row(sub, started, "crashed",
                                 message=f"the Python process running this exercise died (exit code {code}): "
                                         f"{_last_line(stderr) or 'no message'}"))
-        elif not rows and code not in (0, None):
-            rows += [Row(sub, n, "crashed", message=f"the grader's worker failed before grading: {_last_line(stderr)}")
-                     for n in names]
+        elif not rows:
+            why = "it was stopped after starting up for too long" if code is None else _last_line(stderr)
+            rows += [Row(sub, n, "crashed", message=f"the grader's worker failed before grading: {why}") for n in names]
         return rows
 
 

@@ -8,6 +8,7 @@ then its row. Run by `interplab.grading.gradebook`; not meant to be run by hand.
 from __future__ import annotations
 
 import json
+import linecache
 import sys
 import traceback
 
@@ -70,7 +71,9 @@ def main() -> None:
             row.update(status="syntax_error", message=d.error)
         else:
             try:
-                exec(d.source, ns)
+                filename = f"<notebook cell {d.cell + 1}>"
+                linecache.cache[filename] = (len(d.source), None, d.source.splitlines(True), filename)
+                exec(compile(d.source, filename, "exec"), ns)
                 fn = ns[n]
             except BaseException as e:  # noqa: BLE001 - anything a definition can throw
                 row.update(status="error", message=f"defining `{n}` failed: {type(e).__name__}: {e}")

@@ -216,7 +216,8 @@ GENERATORS: dict[str, Callable[[random.Random, str], Doc]] = {
 }
 
 
-def generate(n: int, seed: int = 0, split: str = "train", families: Sequence[str] | None = None) -> list[Doc]:
+def generate(n: int, seed: int = 0, split: str = "train", families: Sequence[str] | None = None,
+             mix: dict[str, float] | None = None) -> list[Doc]:
     """Generate ``n`` documents, deterministically for a given seed.
 
     Args:
@@ -224,6 +225,7 @@ def generate(n: int, seed: int = 0, split: str = "train", families: Sequence[str
         seed: random seed; the same seed always gives the same documents.
         split: "train", "test" or "heldout" (see the module docstring).
         families: families to draw from (uniformly); default: the training mix.
+        mix: {family: weight} to draw from instead (used by the trainer's second phase).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -233,6 +235,8 @@ def generate(n: int, seed: int = 0, split: str = "train", families: Sequence[str
     rng = random.Random(f"tinyworld-{split}-{seed}")
     if families:
         names, weights = list(families), [1.0] * len(families)
+    elif mix:
+        names, weights = list(mix), list(mix.values())
     else:
         names, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
     return [GENERATORS[rng.choices(names, weights)[0]](rng, split) for _ in range(n)]
