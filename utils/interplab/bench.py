@@ -18,7 +18,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,6 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "patching": ("interplab.bench_patching", "bench_patching"),
     "notebooks": ("interplab.bench", "bench_notebooks"),
 }
-
-
-def _peak_child_rss_mb() -> float:
-    """Peak resident memory of the largest finished child process, in MB (Linux reports KB)."""
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 1e6
 
 
 def _run_notebook_subprocess(path: Path, inject: bool) -> dict:
@@ -109,7 +102,12 @@ def run(sections: list[str], quick: bool) -> dict:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            result = fn(quick=quick)
+            import inspect
+
+            accepts_quick = "quick" in inspect.signature(fn).parameters
+            result = fn(quick=quick) if accepts_quick else fn()
+            if not isinstance(result, dict):
+                result = {"result": result}
         except Exception as e:  # a broken section must not lose the others
             result = {"error": f"{type(e).__name__}: {e}"}
         result["_section_seconds"] = round(time.perf_counter() - t0, 1)

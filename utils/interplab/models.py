@@ -142,7 +142,7 @@ def load_folder(folder: str | Path, name: str | None = None, device: str | None 
         return model.to(device or best_device())
 
 
-def load_model(name: str = "tinyworld", device: str | None = None, **kwargs):
+def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwargs):
     """Load a model as a TransformerLens ``HookedTransformer``.
 
     Args:
@@ -157,6 +157,10 @@ def load_model(name: str = "tinyworld", device: str | None = None, **kwargs):
         ModelUnavailableError: a pretrained model was asked for and no hub is reachable.
         ValueError: the name is not known.
     """
+    if isinstance(name, Path):
+        return load_folder(name, device=device)
+    if not isinstance(name, str):
+        raise TypeError(f"load_model takes a model name or a folder, got {type(name).__name__}")
     if name in BUNDLED:
         return load_folder(BUNDLED[name], name=name, device=device)
     if os.path.sep in name or Path(name).is_dir():

@@ -46,9 +46,11 @@ def model_config(**overrides):
 # Phase 2 of training: in-context tasks (induction, room tracking) form later than the
 # rest, so the second phase shifts the mix towards them while keeping every family.
 PHASE2_MIX = {"ioi": 0.08, "induction": 0.3, "facts": 0.08, "rooms": 0.4, "reviews": 0.04, "truth": 0.1}
+PHASE3_MIX = {"ioi": 0.05, "induction": 0.35, "facts": 0.05, "rooms": 0.45, "reviews": 0.03, "truth": 0.07}
 PHASES = [
-    dict(tokens=12_000_000, lr=2e-3, seed=0, mix=None),
-    dict(tokens=6_000_000, lr=1e-3, seed=1, mix=PHASE2_MIX),
+    dict(tokens=12_000_000, lr=2e-3, seed=0, mix=None, batch_size=128),
+    dict(tokens=6_000_000, lr=1e-3, seed=1, mix=PHASE2_MIX, batch_size=128),
+    dict(tokens=8_000_000, lr=1e-3, seed=2, mix=PHASE3_MIX, batch_size=64),
 ]
 
 
@@ -164,17 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("tinyworld-model"), help="output folder")
     p.add_argument("--tokens", type=int, default=None,
                    help="train ONE phase on this many tokens (default: the bundled model's two phases)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="documents per batch (for --tokens runs)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model folder")
-    p.add_argument("--phase", type=int, choices=[1, 2], default=None,
-                   help="run only this phase of the default schedule (phase 2 needs --init-from)")
+    p.add_argument("--phase", type=int, choices=[1, 2, 3], default=None,
+                   help="run only this phase of the default schedule (later phases need --init-from)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-eval", action="store_true", help="skip the capability evaluation at the end")
     a = p.parse_args(argv)
     if a.tokens is not None:
-        phases = [dict(tokens=a.tokens, lr=a.lr, seed=a.seed, mix=None)]
+        phases = [dict(tokens=a.tokens, lr=a.lr, seed=a.seed, mix=None, batch_size=a.batch_size)]
     elif a.phase is not None:
         phases = [PHASES[a.phase - 1]]
     else:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             infos = prev.get("phases", [prev])
     for i, ph in enumerate(phases):
         last = i == len(phases) - 1
-        model, info = train(a.out if last else None, tokens=ph["tokens"], batch_size=a.batch_size, lr=ph["lr"],
+        model, info = train(a.out if last else None, tokens=ph["tokens"], batch_size=ph["batch_size"], lr=ph["lr"],
                             seed=ph["seed"], threads=a.threads, mix=ph["mix"], init=model, log=log)
         infos.append(info)
     summary = {"command": "python -m interplab.tinyworld.train " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         from ..models import load_model
         from .evaluate import evaluate
 
-        scores = evaluate(load_model(a.out))
+        scores = evaluate(load_model(Path(a.out)))
         (a.out / "evaluation.json").write_text(json.dumps(scores, indent=2) + "\n")
         write_checksums(a.out)
         print(json.dumps(scores, indent=2))
