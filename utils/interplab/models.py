@@ -65,6 +65,7 @@ def quiet_transformer_lens():
     logger.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*HookedTransformer.from_pretrained is deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="transformer_lens")
         try:
             yield
