@@ -20,3 +20,8 @@ def test_lab_opens_jupyterlab_on_the_chapters(repo):
     r = run("lab", "--print-command")
     assert r.returncode == 0
     assert "jupyterlab" in r.stdout and str(repo / "chapters") in r.stdout
+
+
+def test_lab_passes_jupyter_options_through():
+    r = run("lab", "--print-command", "--no-browser", "--port", "8890")
+    assert r.returncode == 0 and "--no-browser --port 8890" in r.stdout

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="open the course in JupyterLab")
     lab.add_argument("--dir", help="the chapters folder (default: the clone's chapters/)")
     lab.add_argument("--print-command", action="store_true", help="print the JupyterLab command instead of running it")
-    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
+    lab.set_defaults(jupyter_args=[])  # any other option (--no-browser, --port 8890, ...) goes to JupyterLab
     lab.set_defaults(func=cmd_lab)
 
     doc = sub.add_parser("doctor", help="check the installation")
@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "lab":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.jupyter_args = extra  # e.g. interplab lab --no-browser --port 8890
     return int(args.func(args) or 0)
 
 
