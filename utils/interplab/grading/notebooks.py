@@ -45,6 +45,9 @@ def read_notebook(path: str | Path) -> dict:
         raise ValueError(f"{path.name} is not a valid notebook: its JSON is broken at line {e.lineno} ({e.msg})") from e
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ValueError(f"{path.name} is not a Jupyter notebook (no list of cells)")
+    for cell in nb["cells"]:  # nbformat allows a list of lines; nbclient wants one string
+        if isinstance(cell, dict) and isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
     return nb
 
 
