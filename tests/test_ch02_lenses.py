@@ -1,0 +1,112 @@
+"""Chapter 2 against the outside world: TransformerLens's own logit lens, and the shipped tuned lens."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from interplab.solutions import lens as L
+from interplab.weights import CorruptedFileError, verify
+
+SHIPPED = L.default_folder()
+
+
+@pytest.fixture(scope="module")
+def heldout(model):
+    """300 test-split documents: text the lens never saw in training."""
+    return L.lens_docs(300, seed=1, split="test")
+
+
+@pytest.mark.parametrize("incl_mid", [False, True])
+def test_logit_lens_equals_transformer_lens_route(model, incl_mid):
+    from interplab import tinyworld
+
+    ids, _ = tinyworld.batch_tokens(tinyworld.generate(6, seed=3, split="test"))
+    with torch.no_grad():
+        ours = L.logit_lens(model, ids, incl_mid=incl_mid)
+        _, cache = model.run_with_cache(ids)
+        stack, labels = cache.accumulated_resid(incl_mid=incl_mid, return_labels=True)
+        theirs = model.unembed(cache.apply_ln_to_stack(stack, recompute_ln=True))
+        logits = model(ids)
+    assert len(labels) == ours.shape[0] == len(L.lens_hook_names(model.cfg.n_layers, incl_mid))
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours[-1], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_files_verify_and_fit_the_bundled_model(model):
+    assert all(v == "ok" for v in verify(SHIPPED).values())
+    info = json.loads((SHIPPED / L.TUNED_LENS_INFO).read_text())
+    assert info["model_sha256"] == L.bundled_model_sha256(), \
+        "the shipped tuned lens was trained for other TinyWorld weights: run `python -m interplab.solutions.lens`"
+    # wall time, or (on a machine shared with other work) the CPU time of the single training thread
+    took = min(info["seconds_total"], info["cpu_seconds_total"] if info["torch_threads"] == 1 else float("inf"))
+    assert took <= 60 and info["torch_threads"] <= 2, f"training took {took} s (limit 60 s on 2 CPU cores)"
+    lens = L.load_tuned_lens(model)
+    assert lens.A.shape == (model.cfg.n_layers, model.cfg.d_model, model.cfg.d_model)
+    assert lens.A.abs().max() > 0, "the shipped translators are still at their zero initialisation"
+
+
+def test_shipped_tuned_lens_beats_the_logit_lens_on_heldout_text(model, heldout):
+    m = L.evaluate_lenses(model, L.load_tuned_lens(model), heldout)
+    for i, label in enumerate(m["labels"][:-1]):
+        assert m["kl_tuned"][i] < m["kl_logit"][i], f"{label}: tuned KL {m['kl_tuned'][i]} >= logit {m['kl_logit'][i]}"
+        assert m["ce_tuned"][i] < m["ce_logit"][i], f"{label}: tuned CE {m['ce_tuned'][i]} >= logit {m['ce_logit'][i]}"
+    assert m["kl_tuned"][-1] == m["kl_logit"][-1] == 0.0  # the last point is the model itself
+
+
+def test_zero_translators_are_the_logit_lens(model):
+    from interplab import tinyworld
+
+    ids, _ = tinyworld.batch_tokens(tinyworld.generate(3, seed=4, split="test"))
+    zero = L.TunedLens.for_model(model)
+    assert torch.allclose(zero.logits(model, ids), L.logit_lens(model, ids).detach(), atol=1e-5)
+
+
+def test_a_corrupted_lens_file_is_caught(tmp_path):
+    folder = tmp_path / "tuned_lens"
+    shutil.copytree(SHIPPED, folder)
+    weights = folder / L.TUNED_LENS_FILE
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptedFileError, match="corrupted or truncated"):
+        L.load_tuned_lens(folder=folder)
+
+
+def test_a_lens_for_another_model_is_refused():
+    from interplab.exercises.ch02_lenses import _tiny_model
+
+    with pytest.raises(ValueError, match="train_tuned_lens"):
+        L.load_tuned_lens(_tiny_model())
+
+
+def test_short_training_lowers_the_loss(model):
+    _, info = L.train_tuned_lens(model, n_docs=100, steps=30, batch_size=256, progress=False)
+    assert info["last_loss"] < 0.8 * info["first_loss"]
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def test_prediction_depth_is_zero_only_when_every_point_agrees():
+    logits = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]], [[0.0, 1.0]]])  # top-1: 1, 0, 1
+    assert L.prediction_depth(logits).tolist() == [2]
+    assert L.prediction_depth(logits[[0, 2]]).tolist() == [0]
+
+
+@pytest.mark.slow
+def test_training_takes_at_most_60_seconds_on_2_cores_and_reproduces_the_shipped_lens(model, heldout):
+    """Retrain with the shipped settings on one thread: its CPU time bounds the wall time on 2 idle cores."""
+    info = json.loads((SHIPPED / L.TUNED_LENS_INFO).read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        lens, _ = L.train_tuned_lens(model, **{k: info[k] for k in ("seed", "steps", "batch_size", "lr", "weight_decay")},
+                                     n_docs=info["n_docs"], progress=False)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    assert min(wall, cpu) <= 60, f"training took {wall:.0f} s wall, {cpu:.0f} s CPU"
+    shipped = L.load_tuned_lens(model)
+    assert torch.allclose(lens.A, shipped.A, atol=1e-3) and torch.allclose(lens.b, shipped.b, atol=1e-3)
