@@ -1,0 +1,183 @@
+"""Chapter 5 (patching) against the outside world: TransformerLens's patching module, attribution
+patching against activation patching, and the properties the chapter relies on."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from interplab.solutions import patching as P
+
+
+@pytest.fixture(scope="module")
+def ioi(model):
+    pairs = P.ioi_pairs(model, P.sample_ioi_prompts(8, seed=0, template=0), "swap_names")
+    return pairs, P.logit_diff_metric(model, pairs)
+
+
+@pytest.fixture(scope="module")
+def clean_cache(model, ioi):
+    with torch.no_grad():
+        return model.run_with_cache(ioi[0]["clean"])[1]
+
+
+def _tl(fn, *args):
+    with contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        return fn(*args).cpu()
+
+
+@pytest.mark.parametrize("component,tl_name", [("resid_pre", "get_act_patch_resid_pre"),
+                                               ("attn_out", "get_act_patch_attn_out"),
+                                               ("mlp_out", "get_act_patch_mlp_out")])
+def test_layer_pos_sweeps_equal_transformer_lens(model, ioi, clean_cache, component, tl_name):
+    from transformer_lens import patching as tlp
+
+    pairs, metric = ioi
+    ours = P.patch_layer_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, component)
+    theirs = _tl(getattr(tlp, tl_name), model, pairs["corrupted"], clean_cache, metric)
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("component", ["z", "q", "k", "v", "pattern"])
+def test_head_sweeps_equal_transformer_lens(model, ioi, clean_cache, component):
+    from transformer_lens import patching as tlp
+
+    pairs, metric = ioi
+    tl_name = {"z": "out", "q": "q", "k": "k", "v": "v", "pattern": "pattern"}[component]
+    ours = P.patch_head_sweep(model, pairs["clean"], pairs["corrupted"], metric, component)
+    theirs = _tl(getattr(tlp, f"get_act_patch_attn_head_{tl_name}_all_pos"), model, pairs["corrupted"], clean_cache,
+                 metric)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.slow  # TransformerLens runs 240 forward passes per sweep
+@pytest.mark.parametrize("component", ["z", "v", "pattern"])
+def test_head_by_position_sweeps_equal_transformer_lens(model, ioi, clean_cache, component):
+    from transformer_lens import patching as tlp
+
+    pairs, metric = ioi
+    tl_name = {"z": "out", "v": "v", "pattern": "pattern"}[component]
+    ours = P.patch_head_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, component)
+    theirs = _tl(getattr(tlp, f"get_act_patch_attn_head_{tl_name}_by_pos"), model, pairs["corrupted"], clean_cache,
+                 metric)
+    if component == "pattern":  # TransformerLens: [layer, head, dest_pos]; ours: [layer, pos, head]
+        theirs = theirs.transpose(1, 2)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_noising_is_denoising_with_the_roles_swapped(model, ioi):
+    """Patching nothing leaves the target run: the last position's residual stream after the last block
+    carries everything, so patching it gives the source run's metric exactly."""
+    pairs, metric = ioi
+    noising = P.patch_layer_pos_sweep(model, pairs["corrupted"], pairs["clean"], metric, "resid_post")
+    denoising = P.patch_layer_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, "resid_post")
+    assert abs(noising[-1, -1].item() - 0.0) < 1e-4
+    assert abs(denoising[-1, -1].item() - 1.0) < 1e-4
+    # the first position (<bos>) is identical in both prompts: patching it changes nothing
+    assert torch.allclose(denoising[:, 0], torch.zeros(model.cfg.n_layers), atol=1e-4)
+
+
+def test_batching_does_not_change_results(model, ioi):
+    pairs, metric = ioi
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    source = P.cache_activations(model, pairs["clean"], names)
+    patches = [(n, (pos,)) for n in names for pos in range(pairs["clean"].shape[1])]
+    one_by_one = P.run_patches(model, pairs["corrupted"], source, patches, metric, max_patches_per_pass=1)
+    all_at_once = P.run_patches(model, pairs["corrupted"], source, patches, metric)
+    assert (one_by_one - all_at_once).abs().max() < 1e-5
+
+
+def test_path_patch_sweep_equals_path_patch(model, ioi):
+    pairs, metric = ioi
+    receivers = [(3, 0), (3, 2)]
+    sweep = P.path_patch_sweep(model, pairs["corrupted"], pairs["clean"], metric, receivers, "q",
+                               max_patches_per_pass=5)
+    for sender in [(0, 0), (1, 3), (2, 1)]:
+        one = P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, sender, receivers, "q")
+        assert abs(sweep[sender].item() - one) < 1e-5
+    assert torch.isnan(sweep[3]).all()
+    direct = P.path_patch_sweep(model, pairs["corrupted"], pairs["clean"], metric, None)
+    assert abs(direct[2, 1].item() - P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (2, 1), None)) < 1e-5
+
+
+def test_path_patching_the_last_layer_direct_path_is_activation_patching(model, ioi):
+    """A last-layer head's only path to the logits is the direct one."""
+    pairs, metric = ioi
+    act = P.patch_head_sweep(model, pairs["corrupted"], pairs["clean"], metric, "z")
+    last = model.cfg.n_layers - 1
+    for head in range(model.cfg.n_heads):
+        direct = P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (last, head), None)
+        assert abs(direct - act[last, head].item()) < 1e-4
+
+
+@pytest.mark.slow  # three head-by-position sweeps on 32 prompts
+def test_attribution_patching_matches_activation_patching_on_heads(model):
+    """The issue's check: Pearson r >= 0.9 between attribution and activation patching of head
+    outputs on the IOI task (every head, every position), for each corruption."""
+    prompts = P.sample_ioi_prompts(32, seed=0, template=0)
+    figures = {}
+    for corruption in P.IOI_CORRUPTIONS:
+        pairs = P.ioi_pairs(model, prompts, corruption)
+        metric = P.logit_diff_metric(model, pairs)
+        attr = P.attribution_patch(model, pairs["clean"], pairs["corrupted"], metric, "z")
+        act = P.patch_head_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, "z")
+        corrupted_value = metric(model(pairs["corrupted"])).item()
+        figures[corruption] = P.pearson(attr, act - corrupted_value)
+    print("attribution vs activation patching, head outputs by position, Pearson r:", figures)
+    assert all(r >= 0.9 for r in figures.values()), figures
+
+
+def test_attribution_patching_of_identical_runs_is_zero_and_has_the_sweep_shapes(model, ioi):
+    pairs, metric = ioi
+    est = P.attribution_patch(model, pairs["clean"], pairs["clean"], metric, "resid_pre")
+    assert est.shape == (model.cfg.n_layers, pairs["clean"].shape[1]) and est.abs().max() == 0
+    est = P.attribution_patch(model, pairs["clean"], pairs["corrupted"], metric, "z")
+    assert est.shape == (model.cfg.n_layers, pairs["clean"].shape[1], model.cfg.n_heads)
+
+
+def test_circuit_faithfulness_of_the_whole_model_is_one(model, ioi):
+    pairs, _ = ioi
+    every = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    assert P.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], every,
+                                  pairs["corrupted"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clear_errors(model, ioi):
+    pairs, metric = ioi
+    prompts = P.sample_ioi_prompts(2, seed=0, template=0)
+    with pytest.raises(ValueError, match="corruption"):
+        P.ioi_pairs(model, prompts, "shuffle")
+    with pytest.raises(ValueError, match="different lengths"):
+        P.ioi_pairs(model, prompts + P.sample_ioi_prompts(1, seed=0, template=2), "third_name")
+    with pytest.raises(ValueError, match="not after the sender"):
+        P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (2, 0), [(1, 0)], "q")
+    with pytest.raises(ValueError, match="component"):
+        P.patch_layer_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, "z")
+    with pytest.raises(ValueError, match="positions"):
+        P.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], [], pairs["clean"][:, :5])
+
+
+def test_datasets_are_minimal_pairs(model):
+    prompts = P.sample_ioi_prompts(6, seed=3, template=0)
+    differ = {c: (P.ioi_pairs(model, prompts, c)["clean"] != P.ioi_pairs(model, prompts, c)["corrupted"]).sum(1)
+              for c in P.IOI_CORRUPTIONS}
+    assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
+    assert (differ["swap_names"] == 3).all()
+    seqs, reps = P.sample_induction_prompts(4, 8, seed=0)
+    for corruption in P.INDUCTION_CORRUPTIONS:
+        pairs = P.induction_pairs(model, seqs, 5, reps, corruption)
+        assert ((pairs["clean"] != pairs["corrupted"]).sum(1) == 1).all()
+        assert pairs["clean"].shape == (4, 1 + 8 + 5)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_agrees(model):
+    from interplab.bench_patching import bench_patching
+
+    out = bench_patching(model, n_prompts=8)
+    print(out)
+    for sweep in ("resid_pre", "head_out_all_pos", "head_out_by_pos"):
+        assert out[f"{sweep}_max_abs_diff"] < 1e-5

@@ -1,0 +1,741 @@
+"""Chapter 05 (patching): prompt pairs, the metric, patching sweeps, path patching, attribution
+patching and circuit faithfulness."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..solutions import patching as sol
+from ..solutions.orientation import answer_logit_diff
+from . import Case, Mistake, register, shared_model
+
+CHAPTER = "05_patching"
+SWEEP_TOL = dict(rtol=1e-3, atol=1e-4)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- shared inputs -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tiny_model(n_layers: int = 2, seed: int = 0):
+    """A small random HookedTransformer (3 heads, vocabulary of 11): cheap cases with other shapes."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from ..models import quiet_transformer_lens
+
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, d_head=8, n_heads=3, d_mlp=48, n_ctx=16, d_vocab=11,
+                                  act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.4,
+                                  device="cpu")
+    with quiet_transformer_lens():
+        model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def _plain_metric(answer: torch.Tensor, wrong: torch.Tensor):
+    """The mean (un-normalised) logit difference: a simple differentiable metric."""
+
+    def metric(logits):
+        return answer_logit_diff(logits, answer, wrong).mean()
+
+    return metric
+
+
+def _tiny_pair(n_layers: int, batch: int, n_pos: int, seed: int):
+    """(model, source tokens, target tokens, metric) on a random tiny model; the metric compares the
+    target run's favourite final token with its least favourite one, so it is far from zero."""
+    model = _tiny_model(n_layers, seed)
+    g = _gen(100 + seed)
+    source = torch.randint(0, 11, (batch, n_pos), generator=g)
+    target = torch.randint(0, 11, (batch, n_pos), generator=g)
+    with torch.no_grad():
+        final = model(target)[:, -1]
+    return model, source, target, _plain_metric(final.argmax(-1), final.argmin(-1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ioi(corruption: str = "swap_names", n: int = 4, seed: int = 0):
+    model = shared_model()
+    pairs = sol.ioi_pairs(model, sol.sample_ioi_prompts(n, seed=seed, template=0), corruption)
+    return pairs, sol.logit_diff_metric(model, pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def _induction(corruption: str = "answer", n: int = 4, seed: int = 0):
+    model = shared_model()
+    seqs, reps = sol.sample_induction_prompts(n, 8, seed=seed, model=model)
+    pairs = sol.induction_pairs(model, seqs, 5, reps, corruption)
+    return pairs, sol.logit_diff_metric(model, pairs)
+
+
+# --- ioi_pairs -------------------------------------------------------------------------------
+
+HAND_PROMPT = dict(template=0, A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park", obj="ball")
+HAND_BABA = dict(template=2, A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo", obj="key")
+
+
+def _ioi_pairs_cases():
+    model = shared_model()
+    cases = [Case(f"one hand-made ABBA prompt, {c}", (model, [HAND_PROMPT], c))
+             for c in sol.IOI_CORRUPTIONS]
+    cases.append(Case("one hand-made BABA prompt of another template, swap_names", (model, [HAND_BABA], "swap_names")))
+    for seed, c in [(1, "swap_names"), (2, "swap_template"), (3, "third_name")]:
+        prompts = sol.sample_ioi_prompts(6, seed=seed, template=seed)
+        cases.append(Case(f"6 sampled TinyWorld prompts (template {seed}), {c}", (model, prompts, c)))
+    return cases
+
+
+def _ioi_first_clause_only(model, prompts, corruption="third_name"):
+    if corruption == "third_name":
+        return sol.ioi_pairs(model, prompts, corruption)
+    swapped = [dict(p, A=p["B"], B=p["A"]) for p in prompts]
+    out = sol.ioi_pairs(model, prompts, "third_name")
+    out["corrupted"] = sol.ioi_pairs(model, swapped, "third_name")["clean"]
+    return out
+
+
+def _ioi_replaced_subject(model, prompts, corruption="third_name"):
+    if corruption != "third_name":
+        return sol.ioi_pairs(model, prompts, corruption)
+    renamed = [dict(p, **{("A" if p["S"] == p["A"] else "B"): p["C"]}) for p in prompts]
+    out = sol.ioi_pairs(model, prompts, corruption)
+    out["corrupted"] = sol.ioi_pairs(model, renamed, corruption)["clean"]
+    return out
+
+
+def _ioi_swapped_answer(model, prompts, corruption="third_name"):
+    out = sol.ioi_pairs(model, prompts, corruption)
+    return dict(out, answer=out["wrong"], wrong=out["answer"])
+
+
+def _ioi_no_bos(model, prompts, corruption="third_name"):
+    out = sol.ioi_pairs(model, prompts, corruption)
+    return dict(out, clean=out["clean"][:, 1:], corrupted=out["corrupted"][:, 1:])
+
+
+register(
+    "ioi_pairs", CHAPTER, sol.ioi_pairs, _ioi_pairs_cases,
+    mistakes=[
+        Mistake("answer and wrong swapped", _ioi_swapped_answer,
+                "The right answer is the indirect object (IO, the name said once); the wrong one is the subject "
+                "S (the repeated name). Keep the clean prompt's two names for both runs."),
+        Mistake("first clause only", _ioi_first_clause_only,
+                "Swapping A and B only in the first clause leaves the answer unchanged (an ABBA prompt becomes a "
+                "BABA prompt with the same IO). swap_names exchanges the names everywhere, including the subject "
+                "of the final clause; swap_template makes the final clause's subject the IO."),
+        Mistake("third name replaces the subject", _ioi_replaced_subject,
+                "third_name replaces the indirect object (the name mentioned once, in the first clause) by C; "
+                "the subject S keeps both of its mentions."),
+        Mistake("no <bos>", _ioi_no_bos,
+                "Tokenize with model.to_tokens, which prepends the <bos> token; the model was trained with it."),
+    ],
+)
+
+
+# --- induction_pairs -----------------------------------------------------------------------------
+
+HAND_SEQ = ["cat", "Paris", "ball", "red", "kitchen"]
+
+
+def _induction_cases():
+    model = shared_model()
+    hand = ["cat", "Paris", "ball", "kitchen", "doctor"]
+    cases = [
+        Case("one hand-made sequence, cut 2, answer", (model, [hand], 2, ["zoo"], "answer")),
+        Case("one hand-made sequence, cut 2, match", (model, [hand], 2, ["zoo"], "match")),
+        Case("cut 1 (only the first word repeats), match", (model, [hand], 1, ["zoo"], "match")),
+    ]
+    for seed, (length, cut, corruption) in enumerate([(8, 5, "answer"), (12, 3, "match"), (6, 4, "match")]):
+        seqs, reps = sol.sample_induction_prompts(5, length, seed=seed)
+        cases.append(Case(f"5 sampled sequences of {length} words, cut {cut}, {corruption}",
+                          (model, seqs, cut, reps, corruption)))
+    return cases
+
+
+def _ind_off_by_one(model, sequences, cut, replacements, corruption="answer"):
+    out = sol.induction_pairs(model, sequences, cut, replacements, corruption)
+    return dict(out, answer=out["clean"][:, 1 + cut - 1].clone())
+
+
+def _ind_mixed_up(model, sequences, cut, replacements, corruption="answer"):
+    other = {"answer": "match", "match": "answer"}[corruption]
+    return sol.induction_pairs(model, sequences, cut, replacements, other)
+
+
+def _ind_second_copy(model, sequences, cut, replacements, corruption="answer"):
+    out = sol.induction_pairs(model, sequences, cut, replacements, corruption)
+    if corruption == "match":
+        bad = out["clean"].clone()
+        bad[:, -1] = out["wrong"]
+        out = dict(out, corrupted=bad)
+    return out
+
+
+def _ind_no_bos(model, sequences, cut, replacements, corruption="answer"):
+    out = sol.induction_pairs(model, sequences, cut, replacements, corruption)
+    return dict(out, clean=out["clean"][:, 1:], corrupted=out["corrupted"][:, 1:])
+
+
+register(
+    "induction_pairs", CHAPTER, sol.induction_pairs, _induction_cases,
+    mistakes=[
+        Mistake("answer off by one", _ind_off_by_one,
+                "The prompt ends with x_{cut-1}; induction predicts the word that FOLLOWED it the first time, "
+                "x_cut (sequences[b][cut])."),
+        Mistake("corruptions mixed up", _ind_mixed_up,
+                "'answer' replaces x_cut in the first copy (so induction copies r instead); 'match' replaces "
+                "x_{cut-1}, the earlier copy of the current word (so there is nothing to match)."),
+        Mistake("corrupted the second copy", _ind_second_copy,
+                "Corrupt the FIRST copy of the sequence: the final word stays x_{cut-1} so both runs ask the "
+                "same question; only what the earlier context says about it changes."),
+        Mistake("no <bos>", _ind_no_bos,
+                "Start every prompt with model.tokenizer.bos_token_id, as model.to_tokens would."),
+    ],
+)
+
+
+# --- normalised_logit_diff ------------------------------------------------------------------------
+
+def _nld_cases():
+    model = shared_model()
+    g = _gen(5)
+    cases = [
+        Case("one prompt, vocabulary 3: clean gives 1", (torch.tensor([[[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]]]),
+                                                       torch.tensor([0]), torch.tensor([1]), 3.0, -1.0)),
+        Case("one prompt, halfway between", (torch.tensor([[[0.0, 1.0, 0.0, 0.0]]]), torch.tensor([1]),
+                                            torch.tensor([3]), 3.0, -1.0)),
+        Case("random: batch 6, 4 positions, vocabulary 9",
+             (torch.randn(6, 4, 9, generator=g) * 3, torch.randint(0, 9, (6,), generator=g),
+              torch.randint(0, 9, (6,), generator=g), 2.5, 0.5)),
+    ]
+    for corruption in ("swap_names", "third_name"):
+        pairs, metric = _ioi(corruption)
+        with torch.no_grad():
+            logits = model(pairs["clean"][:, :])
+            logits_corrupted = model(pairs["corrupted"])
+        args = (pairs["answer"], pairs["wrong"], metric.clean_ld, metric.corrupted_ld)
+        cases.append(Case(f"TinyWorld IOI clean run ({corruption})", (logits,) + args))
+        cases.append(Case(f"TinyWorld IOI corrupted run ({corruption})", (logits_corrupted,) + args))
+    return cases
+
+
+def _nld_raw(logits, answer, wrong, clean_ld, corrupted_ld):
+    return answer_logit_diff(logits, answer, wrong).mean()
+
+
+def _nld_no_baseline(logits, answer, wrong, clean_ld, corrupted_ld):
+    return answer_logit_diff(logits, answer, wrong).mean() / clean_ld
+
+
+def _nld_upside_down(logits, answer, wrong, clean_ld, corrupted_ld):
+    ld = answer_logit_diff(logits, answer, wrong).mean()
+    return (ld - clean_ld) / (corrupted_ld - clean_ld)
+
+
+def _nld_sum(logits, answer, wrong, clean_ld, corrupted_ld):
+    ld = answer_logit_diff(logits, answer, wrong).sum()
+    return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
+
+
+register(
+    "normalised_logit_diff", CHAPTER, sol.normalised_logit_diff, _nld_cases,
+    mistakes=[
+        Mistake("not normalised", _nld_raw,
+                "Rescale the mean logit difference: subtract corrupted_ld and divide by (clean_ld - corrupted_ld), "
+                "so the clean run scores 1 and the corrupted run 0."),
+        Mistake("no baseline", _nld_no_baseline,
+                "Dividing by clean_ld makes the clean run 1 but not the corrupted run 0: subtract corrupted_ld "
+                "first (and divide by clean_ld - corrupted_ld)."),
+        Mistake("upside down", _nld_upside_down,
+                "That is 1 minus the answer: the clean run must give 1 and the corrupted run 0."),
+        Mistake("sum over the batch", _nld_sum,
+                "Average the logit difference over the prompts (mean), don't sum: clean_ld and corrupted_ld are "
+                "means."),
+    ],
+)
+
+
+# --- patching sweeps --------------------------------------------------------------------------------
+
+def _ioi_sweep_case(label: str, corruption: str, direction: str, component: str, n: int = 4):
+    pairs, metric = _ioi(corruption, n)
+    source, target = ((pairs["clean"], pairs["corrupted"]) if direction == "denoising"
+                      else (pairs["corrupted"], pairs["clean"]))
+    return Case(f"TinyWorld IOI ({corruption}), {direction}, {component}: {label}",
+                (shared_model(), source, target, metric, component))
+
+
+def _tiny_sweep_case(label: str, n_layers: int, batch: int, n_pos: int, seed: int, component: str):
+    model, source, target, metric = _tiny_pair(n_layers, batch, n_pos, seed)
+    return Case(f"random {n_layers}-layer model, {batch} prompt(s) x {n_pos} positions, {component}: {label}",
+                (model, source, target, metric, component))
+
+
+def _layer_pos_cases():
+    return [
+        _tiny_sweep_case("edge case", 1, 1, 3, 0, "resid_pre"),
+        _tiny_sweep_case("seeded", 2, 3, 5, 1, "resid_pre"),
+        _tiny_sweep_case("seeded", 2, 2, 4, 2, "mlp_out"),
+        _ioi_sweep_case("the residual stream", "swap_names", "denoising", "resid_pre"),
+        _ioi_sweep_case("attention output", "swap_template", "denoising", "attn_out"),
+        _ioi_sweep_case("MLP output", "third_name", "noising", "mlp_out"),
+    ]
+
+
+def _unpatched(model, source_tokens, target_tokens, metric, shape):
+    with torch.no_grad():
+        value = metric(model(target_tokens)).detach().float().cpu()
+    return value.expand(shape).clone()
+
+
+def _lp_swapped(model, source_tokens, target_tokens, metric, component="resid_pre"):
+    return sol.patch_layer_pos_sweep(model, target_tokens, source_tokens, metric, component)
+
+
+def _lp_no_return(model, source_tokens, target_tokens, metric, component="resid_pre"):
+    return _unpatched(model, source_tokens, target_tokens, metric, (model.cfg.n_layers, target_tokens.shape[1]))
+
+
+def _lp_post(model, source_tokens, target_tokens, metric, component="resid_pre"):
+    return sol.patch_layer_pos_sweep(model, source_tokens, target_tokens, metric,
+                                     "resid_post" if component == "resid_pre" else component)
+
+
+def _lp_all_positions(model, source_tokens, target_tokens, metric, component="resid_pre"):
+    names = [sol.LAYER_POS_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
+    source = sol.cache_activations(model, source_tokens, names)
+    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    return per_layer[:, None].expand(-1, target_tokens.shape[1]).clone()
+
+
+register(
+    "patch_layer_pos_sweep", CHAPTER, sol.patch_layer_pos_sweep, _layer_pos_cases,
+    mistakes=[
+        Mistake("source and target swapped", _lp_swapped,
+                "Run the model on target_tokens and paste in activations cached from source_tokens (denoising: "
+                "source = clean, target = corrupted), not the other way round."),
+        Mistake("hook does not return the patch", _lp_no_return,
+                "Every value equals the unpatched target run: your hook edits a copy and returns nothing. A hook "
+                "must return the edited activation (or edit it in place)."),
+        Mistake("resid_post instead of resid_pre", _lp_post,
+                "Off by one layer: blocks.{l}.hook_resid_pre is the INPUT of block l (for l = 0, the embeddings); "
+                "hook_resid_post is its output."),
+        Mistake("every position at once", _lp_all_positions,
+                "Patch one position at a time: act[:, pos] = source_act[:, pos], not the whole sequence."),
+    ],
+    **SWEEP_TOL,
+)
+
+
+def _head_cases():
+    return [
+        _tiny_sweep_case("edge case", 1, 1, 3, 3, "z"),
+        _tiny_sweep_case("seeded", 2, 3, 5, 4, "pattern"),
+        _tiny_sweep_case("seeded", 2, 2, 4, 5, "v"),
+        _ioi_sweep_case("head outputs", "swap_names", "denoising", "z"),
+        _ioi_sweep_case("head outputs", "third_name", "noising", "z"),
+        _ioi_sweep_case("queries", "swap_template", "denoising", "q"),
+        _ioi_sweep_case("keys", "swap_names", "denoising", "k"),
+        _ioi_sweep_case("attention patterns", "swap_template", "noising", "pattern"),
+    ]
+
+
+def _heads_swapped(model, source_tokens, target_tokens, metric, component="z"):
+    return sol.patch_head_sweep(model, target_tokens, source_tokens, metric, component)
+
+
+def _heads_wrong_axis(model, source_tokens, target_tokens, metric, component="z"):
+    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
+    source = sol.cache_activations(model, source_tokens, names)
+    index = (lambda h: (slice(None), h)) if component == "pattern" else (lambda h: (h,))
+    heads = min(model.cfg.n_heads, target_tokens.shape[1])
+    patches = [(n, index(h)) for n in names for h in range(model.cfg.n_heads)]
+    out = torch.full((len(patches),), float("nan"))
+    ok = [i for i, (_, idx) in enumerate(patches) if idx[-1] < heads]
+    out[ok] = sol.run_patches(model, target_tokens, source, [patches[i] for i in ok], metric)
+    return out.reshape(model.cfg.n_layers, model.cfg.n_heads)
+
+
+def _heads_whole_layer(model, source_tokens, target_tokens, metric, component="z"):
+    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
+    source = sol.cache_activations(model, source_tokens, names)
+    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    return per_layer[:, None].expand(-1, model.cfg.n_heads).clone()
+
+
+def _heads_no_return(model, source_tokens, target_tokens, metric, component="z"):
+    return _unpatched(model, source_tokens, target_tokens, metric, (model.cfg.n_layers, model.cfg.n_heads))
+
+
+register(
+    "patch_head_sweep", CHAPTER, sol.patch_head_sweep, _head_cases,
+    mistakes=[
+        Mistake("source and target swapped", _heads_swapped,
+                "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
+                "other way round."),
+        Mistake("head on the wrong axis", _heads_wrong_axis,
+                "Mind the layouts: hook_z, hook_q, hook_k and hook_v are [batch, pos, head, d_head] (head = axis "
+                "2), hook_pattern is [batch, head, query, key] (head = axis 1)."),
+        Mistake("whole layer", _heads_whole_layer,
+                "Patch one head at a time (act[:, :, head] or, for patterns, act[:, head]), not every head of "
+                "the layer."),
+        Mistake("hook does not return the patch", _heads_no_return,
+                "Every value equals the unpatched target run: your hook must return the edited activation (or "
+                "edit it in place)."),
+    ],
+    **SWEEP_TOL,
+)
+
+
+def _head_pos_cases():
+    return [
+        _tiny_sweep_case("edge case", 1, 1, 2, 6, "z"),
+        _tiny_sweep_case("seeded", 2, 3, 5, 7, "pattern"),
+        _tiny_sweep_case("seeded", 2, 2, 4, 8, "q"),
+        _tiny_sweep_case("seeded", 2, 2, 3, 9, "v"),
+        _ioi_sweep_case("head outputs by position", "swap_names", "denoising", "z", n=2),
+        _ioi_sweep_case("patterns by query position", "swap_template", "noising", "pattern", n=2),
+    ]
+
+
+def _hp_swapped(model, source_tokens, target_tokens, metric, component="z"):
+    return sol.patch_head_pos_sweep(model, target_tokens, source_tokens, metric, component)
+
+
+def _hp_key_pos(model, source_tokens, target_tokens, metric, component="z"):
+    if component != "pattern":
+        return sol.patch_head_pos_sweep(model, source_tokens, target_tokens, metric, component)
+    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
+    source = sol.cache_activations(model, source_tokens, names)
+    n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
+    patches = [(n, (h, slice(None), p)) for n in names for p in range(n_pos) for h in range(n_heads)]
+    return sol.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+
+
+def _hp_transposed(model, source_tokens, target_tokens, metric, component="z"):
+    return sol.patch_head_pos_sweep(model, source_tokens, target_tokens, metric, component).transpose(1, 2).contiguous()
+
+
+def _hp_all_positions(model, source_tokens, target_tokens, metric, component="z"):
+    per_head = sol.patch_head_sweep(model, source_tokens, target_tokens, metric, component)
+    return per_head[:, None].expand(-1, target_tokens.shape[1], -1).clone()
+
+
+register(
+    "patch_head_pos_sweep", CHAPTER, sol.patch_head_pos_sweep, _head_pos_cases,
+    mistakes=[
+        Mistake("source and target swapped", _hp_swapped,
+                "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
+                "other way round."),
+        Mistake("pattern by key position", _hp_key_pos,
+                "For the pattern, 'position' is the QUERY (destination) position: patch act[:, head, pos, :], "
+                "the row saying where the head looks from pos, not the column act[:, head, :, pos]."),
+        Mistake("[layer, head, pos] layout", _hp_transposed,
+                "Return [layer, pos, head] for every component (TransformerLens's pattern sweep is [layer, head, "
+                "pos]; this exercise uses one layout)."),
+        Mistake("all positions at once", _hp_all_positions,
+                "Patch the head at ONE position per patch (act[:, pos, head]), not at every position."),
+    ],
+    **SWEEP_TOL,
+)
+
+
+# --- path_patch ------------------------------------------------------------------------------------
+
+def _path_cases():
+    model = shared_model()
+    cases = []
+    for seed, (receivers, inp) in enumerate([([(2, 0)], "q"), ([(2, 1), (2, 2)], "k"), ([(2, 2)], "v"), (None, "q")]):
+        m, source, target, metric = _tiny_pair(3, 3, 5, 10 + seed)
+        cases.append(Case(f"random 3-layer model, sender L0H{seed % 3}, receivers {receivers} ({inp})",
+                          (m, source, target, metric, (0, seed % 3), receivers, inp)))
+    pairs, metric = _ioi("third_name")
+    for sender, receivers, inp in [((1, 0), [(3, 0), (3, 1), (3, 2), (3, 3)], "q"), ((0, 1), [(2, 0), (2, 1)], "k"),
+                                   ((2, 2), None, "q")]:
+        cases.append(Case(f"TinyWorld IOI (third_name), noising, sender L{sender[0]}H{sender[1]}, receivers "
+                          f"{receivers} ({inp})", (model, pairs["corrupted"], pairs["clean"], metric, sender,
+                                                   receivers, inp)))
+    return cases
+
+
+def _pp_no_freeze(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    layer, head = sender
+    name = f"blocks.{layer}.attn.hook_z"
+    source_z = sol.cache_activations(model, source_tokens, [name])[name]
+
+    def patch_sender(z, hook):
+        z = z.clone()
+        z[:, :, head] = source_z[:, :, head]
+        return z
+
+    names = sorted({f"blocks.{r_layer}.attn.hook_{receiver_input}" for r_layer, _ in receivers or []})
+    stored = {}
+
+    def store(act, hook):
+        stored[hook.name] = act.clone()
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(target_tokens, fwd_hooks=[(name, patch_sender)] + [(n, store) for n in names])
+        if receivers is None:
+            return metric(logits).item()
+
+        def patch(act, hook):
+            r_layer_now = int(hook.name.split(".")[1])
+            act = act.clone()
+            for r_layer, r_head in receivers:
+                if r_layer == r_layer_now:
+                    act[:, :, r_head] = stored[hook.name][:, :, r_head]
+            return act
+
+        return metric(model.run_with_hooks(target_tokens, fwd_hooks=[(n, patch) for n in names])).item()
+
+
+def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    if receivers is None:
+        return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
+    # step 1 for all three inputs, then patch all of them
+    stored = {}
+    for inp in ("q", "k", "v"):
+        stored[inp] = _path_inputs(model, source_tokens, target_tokens, sender, receivers, inp)
+
+    def patch(act, hook):
+        inp = hook.name.split("hook_")[-1]
+        layer = int(hook.name.split(".")[1])
+        act = act.clone()
+        for r_layer, r_head in receivers:
+            if r_layer == layer:
+                act[:, :, r_head] = stored[inp][hook.name][:, :, r_head]
+        return act
+
+    names = [n for inp in ("q", "k", "v") for n in stored[inp]]
+    with torch.no_grad():
+        return metric(model.run_with_hooks(target_tokens, fwd_hooks=[(n, patch) for n in names])).item()
+
+
+def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receiver_input):
+    """Step 1 of path patching: the receivers' inputs with the sender patched and other heads frozen."""
+    s_layer, s_head = sender
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    target_z = sol.cache_activations(model, target_tokens, z_names)
+    source_z = sol.cache_activations(model, source_tokens, z_names)
+
+    def freeze(z, hook):
+        new = target_z[hook.name].clone()
+        if hook.name == z_names[s_layer]:
+            new[:, :, s_head] = source_z[hook.name][:, :, s_head]
+        return new
+
+    names = sorted({f"blocks.{layer}.attn.hook_{receiver_input}" for layer, _ in receivers})
+    stored = {}
+
+    def store(act, hook):
+        stored[hook.name] = act.clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(target_tokens, fwd_hooks=[(n, freeze) for n in z_names] + [(n, store) for n in names])
+    return stored
+
+
+def _pp_whole_layer(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    if receivers is None:
+        return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
+    stored = _path_inputs(model, source_tokens, target_tokens, sender, receivers, receiver_input)
+
+    def patch(act, hook):
+        return stored[hook.name]
+
+    with torch.no_grad():
+        return metric(model.run_with_hooks(target_tokens, fwd_hooks=[(n, patch) for n in stored])).item()
+
+
+def _pp_swapped(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    return sol.path_patch(model, target_tokens, source_tokens, metric, sender, receivers, receiver_input)
+
+
+register(
+    "path_patch", CHAPTER, sol.path_patch, _path_cases,
+    mistakes=[
+        Mistake("other heads not frozen", _pp_no_freeze,
+                "In the first run, hold every head other than the sender at its value on the target run (patch "
+                "hook_z of every layer). Otherwise the sender's effect also reaches the receivers through the "
+                "heads in between, and you measure more than the direct path."),
+        Mistake("patched q, k and v", _pp_qkv,
+                "Patch only the receivers' input named by receiver_input (hook_q, hook_k or hook_v): asking "
+                "whether the sender acts through the receivers' queries is a different question from keys."),
+        Mistake("every head of the receivers' layer", _pp_whole_layer,
+                "In the last run patch only the receiver heads' slice, act[:, :, head] for each receiver; the "
+                "other heads of that layer must read their normal input."),
+        Mistake("source and target swapped", _pp_swapped,
+                "The sender's output comes from source_tokens; the model runs on target_tokens."),
+    ],
+    rtol=1e-3, atol=1e-4,
+)
+
+
+# --- attribution_patch -------------------------------------------------------------------------
+
+def _attr_cases():
+    model = shared_model()
+    cases = []
+    for seed, component in enumerate(["z", "resid_pre"]):
+        m, source, target, metric = _tiny_pair(2, 2, 4, 20 + seed)
+        cases.append(Case(f"random 2-layer model, 2 prompts x 4 positions, {component}",
+                          (m, source, target, metric, component)))
+    for corruption, component in [("swap_names", "z"), ("third_name", "resid_pre"), ("swap_template", "mlp_out"),
+                                  ("swap_names", "v")]:
+        pairs, metric = _ioi(corruption)
+        cases.append(Case(f"TinyWorld IOI ({corruption}), {component}",
+                          (model, pairs["clean"], pairs["corrupted"], metric, component)))
+    pairs, metric = _induction("answer")
+    cases.append(Case("TinyWorld induction (answer), z", (model, pairs["clean"], pairs["corrupted"], metric, "z")))
+    return cases
+
+
+def _attr_clean_grad(model, clean_tokens, corrupted_tokens, metric, component="z"):
+    """Gradient taken on the clean run instead of the corrupted one."""
+    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    corrupted = sol.cache_activations(model, corrupted_tokens, names)
+    acts = {}
+
+    def keep(act, hook):
+        acts[hook.name] = act
+
+    with torch.enable_grad():
+        value = metric(model.run_with_hooks(clean_tokens, fwd_hooks=[(n, keep) for n in names]))
+        grads = torch.autograd.grad(value, [acts[n] for n in names])
+    return torch.stack([((acts[n].detach() - corrupted[n]) * g).sum((0, -1)) for n, g in zip(names, grads)]).float()
+
+
+def _attr_sign(model, clean_tokens, corrupted_tokens, metric, component="z"):
+    return -sol.attribution_patch(model, clean_tokens, corrupted_tokens, metric, component)
+
+
+def _attr_grad_only(model, clean_tokens, corrupted_tokens, metric, component="z"):
+    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    acts = {}
+
+    def keep(act, hook):
+        acts[hook.name] = act
+
+    with torch.enable_grad():
+        value = metric(model.run_with_hooks(corrupted_tokens, fwd_hooks=[(n, keep) for n in names]))
+        grads = torch.autograd.grad(value, [acts[n] for n in names])
+    return torch.stack([g.sum((0, -1)) for g in grads]).float()
+
+
+def _attr_over_positions(model, clean_tokens, corrupted_tokens, metric, component="z"):
+    return sol.attribution_patch(model, clean_tokens, corrupted_tokens, metric, component).sum(1)
+
+
+register(
+    "attribution_patch", CHAPTER, sol.attribution_patch, _attr_cases,
+    mistakes=[
+        Mistake("gradient on the clean run", _attr_clean_grad,
+                "Take the gradient on the CORRUPTED run: the estimate is a Taylor expansion around the run you "
+                "patch into, f(corrupted + delta) ~ f(corrupted) + delta . grad f(corrupted)."),
+        Mistake("sign", _attr_sign,
+                "The activation difference is clean minus corrupted (where you go to, minus where you start)."),
+        Mistake("gradient only", _attr_grad_only,
+                "Multiply the gradient by the activation difference (clean - corrupted) before summing: the "
+                "gradient alone says how sensitive the metric is, not how much this patch would change it."),
+        Mistake("summed over positions", _attr_over_positions,
+                "Keep the position axis: sum the product over the batch and the activation's last axis (d_model "
+                "or d_head) only, giving [layer, pos] or [layer, pos, head]."),
+    ],
+    rtol=1e-3, atol=1e-4,
+)
+
+
+# --- circuit_faithfulness ---------------------------------------------------------------------
+
+def _faith_cases():
+    model = shared_model()
+    cases = []
+    for seed, circuit in enumerate([[(1, 0)], [(0, 2), (1, 1), (1, 2)]]):
+        m, source, target, _ = _tiny_pair(2, 3, 5, 30 + seed)
+        with torch.no_grad():
+            final = m(target)[:, -1]
+        cases.append(Case(f"random 2-layer model, circuit {circuit}",
+                          (m, target, final.argmax(-1), final.argmin(-1), circuit, source)))
+    pairs, _ = _ioi("third_name")
+    for circuit in ([(3, 0), (3, 1), (2, 2)], [(layer, head) for layer in range(4) for head in range(4)], []):
+        label = "every head" if len(circuit) == 16 else ("no head" if not circuit else f"{circuit}")
+        cases.append(Case(f"TinyWorld IOI, means over third-name prompts, circuit {label}",
+                          (model, pairs["clean"], pairs["answer"], pairs["wrong"], circuit, pairs["corrupted"])))
+    pairs, _ = _induction("answer")
+    cases.append(Case("TinyWorld induction, circuit [(0, 1), (1, 2)]",
+                      (model, pairs["clean"], pairs["answer"], pairs["wrong"], [(0, 1), (1, 2)], pairs["corrupted"])))
+    return cases
+
+
+def _ablated_ratio(model, tokens, answer, wrong, ablate_heads, value_of):
+    """ld with the heads `ablate_heads` replaced by value_of(hook_name) [.., head, d_head], over ld of the model."""
+
+    def hook(z, hook):
+        layer = int(hook.name.split(".")[1])
+        z = z.clone()
+        for (l, h) in ablate_heads:
+            if l == layer:
+                z[:, :, h] = value_of(hook.name, z)[..., h, :]
+        return z
+
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        full = answer_logit_diff(model(tokens), answer, wrong).mean()
+        kept = answer_logit_diff(model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names]), answer, wrong).mean()
+    return (kept / full).item()
+
+
+def _complement(model, circuit):
+    keep = set(map(tuple, circuit))
+    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in keep]
+
+
+def _means(model, tokens, over=(0,)):
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    return {n: z.mean(dim=over) for n, z in sol.cache_activations(model, tokens, names).items()}
+
+
+def _faith_zero(model, tokens, answer, wrong, circuit, mean_tokens):
+    return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: torch.zeros_like(z))
+
+
+def _faith_inverted(model, tokens, answer, wrong, circuit, mean_tokens):
+    means = _means(model, mean_tokens)
+    return _ablated_ratio(model, tokens, answer, wrong, list(map(tuple, circuit)), lambda n, z: means[n])
+
+
+def _faith_pos_mean(model, tokens, answer, wrong, circuit, mean_tokens):
+    means = _means(model, mean_tokens, over=(0, 1))
+    return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: means[n])
+
+
+def _faith_own_means(model, tokens, answer, wrong, circuit, mean_tokens):
+    means = _means(model, tokens)
+    return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: means[n])
+
+
+register(
+    "circuit_faithfulness", CHAPTER, sol.circuit_faithfulness, _faith_cases,
+    mistakes=[
+        Mistake("zero ablation", _faith_zero,
+                "Replace the other heads' outputs by their MEAN over mean_tokens, not by zero: zero is an output "
+                "no head ever produces, so zero-ablation breaks the model in ways that have nothing to do with "
+                "the task."),
+        Mistake("ablated the circuit", _faith_inverted,
+                "Keep the circuit and mean-ablate every OTHER head (that measures what the circuit does on its "
+                "own)."),
+        Mistake("mean over positions too", _faith_pos_mean,
+                "Average over the prompts only (dim 0), position by position: a head's typical output at the "
+                "final position is not its typical output at <bos>."),
+        Mistake("means over the evaluated prompts", _faith_own_means,
+                "Take the means over mean_tokens (the reference distribution), not over the prompts you "
+                "evaluate."),
+    ],
+    rtol=1e-3, atol=1e-4,
+)
