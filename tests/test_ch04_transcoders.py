@@ -1,0 +1,181 @@
+"""Chapter 4 (transcoders): the shipped transcoders against the outside world.
+
+- they load into SAELens 6's transcoder classes and give the same outputs;
+- with every MLP of the bundled model replaced at once, they recover at least 80% of the
+  loss gap between the clean model and the model with zero-ablated MLPs;
+- the hooks they read and write really are the MLP's input and output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interplab.solutions import transcoders as T
+
+N_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    _, ids, mask = T.dataset(40, seed=11, split="test")
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def pairs(model, data):
+    ids, mask = data
+    return {L: T.mlp_io_pairs(model, ids, L, mask) for L in range(model.cfg.n_layers)}
+
+
+def test_every_layer_is_shipped_and_verified(model):
+    from interplab.weights import verify
+
+    assert model.cfg.n_layers == N_LAYERS
+    for L in range(N_LAYERS):
+        for kind in T.KINDS:
+            folder = T.shipped_folder(L, kind)
+            assert verify(folder) == {name: "ok" for name in ("cfg.json", "sae_weights.safetensors")}
+        for skip in (False, True):
+            tc = T.load_transcoder(L, skip=skip)
+            assert tc.cfg.layer == L and tc.cfg.skip == skip
+            assert tc.cfg.hook_name == f"blocks.{L}.ln2.hook_normalized"
+            assert tc.cfg.hook_name_out == f"blocks.{L}.hook_mlp_out"
+            assert not tc.training
+
+
+def test_hooks_are_the_mlp_input_and_output(model, pairs):
+    """Running the MLP itself on the cached inputs gives the cached outputs."""
+    for L, (x, y) in pairs.items():
+        with torch.no_grad():
+            out = model.blocks[L].mlp(x[None])[0]
+        torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["transcoder", "skip_transcoder"])
+def test_shipped_transcoders_load_into_saelens(model, pairs, skip, tmp_path):
+    import sae_lens
+
+    expected_cls = sae_lens.JumpReLUSkipTranscoder if skip else sae_lens.JumpReLUTranscoder
+    for L in range(N_LAYERS):
+        ours = T.load_transcoder(L, skip=skip)
+        x, _ = pairs[L]
+        theirs = sae_lens.SAE.load_from_disk(T.shipped_folder(L, "skip" if skip else "transcoder"))
+        assert type(theirs) is expected_cls
+        assert theirs.cfg.d_out == ours.cfg.d_out and theirs.cfg.metadata.hook_name == ours.cfg.hook_name
+        converted = ours.to_saelens()
+        assert type(converted) is expected_cls
+        with torch.no_grad():
+            acts = ours.encode(x)
+            out = ours(x)
+            for other in (theirs.eval(), converted):
+                torch.testing.assert_close(other.encode(x), acts, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(other(x), out, rtol=1e-5, atol=1e-5)
+        assert 0 < (acts > 0).float().sum(-1).mean() < ours.cfg.d_sae / 4
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["Transcoder", "SkipTranscoder"])
+def test_relu_transcoders_round_trip_through_saelens(pairs, skip, tmp_path):
+    """A standard (ReLU + L1) transcoder maps onto SAELens's plain Transcoder / SkipTranscoder."""
+    import sae_lens
+
+    x, y = pairs[1]
+    cfg = T.TranscoderConfig(d_in=x.shape[-1], d_sae=64, architecture="standard", l1_coeff=0.3, skip=skip, layer=1)
+    tc = T.train_transcoder(x, y, cfg, steps=30, batch_size=256, progress=False)
+    folder = tc.save(tmp_path / "tc")
+    theirs = sae_lens.SAE.load_from_disk(folder)
+    assert type(theirs) is (sae_lens.SkipTranscoder if skip else sae_lens.Transcoder)
+    again = T.Transcoder.load(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), tc(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(x), tc(x))
+        torch.testing.assert_close(tc.to_saelens().encode(x), tc.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_transcoders_say_saelens_has_no_class():
+    tc = T.Transcoder(T.TranscoderConfig(d_in=8, d_sae=16, architecture="topk", k=2))
+    with pytest.raises(NotImplementedError, match="TopK"):
+        tc.to_saelens()
+
+
+@pytest.mark.slow
+def test_replacement_model_recovers_80_percent(model):
+    """Every MLP replaced at once by its shipped transcoder: >= 80% of the clean-vs-ablated loss gap recovered."""
+    _, ids, mask = T.dataset(100, seed=1, split="test")
+    for skip in (False, True):
+        out = T.replacement_loss(model, T.load_transcoders(skip=skip), ids, mask)
+        assert out["ce_clean"] < out["ce_replaced"] < out["ce_ablated"]
+        assert out["loss_recovered"] >= 0.80, (skip, out)
+
+
+def test_training_is_reproducible_and_learns(pairs):
+    x, y = pairs[0]
+    cfg = T.TranscoderConfig(d_in=x.shape[-1], d_sae=96, architecture="batchtopk", k=8, layer=0)
+    a = T.train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
+    b = T.train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
+    assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.threshold, b.threshold)
+    with torch.no_grad():
+        untrained = T.Transcoder(cfg)
+        untrained.b_dec.copy_(y.mean(0))
+        assert T.transcoder_loss(a, x, y)[1] < 0.8 * T.transcoder_loss(untrained.eval(), x, y)[1]
+    assert torch.allclose(a.W_dec.norm(dim=-1), torch.ones(96), atol=1e-4)
+
+
+def test_bad_inputs_fail_clearly(model):
+    t0, t2 = T.load_transcoder(0), T.load_transcoder(2)
+    with pytest.raises(ValueError, match="before"):
+        T.pullback(t2, t0, 0)
+    with pytest.raises(ValueError, match="feature"):
+        T.de_embedding(model, t0, 10_000)
+    with pytest.raises(ValueError, match="d_in"):
+        t0.encode(torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="same MLP"):
+        T.replacement_loss(model, [t0, t0], torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one prompt"):
+        T.answer_attribution(model, [t0], torch.zeros(1, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="architecture"):
+        T.TranscoderConfig(d_in=4, d_sae=8, architecture="gated")
+
+
+def test_error_terms_keep_the_model_exact(model):
+    """With error terms, the replacement model computes the clean logits, so the graph's nodes explain the real model."""
+    from interplab import tinyworld
+
+    tcs = T.load_transcoders()
+    ids = torch.tensor(tinyworld.encode(T.fact_prompt("Alice")))
+    answer = tinyworld.token_id(tinyworld.WORLD.value("Alice", "city"))
+    feat, err = T.answer_attribution(model, tcs, ids, answer)
+    assert feat.shape == (N_LAYERS, len(ids), tcs[0].cfg.d_sae) and err.shape == (N_LAYERS, len(ids))
+    # the target-feature variant agrees with the exercise on the answer logit
+    feat2, err2 = T.feature_attribution_to(model, tcs, ids, answer_id=answer)
+    torch.testing.assert_close(feat, feat2)
+    torch.testing.assert_close(err, err2)
+
+
+def test_fact_recall_circuit_matches_the_world(model):
+    check = T.fact_recall_check(model, T.load_transcoders(), people=["Alice", "Bob", "Carol", "Dave"])
+    assert check["model_correct"] == 1.0
+    for row in check["rows"]:
+        assert row["truth"] == __import__("interplab").tinyworld.WORLD.value(row["person"], "city")
+
+
+def test_attribution_graph_draws(model):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from interplab import tinyworld
+
+    tcs = T.load_transcoders()
+    ids = torch.tensor(tinyworld.encode(T.fact_prompt("Bob")))
+    graph = T.attribution_graph(model, tcs, ids, tinyworld.token_id(tinyworld.WORLD.value("Bob", "city")), n_nodes=5)
+    assert len([n for n in graph["nodes"] if n["kind"] == "feature"]) == 5
+    fig = T.draw_attribution_graph(graph, [T.node_label(model, tcs, n) for n in graph["nodes"]])
+    assert fig.axes
+
+
+@pytest.mark.slow
+def test_bench_quick():
+    from interplab.bench_transcoders import bench_transcoders
+
+    out = bench_transcoders(quick=True)
+    assert 0.8 <= out["loss_recovered"] <= 1.0

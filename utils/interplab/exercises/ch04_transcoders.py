@@ -1,0 +1,450 @@
+"""Chapter 4 (transcoders): build and train transcoders, replace every MLP with one, and read
+feature-level circuits (de-embeddings, pullbacks, activation-times-gradient attribution)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..solutions import transcoders as sol
+from . import Case, Mistake, register, shared_model
+
+CHAPTER = "04_transcoders"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped(layer: int, skip: bool = False) -> sol.Transcoder:
+    return sol.load_transcoder(layer, skip=skip, device="cpu")
+
+
+def _all_shipped(skip: bool = False) -> list[sol.Transcoder]:
+    return [_shipped(L, skip) for L in range(shared_model().cfg.n_layers)]
+
+
+@functools.lru_cache(maxsize=None)
+def _model_data(n_docs: int = 6, seed: int = 7):
+    """(ids, mask) of a few test documents (mask: real tokens but <bos>)."""
+    _, ids, mask = sol.dataset(n_docs, seed=seed, split="test")
+    return ids, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs(layer: int, n: int = 48):
+    ids, mask = _model_data()
+    x, y = sol.mlp_io_pairs(shared_model(), ids, layer, mask)
+    return x[:n].clone(), y[:n].clone()
+
+
+def _random_tc(d_in: int, d_sae: int, seed: int, *, d_out: int | None = None, architecture: str = "standard",
+               k: int = 2, skip: bool = False, layer: int = 0, l1_coeff: float = 0.7,
+               unit_decoder: bool = False) -> sol.Transcoder:
+    """A transcoder with random weights (non-unit decoder rows unless asked), in eval mode."""
+    g = _gen(seed)
+    cfg = sol.TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture, k=k, skip=skip,
+                               layer=layer, l1_coeff=l1_coeff)
+    tc = sol.Transcoder(cfg, generator=g)
+    with torch.no_grad():
+        tc.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.3)
+        tc.b_dec.copy_(torch.randn(cfg.d_out, generator=g) * 0.5)
+        if not unit_decoder:
+            tc.W_dec.mul_(torch.rand(d_sae, 1, generator=g) * 1.5 + 0.25)
+        if skip:
+            tc.W_skip.copy_(torch.randn(cfg.d_out, d_in, generator=g) * 0.3)
+        if architecture == "batchtopk":
+            tc.threshold.fill_(0.2)
+    return tc.eval()
+
+
+def _tc_weights(tc: sol.Transcoder) -> tuple:
+    w = (tc.W_enc.detach(), tc.b_enc.detach(), tc.W_dec.detach(), tc.b_dec.detach())
+    return w + ((tc.W_skip.detach(),) if tc.W_skip is not None else ())
+
+
+# --- transcoder_forward ------------------------------------------------------------------
+
+def _forward_cases():
+    g = _gen(0)
+    # Square cases first: a mistake that only fails with an error on a non-square case would get no hint.
+    cases = [
+        Case("d_in = d_out = 2, d_sae 3, no skip",
+             (torch.tensor([[1.0, -1.0], [0.5, 2.0]]),
+              torch.tensor([[1.0, -1.0, 0.5], [0.0, 1.0, -0.5]]),
+              torch.tensor([0.0, -0.5, 0.2]),
+              torch.tensor([[1.0, 0.0], [0.5, 0.5], [-1.0, 1.0]]),
+              torch.tensor([0.3, -0.2]))),
+        Case("random square: batch 6, d_in = d_out = 5, d_sae 7, skip",
+             (torch.randn(6, 5, generator=g), torch.randn(5, 7, generator=g), torch.randn(7, generator=g),
+              torch.randn(7, 5, generator=g), torch.randn(5, generator=g), torch.randn(5, 5, generator=g))),
+        Case("d_in 3, d_sae 4, d_out 2, no skip",
+             (torch.randn(4, 3, generator=g), torch.randn(3, 4, generator=g), torch.randn(4, generator=g),
+              torch.randn(4, 2, generator=g), torch.randn(2, generator=g))),
+        Case("d_in 3, d_out 2 with a skip path (W_skip is [d_out, d_in])",
+             (torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g), torch.randn(5, generator=g),
+              torch.randn(5, 2, generator=g), torch.randn(2, generator=g), torch.randn(2, 3, generator=g))),
+    ]
+    x, _ = _pairs(1)
+    cases.append(Case("TinyWorld layer-1 MLP inputs, the shipped layer-1 skip transcoder's weights (as ReLU)",
+                      (x,) + _tc_weights(_shipped(1, skip=True))))
+    return cases
+
+
+def _fwd_pre_bias(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    acts = torch.relu((x - b_dec) @ W_enc + b_enc)
+    y = acts @ W_dec + b_dec
+    return (y + x @ W_skip.T if W_skip is not None else y), acts
+
+
+def _fwd_skip_untransposed(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    acts = torch.relu(x @ W_enc + b_enc)
+    y = acts @ W_dec + b_dec
+    return (y + x @ W_skip if W_skip is not None else y), acts
+
+
+def _fwd_no_skip(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    return sol.transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+
+
+def _fwd_no_relu(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    acts = x @ W_enc + b_enc
+    y = acts @ W_dec + b_dec
+    return (y + x @ W_skip.T if W_skip is not None else y), acts
+
+
+register(
+    "transcoder_forward", CHAPTER, sol.transcoder_forward, _forward_cases,
+    mistakes=[
+        Mistake("pre-encoder bias", _fwd_pre_bias,
+                "Don't subtract b_dec from the input. In an SAE input and output are the same activation, so the "
+                "decoder bias can centre the input; a transcoder's b_dec is a bias of the MLP's OUTPUT, in another "
+                "space (SAELens refuses apply_b_dec_to_input for transcoders)."),
+        Mistake("skip not transposed", _fwd_skip_untransposed,
+                "W_skip is stored like an nn.Linear weight, [d_out, d_in]: the skip path is x @ W_skip.T."),
+        Mistake("skip path ignored", _fwd_no_skip,
+                "When W_skip is given, add the skip path x @ W_skip.T to the prediction."),
+        Mistake("no ReLU", _fwd_no_relu,
+                "The features are ReLU(x @ W_enc + b_enc): without the ReLU they are neither sparse nor non-negative."),
+    ],
+)
+
+
+# --- mlp_io_pairs --------------------------------------------------------------------------
+
+def _pairs_cases():
+    model = shared_model()
+    ids, mask = _model_data(4, seed=8)
+    cases = [Case(f"TinyWorld, 4 documents, layer {L}, real tokens only", (model, ids, L, mask))
+             for L in range(model.cfg.n_layers)]
+    cases.append(Case("TinyWorld, 2 documents, layer 2, no mask (every position)", (model, ids[:2], 2, None)))
+    return cases
+
+
+def _pairs_resid_mid(model, tokens, layer, mask=None):
+    _, y = sol.mlp_io_pairs(model, tokens, layer, mask)
+    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_mid"])
+    x = cache[f"blocks.{layer}.hook_resid_mid"]
+    return (x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()]), y
+
+
+def _pairs_neurons(model, tokens, layer, mask=None):
+    x, _ = sol.mlp_io_pairs(model, tokens, layer, mask)
+    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.mlp.hook_post"])
+    y = cache[f"blocks.{layer}.mlp.hook_post"]
+    return x, (y.reshape(-1, y.shape[-1]) if mask is None else y[mask.bool()])
+
+
+def _pairs_resid_post(model, tokens, layer, mask=None):
+    x, _ = sol.mlp_io_pairs(model, tokens, layer, mask)
+    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_post"])
+    y = cache[f"blocks.{layer}.hook_resid_post"]
+    return x, (y.reshape(-1, y.shape[-1]) if mask is None else y[mask.bool()])
+
+
+def _pairs_no_mask(model, tokens, layer, mask=None):
+    return sol.mlp_io_pairs(model, tokens, layer, None)
+
+
+register(
+    "mlp_io_pairs", CHAPTER, sol.mlp_io_pairs, _pairs_cases,
+    mistakes=[
+        Mistake("residual stream before the layer norm", _pairs_resid_mid,
+                "The MLP reads the residual stream AFTER the layer norm: use blocks.{layer}.ln2.hook_normalized, "
+                "not hook_resid_mid (the transcoder would otherwise have to learn the normalisation too)."),
+        Mistake("neuron activations as the target", _pairs_neurons,
+                "The target is the MLP's output in the residual stream (blocks.{layer}.hook_mlp_out, d_model wide), "
+                "not its hidden neurons (mlp.hook_post)."),
+        Mistake("residual stream as the target", _pairs_resid_post,
+                "The target is what the MLP adds (hook_mlp_out), not the whole residual stream after the layer."),
+        Mistake("mask ignored", _pairs_no_mask,
+                "Keep only the positions where mask is True: x[mask] gives the rows in the right order."),
+    ],
+)
+
+
+# --- transcoder_loss -----------------------------------------------------------------------
+
+def _loss_cases():
+    g = _gen(2)
+    cases = []
+    tc = _random_tc(5, 8, seed=2, skip=True)
+    cases.append(Case("standard skip transcoder, d_in = d_out = 5, non-unit decoder rows",
+                      (tc, torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g))))
+    tc = _random_tc(4, 6, seed=1, d_out=3)
+    cases.append(Case("standard, d_in 4, d_out 3", (tc, torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g))))
+    tc = _random_tc(4, 7, seed=3, architecture="topk", k=2)
+    cases.append(Case("TopK (k = 2), d_in = d_out = 4: no penalty", (tc, torch.randn(5, 4, generator=g),
+                                                                     torch.randn(5, 4, generator=g))))
+    for L, skip in ((2, False), (0, True)):
+        x, y = _pairs(L)
+        cases.append(Case(f"the shipped layer-{L} {'skip ' if skip else ''}transcoder on TinyWorld MLP pairs",
+                          (_shipped(L, skip), x, y)))
+    return cases
+
+
+def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=False):
+    acts = tc.encode(x)
+    y_hat = tc.decode(acts) + (tc.skip_out(x) if skip else 0.0)
+    err = (y_hat - target).pow(2)
+    mse = err.mean() if mean_all else err.sum(-1).mean()
+    norms = tc.W_dec.norm(dim=-1) if weighted else 1.0
+    l1 = (acts.abs() * norms).sum(-1).mean()
+    penalty = tc.cfg.architecture == "standard" if penalty is None else penalty
+    return (mse + tc.cfg.l1_coeff * l1 if penalty else mse), mse, l1
+
+
+register(
+    "transcoder_loss", CHAPTER, sol.transcoder_loss, _loss_cases,
+    mistakes=[
+        Mistake("reconstructs the input", lambda tc, x, y: _loss_parts(tc, x, x),
+                "A transcoder predicts the MLP's OUTPUT y from its input x: compare the prediction with y. "
+                "Reconstructing x is what an SAE does."),
+        Mistake("L1 without decoder norms", lambda tc, x, y: _loss_parts(tc, x, y, weighted=False),
+                "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)), as in "
+                "chapter 3; otherwise the penalty can be dodged by shrinking activations and growing the decoder."),
+        Mistake("penalty for every architecture", lambda tc, x, y: _loss_parts(tc, x, y, penalty=True),
+                "TopK and BatchTopK transcoders have no L1 penalty: the loss is the MSE alone (l1 is only reported)."),
+        Mistake("skip path forgotten", lambda tc, x, y: _loss_parts(tc, x, y, skip=False),
+                "A skip transcoder's prediction includes the skip path: use transcoder(x), or decode(acts) + skip_out(x)."),
+        Mistake("mean over every element", lambda tc, x, y: _loss_parts(tc, x, y, mean_all=True),
+                "Sum the squared error over d_out, then average over the batch (not a mean over every element)."),
+    ],
+)
+
+
+# --- replacement_loss ------------------------------------------------------------------------
+
+def _replacement_cases():
+    model = shared_model()
+    ids, mask = _model_data()
+    return [
+        Case("TinyWorld: the layer-0 transcoder alone", (model, [_shipped(0)], ids, mask)),
+        Case("TinyWorld: transcoders of layers 1 and 3", (model, [_shipped(1), _shipped(3)], ids, mask)),
+        Case("TinyWorld: every MLP replaced at once", (model, _all_shipped(), ids, mask)),
+        Case("TinyWorld: every MLP replaced by a skip transcoder", (model, _all_shipped(skip=True), ids, mask)),
+        Case("TinyWorld: layers 2 and 0 (given out of order)", (model, [_shipped(2), _shipped(0)], ids, mask)),
+    ]
+
+
+def _ce(model, tokens, mask, hooks):
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
+    return -logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0][scored].mean().item()
+
+
+def _summary(ce_clean, ce_replaced, ce_ablated):
+    return {"ce_clean": ce_clean, "ce_replaced": ce_replaced, "ce_ablated": ce_ablated,
+            "loss_recovered": (ce_ablated - ce_replaced) / (ce_ablated - ce_clean)}
+
+
+def _repl_clean_inputs(model, transcoders, tokens, mask):
+    keep = mask.bool()[..., None]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("ln2.hook_normalized"))
+    hooks = [(sol.mlp_out_hook(tc.cfg.layer),
+              lambda y, hook, tc=tc: torch.where(keep, tc(cache[sol.mlp_in_hook(tc.cfg.layer)]), y))
+             for tc in transcoders]
+    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.where(keep, 0.0 * y, y)) for tc in transcoders]
+    return _summary(_ce(model, tokens, mask, []), _ce(model, tokens, mask, hooks), _ce(model, tokens, mask, zero))
+
+
+def _repl_one_at_a_time(model, transcoders, tokens, mask):
+    singles = [sol.replacement_loss(model, [tc], tokens, mask) for tc in transcoders]
+    mean = lambda key: sum(s[key] for s in singles) / len(singles)  # noqa: E731
+    return _summary(mean("ce_clean"), mean("ce_replaced"), mean("ce_ablated"))
+
+
+def _repl_everywhere_scored(model, transcoders, tokens, mask):
+    inputs = {}
+    hooks = [(sol.mlp_in_hook(tc.cfg.layer), lambda x, hook: inputs.__setitem__(hook.layer(), x)) for tc in transcoders]
+    hooks += [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook, tc=tc: tc(inputs[hook.layer()])) for tc in transcoders]
+    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
+    return _summary(_ce(model, tokens, mask, []), _ce(model, tokens, mask, hooks), _ce(model, tokens, mask, zero))
+
+
+def _repl_zero_everywhere(model, transcoders, tokens, mask):
+    good = sol.replacement_loss(model, transcoders, tokens, mask)
+    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
+    return _summary(good["ce_clean"], good["ce_replaced"], _ce(model, tokens, mask, zero))
+
+
+def _repl_fraction_lost(model, transcoders, tokens, mask):
+    good = sol.replacement_loss(model, transcoders, tokens, mask)
+    good["loss_recovered"] = (good["ce_replaced"] - good["ce_clean"]) / (good["ce_ablated"] - good["ce_clean"])
+    return good
+
+
+register(
+    "replacement_loss", CHAPTER, sol.replacement_loss, _replacement_cases,
+    mistakes=[
+        Mistake("clean inputs", _repl_clean_inputs,
+                "In a replacement model each transcoder reads the MLP input of the SAME (replaced) run: hook "
+                "ln2.hook_normalized in the run you are changing, not a cache of the clean run. Later transcoders "
+                "must see what earlier transcoders wrote, errors included."),
+        Mistake("one at a time", _repl_one_at_a_time,
+                "Replace every MLP in ONE forward pass, not each layer separately and then average: errors of "
+                "different layers compound, which is what this measurement is about."),
+        Mistake("mask ignored", _repl_everywhere_scored,
+                "Replace only at the positions where mask is True (torch.where(mask[..., None], new, old)): the "
+                "transcoders were not trained on <bos> or padding."),
+        Mistake("ablated everywhere", _repl_zero_everywhere,
+                "Zero the MLPs at the same positions you replace (the mask), so that the ablated run differs from "
+                "the replaced one in one thing only: what the MLPs output there."),
+        Mistake("fraction lost", _repl_fraction_lost,
+                "loss_recovered is (ce_ablated - ce_replaced) / (ce_ablated - ce_clean): 1 when the replacement is "
+                "perfect, 0 when it is no better than zeroing the MLPs."),
+    ],
+    rtol=1e-3, atol=1e-4,
+)
+
+
+# --- de_embedding ----------------------------------------------------------------------------
+
+def _de_embedding_cases():
+    model = shared_model()
+    tc0, tc2 = _shipped(0), _shipped(2)
+    rand = _random_tc(model.cfg.d_model, 16, seed=4)
+    return [
+        Case("the shipped layer-0 transcoder, feature 0", (model, tc0, 0)),
+        Case("the shipped layer-0 transcoder, feature 123", (model, tc0, 123)),
+        Case("the shipped layer-2 transcoder, its last feature", (model, tc2, tc2.cfg.d_sae - 1)),
+        Case("a random transcoder with 16 features, feature 5", (model, rand, 5)),
+    ]
+
+
+register(
+    "de_embedding", CHAPTER, sol.de_embedding, _de_embedding_cases,
+    mistakes=[
+        Mistake("unembedding", lambda model, tc, f: tc.W_enc[:, f] @ model.W_U,
+                "The de-embedding reads the feature's encoder through the token EMBEDDINGS (model.W_E, which tokens "
+                "put what into the residual stream), not the unembedding W_U (which tokens the stream predicts)."),
+        Mistake("decoder", lambda model, tc, f: model.W_E @ tc.W_dec[f],
+                "Use the feature's ENCODER vector W_enc[:, feature] (what turns it on), not its decoder row (what it writes)."),
+        Mistake("positional embeddings", lambda model, tc, f: model.W_pos @ tc.W_enc[:, f],
+                "Use the token embeddings model.W_E ([d_vocab, d_model]); W_pos are the positional embeddings."),
+    ],
+)
+
+
+# --- pullback --------------------------------------------------------------------------------
+
+def _pullback_cases():
+    early = _random_tc(4, 6, seed=5, layer=0)
+    late = _random_tc(4, 5, seed=6, layer=2)
+    cases = [
+        Case("random: earlier has 6 features, later has 5; feature 3", (early, late, 3)),
+        Case("random: feature 0", (early, late, 0)),
+        Case("the shipped transcoders of layers 0 and 2, feature 17", (_shipped(0), _shipped(2), 17)),
+        Case("the shipped transcoders of layers 1 and 3, feature 400", (_shipped(1), _shipped(3), 400)),
+    ]
+    return cases
+
+
+register(
+    "pullback", CHAPTER, sol.pullback, _pullback_cases,
+    mistakes=[
+        Mistake("earlier encoder", lambda e, l, f: e.W_enc.T @ l.W_enc[:, f],
+                "The earlier feature acts on the later one through what it WRITES: use the earlier transcoder's "
+                "decoder (earlier.W_dec), not its encoder."),
+        Mistake("later decoder", lambda e, l, f: e.W_dec @ l.W_dec[f],
+                "The later feature READS the residual stream with its encoder vector later.W_enc[:, feature]; its "
+                "decoder row is what it writes."),
+        Mistake("pushed forward", lambda e, l, f: l.W_dec[f] @ e.W_enc,
+                "That runs the wrong way (the later feature's output read by the earlier encoders). Pull the later "
+                "encoder back through the earlier decoder: earlier.W_dec @ later.W_enc[:, feature]."),
+    ],
+)
+
+
+# --- answer_attribution ----------------------------------------------------------------------
+
+def _attribution_cases():
+    from .. import tinyworld
+
+    model = shared_model()
+    fact = torch.tensor(tinyworld.encode(sol.fact_prompt("Alice")))
+    city = tinyworld.token_id(tinyworld.WORLD.value("Alice", "city"))
+    job = torch.tensor(tinyworld.encode(sol.fact_prompt("Karl", "job")))
+    job_answer = tinyworld.token_id(tinyworld.WORLD.value("Karl", "job"))
+    ioi = "<bos> when Mia and Leo went to the park , Leo gave a ball to".split()
+    ioi_ids = torch.tensor(tinyworld.encode(ioi))
+    return [
+        Case("'where does Alice live ?' -> her city, every MLP replaced", (model, _all_shipped(), fact, city)),
+        Case("'what is the job of Karl ?' -> his job, skip transcoders", (model, _all_shipped(skip=True), job, job_answer)),
+        Case("an indirect-object prompt -> Mia, transcoders of layers 1 and 3 only",
+             (model, [_shipped(1), _shipped(3)], ioi_ids, tinyworld.token_id("Mia"))),
+    ]
+
+
+def _attr_general(model, transcoders, tokens, answer_id, *, times_act=True, errors=True, detach_x=False,
+                  log_prob=False):
+    by_layer = {tc.cfg.layer: i for i, tc in enumerate(transcoders)}
+    inputs, n = {}, len(transcoders)
+    acts, errs = [None] * n, [None] * n
+
+    def save(x, hook):
+        inputs[hook.layer()] = x
+
+    def replace(y, hook):
+        i = by_layer[hook.layer()]
+        tc, x = transcoders[i], inputs[hook.layer()]
+        x_enc = x.detach() if detach_x else x
+        acts[i] = tc.encode(x_enc)
+        recon = tc.decode(acts[i]) + tc.skip_out(x)
+        errs[i] = (y - recon).detach().requires_grad_(True)
+        return recon + errs[i] if errors else recon + 0.0 * errs[i]
+
+    hooks = [(sol.mlp_in_hook(L), save) for L in by_layer] + [(sol.mlp_out_hook(L), replace) for L in by_layer]
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+        out = logits[0, -1].log_softmax(-1)[answer_id] if log_prob else logits[0, -1, answer_id]
+        grads = torch.autograd.grad(out, acts + errs)
+    feat = torch.stack([((a if times_act else 1.0) * g)[0] for a, g in zip(acts, grads[:n])]).detach()
+    err = torch.stack([(e * g).sum(-1)[0] for e, g in zip(errs, grads[n:])]).detach()
+    if not errors:
+        err = torch.zeros_like(err)
+    return feat, err
+
+
+register(
+    "answer_attribution", CHAPTER, sol.answer_attribution, _attribution_cases,
+    mistakes=[
+        Mistake("gradient only", lambda *a: _attr_general(*a, times_act=False),
+                "Attribution is activation TIMES gradient: a feature that is off (activation 0) contributes nothing, "
+                "however steep the gradient."),
+        Mistake("no error terms", lambda *a: _attr_general(*a, errors=False),
+                "Add the error term error = (y - transcoder(x)).detach() to the replaced output, so the replacement "
+                "model computes exactly what the model computes, and report error . gradient for it: what the "
+                "transcoders miss stays visible instead of silently changing the prompt's computation."),
+        Mistake("detached transcoder input", lambda *a: _attr_general(*a, detach_x=True),
+                "Only the error term is detached. The transcoder's input must stay in the graph, so gradients from "
+                "the answer reach earlier features through later transcoders' features too."),
+        Mistake("log-probability", lambda *a: _attr_general(*a, log_prob=True),
+                "Explain the answer's LOGIT (logits[0, -1, answer_id]), not its log-probability."),
+    ],
+    rtol=1e-3, atol=1e-4,
+)
