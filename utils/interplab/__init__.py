@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .models import best_device, load_model
+from .models import best_device, is_tinyworld, load_model, tinyworld_only
 
 
 def check(fn, name=None, strict=None):
@@ -30,4 +30,4 @@ def show_solution(name):
     return _show(name)
 
 
-__all__ = ["load_model", "best_device", "check", "show_solution", "__version__"]
+__all__ = ["load_model", "best_device", "is_tinyworld", "tinyworld_only", "check", "show_solution", "__version__"]

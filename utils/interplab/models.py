@@ -175,6 +175,10 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
             f"e.g. 'gpt2-small', 'gpt2-medium', 'pythia-70m'"
             + (f" (names like yours: {', '.join(close)})" if close else "") + "."
         )
+    from .standin import load_standin, standin_requested
+
+    if standin_requested():  # tests of the real-model route (see interplab.standin)
+        return load_standin(name, device)
     offline_flag = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     if not offline_flag and not hub_reachable():
         raise ModelUnavailableError(
@@ -196,3 +200,22 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
             ) from e
     model.eval()
     return model
+
+
+def is_tinyworld(model) -> bool:
+    """Whether ``model`` is a TinyWorld model (the bundled one or one trained by the course)."""
+    from .tinyworld.tokenizer import is_tinyworld_tokenizer
+
+    return model.tokenizer is not None and is_tinyworld_tokenizer(model.tokenizer)
+
+
+def tinyworld_only(model, why: str) -> bool:
+    """For a section that needs TinyWorld: True on a TinyWorld model; otherwise say so, plainly, and return False.
+
+        if interplab.tinyworld_only(model, "it scores the probe against the generator's room labels"):
+            ...
+    """
+    if is_tinyworld(model):
+        return True
+    print(f"[skipped] This section needs TinyWorld, not {model.cfg.model_name}: {why}.")
+    return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -89,3 +89,71 @@ def batch_tokens(docs, pad_to: int | None = None) -> tuple[torch.Tensor, torch.T
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = True
     return ids, mask
+
+
+def is_tinyworld_tokenizer(tokenizer) -> bool:
+    """Whether a tokenizer is TinyWorld's word-level one (so one word is one token)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return len(vocab) == len(L.vocabulary()) and all(vocab.get(w) == i for i, w in enumerate(L.vocabulary()[:50]))
+
+
+class ModelTokens(NamedTuple):
+    """TinyWorld documents as one model's tokens, with where each word went.
+
+    ids, mask: [batch, pos] token ids (right-padded) and True on real tokens.
+    first, last: [batch, words] the position of each word's first and last token
+        (-1 past the end of a document). Word 0 is ``<bos>``, at position 0.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+
+
+def tokens_for(tokenizer, docs, pad_to: int | None = None) -> ModelTokens:
+    """Tokenize TinyWorld documents with any model's tokenizer, keeping track of the words.
+
+    With TinyWorld's own tokenizer one word is one token and ``first == last == word
+    index``. With a subword tokenizer such as GPT-2's, the words are joined by spaces
+    into plain text, a BOS token is put in front, and each word's annotation (room,
+    sentiment, answer...) can be looked up at ``first`` (the token that starts the
+    word: the target when predicting it) or ``last`` (where the whole word has been read).
+
+    ``tokenizer`` may be a model with a ``.tokenizer``.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    words = [list(d.tokens if hasattr(d, "tokens") else d) for d in docs]
+    n_words = max(len(w) for w in words)
+    if is_tinyworld_tokenizer(tokenizer):
+        ids, mask = batch_tokens(words, pad_to)
+        pos = torch.arange(n_words).expand(len(words), n_words).clone()
+        lengths = torch.tensor([len(w) for w in words])
+        pos[pos >= lengths[:, None]] = -1
+        return ModelTokens(ids, mask, pos, pos.clone())
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    seqs, firsts, lasts = [], [], []
+    for ws in words:
+        if ws and ws[0] == L.BOS:
+            ws = ws[1:]
+        text, spans = "", []
+        for w in ws:
+            start = len(text) + (1 if text else 0)
+            text = f"{text} {w}" if text else w
+            spans.append((start, len(text)))
+        enc = tokenizer(text, add_special_tokens=False)
+        seqs.append([bos] + list(enc["input_ids"]))
+        firsts.append([0] + [1 + enc.char_to_token(s) for s, _ in spans])
+        lasts.append([0] + [1 + enc.char_to_token(e - 1) for _, e in spans])
+    width = max(max(len(s) for s in seqs), pad_to or 0)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    first = torch.full((len(seqs), n_words), -1, dtype=torch.long)
+    last = first.clone()
+    for i, (s, f, l_) in enumerate(zip(seqs, firsts, lasts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+        first[i, : len(f)] = torch.tensor(f)
+        last[i, : len(l_)] = torch.tensor(l_)
+    return ModelTokens(ids, mask, first, last)
