@@ -283,34 +283,33 @@ class TunedLens(nn.Module):
 # --- data ----------------------------------------------------------------------------------------
 
 def is_tinyworld(model) -> bool:
-    """Whether ``model`` reads TinyWorld's own word-level vocabulary."""
-    from ..tinyworld import vocabulary
+    """Whether ``model`` reads TinyWorld's own word-level vocabulary (`interplab.is_tinyworld`)."""
+    from ..models import is_tinyworld as _is_tinyworld
 
-    tok = getattr(model, "tokenizer", None)
-    if tok is None or model.cfg.d_vocab != len(vocabulary()):
-        return False
-    vocab = tok.get_vocab()
-    return all(vocab.get(w) == i for i, w in enumerate(vocabulary()))
+    return _is_tinyworld(model)
 
 
 def lens_batch(model, docs) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token ids and a mask of real tokens for TinyWorld documents, through the model's own tokenizer.
 
     For the TinyWorld model this is `tinyworld.batch_tokens`; for another model (e.g.
-    gpt2-small) each document's text is tokenised by ``model.to_tokens`` and right-padded.
+    gpt2-small) each document's text is tokenised by its tokenizer after a BOS token and
+    right-padded (`tinyworld.tokens_for`).
     """
-    from ..tinyworld import batch_tokens
+    from ..tinyworld import tokens_for
 
-    if is_tinyworld(model):
-        return batch_tokens(docs)
-    seqs = [model.to_tokens(" ".join(d.tokens[1:]), prepend_bos=True)[0].cpu() for d in docs]
-    width = max(len(s) for s in seqs)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, True
-    return ids, mask
+    encoded = tokens_for(model, docs)
+    return encoded.ids, encoded.mask
+
+
+def rows_per_batch(model, n_points: int, n_pos: int, max_elements: float = 2.5e7, at_most: int = 50) -> int:
+    """How many sequences to read through a lens at once: the logits of every read-out point,
+    [n_points, rows, n_pos, d_vocab], stay under ``max_elements`` numbers (100 MB in float32).
+
+    With TinyWorld's small vocabulary this is ``at_most``; with gpt2-small's 50,257 tokens, one
+    or two sequences of TinyWorld text at a time.
+    """
+    return max(1, min(at_most, int(max_elements // (n_points * n_pos * model.cfg.d_vocab))))
 
 
 def collect_lens_data(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"], batch_size: int = 128,
@@ -326,6 +325,8 @@ def collect_lens_data(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor
     """
     device = next(model.parameters()).device
     names = lens_hook_names(model.cfg.n_layers)
+    # bound the output logits of one batch, [batch, pos, d_vocab], to about 5e7 numbers (gpt2-small: a few sequences)
+    batch_size = max(1, min(batch_size, int(5e7 // (tokens.shape[1] * model.cfg.d_vocab))))
     nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
     has = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1) & mask
     order = mask.sum(1).argsort()  # similar lengths together: little padding per batch

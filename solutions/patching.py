@@ -66,11 +66,11 @@ def name_token_id(model, name: str) -> int:
 def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dict[str, Tensor]:
     """Clean and corrupted indirect-object prompts, tokenized by the model's tokenizer.
 
-    Each prompt is a dict with the template index "template" (into
-    `tinyworld.IOI_TEMPLATES`), the names "A" and "B" of the first clause, the subject "S"
-    (A or B), the indirect object "IO" (the other one), a third name "C" (neither A nor
-    B), and the words "place" and "obj". The clean text is
-    ``IOI_TEMPLATES[template].format(A=A, B=B, S=S, place=place, obj=obj)``.
+    Each prompt is a dict with the template "template" (a format string in the model's
+    own text format, e.g. ``tinyworld.IOI_TEMPLATES[0]``), the names "A" and "B" of the
+    first clause, the subject "S" (A or B), the indirect object "IO" (the other one), a
+    third name "C" (neither A nor B), and the words "place" and "obj". The clean text is
+    ``template.format(A=A, B=B, S=S, place=place, obj=obj)``.
 
     Corruptions (each changes as little as possible):
         "swap_names": A and B exchanged everywhere (the template stays; the answer flips
@@ -93,13 +93,11 @@ def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dic
         (`model.to_single_token(" " + name)`). The answer and wrong ids are the clean
         prompt's: the metric compares the same two names on both runs.
     """
-    from interplab.tinyworld import IOI_TEMPLATES
-
     if corruption not in IOI_CORRUPTIONS:
         raise ValueError(f"corruption must be one of {IOI_CORRUPTIONS}, not {corruption!r}")
     clean, corrupted, answer, wrong = [], [], [], []
     for p in prompts:
-        template = IOI_TEMPLATES[p["template"]]
+        template = p["template"]
         words = dict(A=p["A"], B=p["B"], S=p["S"], place=p["place"], obj=p["obj"])
         if corruption == "swap_names":
             other = {p["A"]: p["B"], p["B"]: p["A"]}
@@ -167,6 +165,7 @@ def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: l
 
 
 def _single_token_names(model, names: Sequence[str]) -> list[str]:
+    """The words of `names` that are one token for the model's tokenizer as the next word of a sentence (" word")."""
     keep = []
     for n in names:
         try:
@@ -177,10 +176,52 @@ def _single_token_names(model, names: Sequence[str]) -> list[str]:
     return keep
 
 
-def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "test", model=None) -> list[dict]:
-    """`n` indirect-object prompts of one template from TinyWorld's generator, with a third name each.
+def _uses_tinyworld_text(model) -> bool:
+    from interplab.models import is_tinyworld
 
-    With `model`, only names that are one token for its tokenizer are kept (for gpt2-small).
+    return model is None or is_tinyworld(model)
+
+
+# TinyWorld's indirect-object templates (`tinyworld.IOI_TEMPLATES`, same order) written as ordinary
+# English text, for models trained on real text (gpt2-small...): capitalised sentences, punctuation
+# attached to the word before it, and every name after a space (so " Name" is its token).
+TEXT_IOI_TEMPLATES = [
+    "When {A} and {B} went to the {place}, {S} gave a {obj} to",
+    "After {A} and {B} arrived at the {place}, {S} handed a {obj} to",
+    "Then, {A} and {B} were at the {place}. {S} passed a {obj} to",
+    "While {A} and {B} were walking to the {place}, {S} showed a {obj} to",
+    "Then {A} and {B} had a long day at the {place}. {S} gave a {obj} to",
+    "Today {A} and {B} met at the {place}, and {S} sent a {obj} to",
+    "At the {place}, {A} and {B} talked. Later {S} threw a {obj} to",
+    "Yesterday {A} and {B} visited the {place}. {S} brought a {obj} to",
+    "When {A} met {B} at the {place}, {S} offered a {obj} to",
+    "Then, {A} and {B} walked into the {place}. Then {S} lent a {obj} to",
+    "Because {A} and {B} liked the {place}, {S} sold a {obj} to",
+    "Once {A} and {B} left the {place}, {S} tossed a {obj} to",
+]
+
+
+def ioi_templates(model=None) -> list[str]:
+    """The indirect-object templates in the model's text format.
+
+    TinyWorld's own (`tinyworld.IOI_TEMPLATES`: lower case, punctuation as separate words)
+    for a TinyWorld model or none; `TEXT_IOI_TEMPLATES` (the same sentences as ordinary
+    English text) for any other model.
+    """
+    from interplab.tinyworld import IOI_TEMPLATES
+
+    return list(IOI_TEMPLATES) if _uses_tinyworld_text(model) else list(TEXT_IOI_TEMPLATES)
+
+
+def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "test", model=None) -> list[dict]:
+    """`n` indirect-object prompts of one template, with a third name each (dicts for `ioi_pairs`).
+
+    For a TinyWorld model (or ``model=None``) the prompts are drawn from TinyWorld's generator,
+    so that they are sentences of the model's training distribution (``split`` "test" or
+    "heldout": names the model never saw in an indirect-object sentence). For another model
+    (gpt2-small...) the template is written as ordinary English text (`ioi_templates`), and
+    names, places and objects are drawn at random among TinyWorld's words that are one token
+    for its tokenizer (with a leading space), so that every prompt has the same length.
     """
     from interplab import tinyworld
     from interplab.tinyworld import language as L
@@ -190,8 +231,19 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
     if model is not None:  # keep words that are one token for this model (all of them for TinyWorld)
         pool = _single_token_names(model, pool)
         places, objects = _single_token_names(model, places), _single_token_names(model, objects)
+    if len(pool) < 3 or not places or not objects:
+        raise ValueError(f"too few single-token names ({len(pool)}), places ({len(places)}) or objects "
+                         f"({len(objects)}) for this tokenizer")
+    text = ioi_templates(model)[template]
     rng = random.Random(f"ioi-third-{seed}")
     out: list[dict] = []
+    if not _uses_tinyworld_text(model):
+        while len(out) < n:
+            a, b, c = rng.sample(pool, 3)
+            s = rng.choice([a, b])
+            out.append(dict(template=text, A=a, B=b, S=s, IO=b if s == a else a, C=c, place=rng.choice(places),
+                            obj=rng.choice(objects), order="ABBA" if s == b else "BABA"))
+        return out
     chunk = 0
     while len(out) < n:
         for d in tinyworld.generate(40 * n, seed=1000 * seed + chunk, split=split, families=["ioi"]):
@@ -203,7 +255,7 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
             if place not in places or obj not in objects:
                 continue
             c = rng.choice([x for x in pool if x not in (m["A"], m["B"])])
-            out.append(dict(template=template, A=m["A"], B=m["B"], S=m["S"], IO=m["IO"], C=c, place=place,
+            out.append(dict(template=text, A=m["A"], B=m["B"], S=m["S"], IO=m["IO"], C=c, place=place,
                             obj=obj, order=m["order"]))
             if len(out) == n:
                 break
@@ -213,13 +265,45 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
     return out
 
 
+def vocabulary_words(model, min_length: int = 3) -> list[str]:
+    """Words of at least `min_length` letters that are one token of the model's vocabulary as " word".
+
+    Returned without the leading space, in the order of their token ids. For gpt2-small these
+    are thousands of ordinary words (and some odd ones): random sequences of them are the
+    classic test of induction.
+    """
+    tok = model.tokenizer
+    by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    words, ids = [], []
+    for piece, i in by_id:
+        text = tok.convert_tokens_to_string([piece])
+        word = text[1:]
+        if text.startswith(" ") and len(word) >= min_length and word.isascii() and word.isalpha():
+            words.append(word)
+            ids.append(i)
+    if not words:
+        return []
+    encoded = tok([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return [w for w, i, e in zip(words, ids, encoded) if list(e) == [i]]  # and back to the same single token
+
+
 def sample_induction_prompts(n: int, length: int = 10, seed: int = 0, model=None) -> tuple[list[list[str]], list[str]]:
-    """`n` random word sequences for induction (distinct words from TinyWorld) and a replacement word each."""
+    """`n` random sequences of `length` distinct words for induction, and a replacement word each.
+
+    For a TinyWorld model (or ``model=None``) the words come from TinyWorld's vocabulary
+    (`tinyworld.language.induction_pool`); for another model, from its own vocabulary:
+    words that are one token with a leading space (`vocabulary_words`).
+    """
     from interplab.tinyworld import language as L
 
-    pool = L.induction_pool()
-    if model is not None:
-        pool = _single_token_names(model, pool)
+    if _uses_tinyworld_text(model):
+        pool = L.induction_pool()
+        if model is not None:
+            pool = _single_token_names(model, pool)
+    else:
+        pool = vocabulary_words(model)
+    if len(pool) <= length:
+        raise ValueError(f"only {len(pool)} single-token words for this tokenizer; sequences of {length} need more")
     rng = random.Random(f"induction-{seed}")
     seqs, reps = [], []
     for _ in range(n):

@@ -110,3 +110,48 @@ def test_training_takes_at_most_60_seconds_on_2_cores_and_reproduces_the_shipped
     assert min(wall, cpu) <= 60, f"training took {wall:.0f} s wall, {cpu:.0f} s CPU"
     shipped = L.load_tuned_lens(model)
     assert torch.allclose(lens.A, shipped.A, atol=1e-3) and torch.allclose(lens.b, shipped.b, atol=1e-3)
+
+
+# --- the real-model route, offline: a randomly initialised GPT-2-shaped stand-in (see interplab.standin) ---
+
+@pytest.fixture(scope="module")
+def gpt2_shaped():
+    from interplab.standin import standin_model
+
+    return standin_model("gpt2-small", device="cpu")
+
+
+def test_lens_data_goes_through_the_models_own_tokenizer(model, gpt2_shaped):
+    from interplab import tinyworld
+
+    docs = tinyworld.generate(3, seed=4, split="test")
+    ids, mask = L.lens_batch(gpt2_shaped, docs)
+    assert not L.is_tinyworld(gpt2_shaped)
+    assert (ids[:, 0] == gpt2_shaped.tokenizer.bos_token_id).all()
+    for row, m, doc in zip(ids, mask, docs):  # the document's text, in the stand-in's subword tokens
+        assert gpt2_shaped.tokenizer.decode(row[m][1:]) == " ".join(doc.tokens[1:])
+    assert int(mask.sum()) > sum(len(d.tokens) for d in docs)  # some words split into several tokens
+    assert L.is_tinyworld(model) and torch.equal(L.lens_batch(model, docs)[0], tinyworld.batch_tokens(docs)[0])
+
+
+def test_lenses_and_a_short_tuned_lens_run_on_a_gpt2_shaped_model(gpt2_shaped):
+    from interplab import tinyworld
+
+    n_points = gpt2_shaped.cfg.n_layers + 1
+    ids, mask = L.lens_batch(gpt2_shaped, tinyworld.generate(4, seed=4, split="test"))
+    ll = L.logit_lens(gpt2_shaped, ids).detach()
+    assert ll.shape == (n_points, *ids.shape, gpt2_shaped.cfg.d_vocab)
+    assert torch.allclose(ll[-1], gpt2_shaped(ids).detach(), atol=1e-4)  # the last point is the model
+    lens, info = L.train_tuned_lens(gpt2_shaped, n_docs=10, steps=20, batch_size=32, progress=False)
+    assert (lens.n_layers, lens.d_model) == (gpt2_shaped.cfg.n_layers, gpt2_shaped.cfg.d_model)
+    assert info["last_loss"] < info["first_loss"]
+    assert lens.logits(gpt2_shaped, ids).shape == ll.shape
+    with pytest.raises(ValueError, match="train_tuned_lens"):  # the shipped translators are TinyWorld's
+        L.load_tuned_lens(gpt2_shaped)
+
+
+def test_lens_batches_stay_bounded_for_a_big_vocabulary(model):
+    assert L.rows_per_batch(model, 5, 67) == 50  # TinyWorld: the chapter's batches of 50 documents
+    big = type("Big", (), {"cfg": type("Cfg", (), {"d_vocab": 50257})()})()
+    assert L.rows_per_batch(big, 13, 80) == 1  # gpt2-small: one sequence at a time (never zero)
+    assert L.rows_per_batch(big, 2, 10) == 24 and 24 * 2 * 10 * 50257 <= 2.5e7

@@ -181,3 +181,73 @@ def test_benchmark_runs_and_agrees(model):
     print(out)
     for sweep in ("resid_pre", "head_out_all_pos", "head_out_by_pos"):
         assert out[f"{sweep}_max_abs_diff"] < 1e-5
+
+
+# --- the real-model route, offline: a randomly initialised GPT-2-shaped stand-in (see interplab.standin) ---
+
+@pytest.fixture(scope="module")
+def gpt2_shaped():
+    from interplab.standin import standin_model
+
+    return standin_model("gpt2-small", device="cpu")
+
+
+def test_text_templates_match_tinyworlds(model, gpt2_shaped):
+    import string
+
+    fields = lambda t: sorted(f for _, f, _, _ in string.Formatter().parse(t) if f)  # noqa: E731
+    tw, text = P.ioi_templates(model), P.ioi_templates(gpt2_shaped)
+    assert tw == P.ioi_templates() != text and len(tw) == len(text)
+    for a, b in zip(tw, text):
+        assert fields(a) == fields(b) and a.split()[-1] == b.split()[-1] == "to"
+        assert " {A}" in b and " {B}" in b and " {S}" in b  # every name after a space: " Name" is one token
+
+
+@pytest.mark.parametrize("template", [0, 2, 6])
+def test_ioi_prompts_for_a_gpt2_shaped_model_are_minimal_pairs_of_single_token_names(gpt2_shaped, template):
+    prompts = P.sample_ioi_prompts(6, seed=1, template=template, model=gpt2_shaped)
+    assert all(p["template"] == P.TEXT_IOI_TEMPLATES[template] for p in prompts)
+    for p in prompts:
+        assert len({p["A"], p["B"], p["C"]}) == 3 and p["S"] in (p["A"], p["B"]) and p["IO"] != p["S"]
+    differ = {}
+    for c in P.IOI_CORRUPTIONS:
+        pairs = P.ioi_pairs(gpt2_shaped, prompts, c)
+        differ[c] = (pairs["clean"] != pairs["corrupted"]).sum(1)
+        assert (pairs["clean"][:, 0] == gpt2_shaped.tokenizer.bos_token_id).all()
+        text = gpt2_shaped.tokenizer.decode(pairs["clean"][0, 1:])
+        assert text == P.TEXT_IOI_TEMPLATES[template].format(**{k: prompts[0][k] for k in ("A", "B", "S", "place", "obj")})
+        io = [gpt2_shaped.to_single_token(" " + p["IO"]) for p in prompts]
+        assert pairs["answer"].tolist() == io
+    assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
+    assert (differ["swap_names"] == 3).all()
+
+
+def test_induction_prompts_for_a_gpt2_shaped_model_come_from_its_vocabulary(model, gpt2_shaped):
+    from interplab.tinyworld import language as TW
+
+    words = P.vocabulary_words(gpt2_shaped)
+    assert len(words) > 50 and all(len(gpt2_shaped.to_tokens(" " + w, prepend_bos=False)[0]) == 1 for w in words)
+    seqs, reps = P.sample_induction_prompts(8, 8, seed=0, model=gpt2_shaped)
+    used = {w for s in seqs for w in s} | set(reps)
+    assert used <= set(words) and not used <= set(TW.induction_pool())  # its own vocabulary, not TinyWorld's words
+    assert P.sample_induction_prompts(8, 8, seed=0, model=model) == P.sample_induction_prompts(8, 8, seed=0)
+    for corruption in P.INDUCTION_CORRUPTIONS:
+        pairs = P.induction_pairs(gpt2_shaped, seqs, 5, reps, corruption)
+        assert pairs["clean"].shape == (8, 1 + 8 + 5) and ((pairs["clean"] != pairs["corrupted"]).sum(1) == 1).all()
+
+
+def test_sweeps_and_circuits_are_sized_by_the_model(gpt2_shaped):
+    m = gpt2_shaped
+    pairs = P.ioi_pairs(m, P.sample_ioi_prompts(4, seed=0, template=0, model=m), "swap_names")
+    metric = P.logit_diff_metric(m, pairs)
+    n_layers, n_heads, n_pos = m.cfg.n_layers, m.cfg.n_heads, pairs["clean"].shape[1]
+    resid = P.patch_layer_pos_sweep(m, pairs["clean"], pairs["corrupted"], metric, "resid_post")
+    assert resid.shape == (n_layers, n_pos)
+    assert resid[-1, -1].item() == pytest.approx(1.0, abs=1e-4)  # the whole final residual stream is the clean run
+    assert P.patch_head_sweep(m, pairs["clean"], pairs["corrupted"], metric, "v").shape == (n_layers, n_heads)
+    assert P.attribution_patch(m, pairs["clean"], pairs["corrupted"], metric, "z").shape == (n_layers, n_pos, n_heads)
+    sweep = P.path_patch_sweep(m, pairs["corrupted"], pairs["clean"], metric, [(n_layers - 1, 0)], "v")
+    assert sweep[: n_layers - 1].isfinite().all() and sweep[n_layers - 1].isnan().all()
+    every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    assert P.circuit_faithfulness(m, pairs["clean"], pairs["answer"], pairs["wrong"], every,
+                                  pairs["corrupted"]) == pytest.approx(1.0, abs=1e-4)

@@ -75,8 +75,10 @@ def _induction(corruption: str = "answer", n: int = 4, seed: int = 0):
 
 # --- ioi_pairs -------------------------------------------------------------------------------
 
-HAND_PROMPT = dict(template=0, A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park", obj="ball")
-HAND_BABA = dict(template=2, A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo", obj="key")
+HAND_PROMPT = dict(template=sol.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
+                   obj="ball")
+HAND_BABA = dict(template=sol.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
+                 obj="key")
 
 
 def _ioi_pairs_cases():
