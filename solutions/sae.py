@@ -896,6 +896,84 @@ def evaluate_sae(model, sae: SAE, ids: Tensor, mask: Tensor, acts: Tensor | None
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
+# =====================================================================================
+# Any model: TinyWorld text through another tokenizer, and memory-bounded splicing
+# =====================================================================================
+
+def middle_layer(model) -> int:
+    """The layer the chapters study by default: ``(n_layers - 1) // 2``.
+
+    Layer 1 of TinyWorld's 4 (the shipped SAEs' layer), layer 5 of gpt2-small's 12.
+    """
+    return (model.cfg.n_layers - 1) // 2
+
+
+def word_end_mask(tokens) -> Bool[Tensor, "batch pos"]:
+    """True at the last token of every word except ``<bos>``: where the whole word has been read.
+
+    ``tokens`` is a `interplab.tinyworld.ModelTokens` (from ``tinyworld.tokens_for``). The
+    kept positions, in row-major order (document by document, left to right), are one
+    per word in the order of `tinyworld_latents`' rows, so ``acts[word_end_mask(t)]``
+    lines up with the ground-truth labels on any tokenizer. With TinyWorld's own
+    tokenizer (one token per word) it is every real token but ``<bos>``.
+    """
+    out = torch.zeros_like(tokens.mask, dtype=torch.bool)
+    last = tokens.last[:, 1:]
+    rows, words = (last >= 0).nonzero(as_tuple=True)
+    out[rows, last[rows, words]] = True
+    return out
+
+
+def word_token_id(model, word: str) -> int:
+    """The token a model predicts when the next word is ``word`` mid-sentence.
+
+    TinyWorld: the word's own id. A subword tokenizer such as GPT-2's: the first token
+    of ``" " + word`` (the space belongs to the word that follows it).
+    """
+    from interplab.tinyworld import is_tinyworld_tokenizer, token_id
+
+    if is_tinyworld_tokenizer(model.tokenizer):
+        return token_id(word)
+    return int(model.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0])
+
+
+def splice_in_batches(fn, model, module, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
+                      max_logits_gb: float = 0.25) -> dict[str, float]:
+    """Run ``fn(model, module, tokens, mask)`` (e.g. `spliced_loss`) on batches of sequences, and combine.
+
+    Splicing functions hold several runs' logits, [batch, pos, d_vocab] each: a few MB
+    for TinyWorld, about 1 GB for 60 documents of gpt2-small (50,257 tokens). This
+    splits the sequences so that one run's logits stay under ``max_logits_gb`` (padding
+    columns no sequence of a batch needs are dropped), averages every mean ("ce_*",
+    "kl_*") weighted by the batch's number of scored predictions, and recomputes
+    "loss_recovered" from the combined losses. When everything fits in one batch it
+    is ``fn`` called once, unchanged.
+    """
+    width = tokens.shape[1]
+    per_row_gb = width * model.cfg.d_vocab * 4 / 1e9
+    if max_logits_gb / per_row_gb >= tokens.shape[0]:
+        return fn(model, module, tokens, mask)
+    rows = max(1, int(max_logits_gb / per_row_gb))
+    parts = []
+    for start in range(0, tokens.shape[0], rows):
+        ids, keep = tokens[start : start + rows], mask[start : start + rows].bool()
+        used = keep.any(0).nonzero()
+        if len(used) == 0:
+            continue
+        cut = int(used.max()) + 1
+        ids, keep = ids[:, :cut], keep[:, :cut]
+        n_scored = int((keep[:, :-1] & keep[:, 1:]).sum())
+        if n_scored:
+            parts.append((fn(model, module, ids, keep), n_scored))
+    total = sum(n for _, n in parts)
+    out = {k: sum(r[k] * n for r, n in parts) / total for k in parts[0][0] if k != "loss_recovered"}
+    losses = [k for k in out if k.startswith("ce_")]
+    base = "ce_zero" if "ce_zero" in out else "ce_ablated"
+    (other,) = [k for k in losses if k not in ("ce_clean", base)]
+    out["loss_recovered"] = (out[base] - out[other]) / (out[base] - out["ce_clean"])
+    return out
+
+
 def tinyworld_latents(docs, min_count: int = 5) -> tuple[list[str], Bool[Tensor, "n_tokens n_latents"]]:
     """Ground-truth labels of TinyWorld latents at every SAE position (real tokens but <bos>, doc by doc).
 

@@ -742,8 +742,23 @@ def collect_pairs(model, ids: Tensor, mask: Tensor, layers: Sequence[int] | None
     return {L: (acts[mlp_in_hook(L)], acts[mlp_out_hook(L)]) for L in layers}
 
 
-def _splice_ce(model, tokens: Tensor, mask: Tensor, replace: Mapping[int, Callable[[Tensor, Tensor], Tensor]]) -> float:
-    """Mean CE with MLP outputs of some layers replaced by fn(mlp_input, mlp_output) at the mask positions."""
+def _splice_ce(model, tokens: Tensor, mask: Tensor, replace: Mapping[int, Callable[[Tensor, Tensor], Tensor]],
+               max_logits_gb: float = 0.25) -> float:
+    """Mean CE with MLP outputs of some layers replaced by fn(mlp_input, mlp_output) at the mask positions.
+
+    Runs in batches of sequences whose logits stay under ``max_logits_gb`` (one batch on
+    TinyWorld; several for a model with gpt2-small's 50,257-token vocabulary).
+    """
+    fits = max_logits_gb * 1e9 / (tokens.shape[1] * model.cfg.d_vocab * 4)  # sequences per batch
+    if fits < tokens.shape[0]:
+        rows = max(1, int(fits))
+        parts = []
+        for start in range(0, tokens.shape[0], rows):
+            ids, keep_ = tokens[start : start + rows], mask[start : start + rows].bool()
+            n = int((keep_[:, :-1] & keep_[:, 1:]).sum())
+            if n:
+                parts.append((_splice_ce(model, ids, keep_, replace, max_logits_gb=float("inf")), n))
+        return sum(ce * n for ce, n in parts) / sum(n for _, n in parts)
     keep = mask.bool()[..., None]
     inputs: dict[int, Tensor] = {}
 

@@ -193,3 +193,81 @@ def test_metrics_agree_with_saelens(model, equal_length_tokens, name):
     pairs["kl_sae"] = recons["kl_div_with_sae"][:, :-1][scored].mean().item()
     bad = {k: (ours[k], v) for k, v in pairs.items() if not _close(ours[k], v)}
     assert not bad, f"interplab vs SAELens disagree (ours, theirs): {bad}"
+
+
+# -------------------------------------------------------------------------------------
+# The real-model route: TinyWorld text through a subword tokenizer, memory-bounded splicing
+# -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def standin():
+    """A small, randomly initialised GPT-2-architecture model with a byte-level BPE tokenizer (offline)."""
+    from interplab.standin import standin_model
+
+    return standin_model("gpt2-small", device="cpu")
+
+
+def test_middle_layer_is_the_shipped_saes_layer_on_tinyworld(model, standin):
+    assert f"blocks.{sol.middle_layer(model)}.hook_resid_post" == sol.DEFAULT_HOOK
+    assert sol.middle_layer(standin) == (standin.cfg.n_layers - 1) // 2 < standin.cfg.n_layers
+
+
+def test_word_end_mask_is_the_sae_mask_on_tinyworld(model):
+    from interplab import tinyworld
+
+    docs = tinyworld.generate(50, seed=4, split="test")
+    toks = tinyworld.tokens_for(model, docs)
+    ids, mask = tinyworld.batch_tokens(docs)
+    assert torch.equal(sol.word_end_mask(toks), sol.sae_token_mask(ids, mask))
+    assert int(sol.word_end_mask(toks).sum()) == len(sol.tinyworld_latents(docs, min_count=1)[1])
+
+
+def test_word_end_mask_lines_up_labels_on_a_subword_tokenizer(standin):
+    """One kept position per word, at the token that completes the word, in the order of tinyworld_latents."""
+    from interplab import tinyworld
+
+    docs = tinyworld.generate(40, seed=4, split="test")
+    toks = tinyworld.tokens_for(standin, docs)
+    keep = sol.word_end_mask(toks)
+    _, labels = sol.tinyworld_latents(docs, min_count=1)
+    assert int(keep.sum()) == len(labels) == sum(len(d.tokens) - 1 for d in docs)
+    assert not keep[:, 0].any() and not (keep & ~toks.mask).any()
+    assert (toks.last != toks.first).any(), "the stand-in tokenizer should split some words"
+    # walking the kept positions in row-major order visits every word, each at its last token
+    rows, cols = keep.nonzero(as_tuple=True)
+    words = [w for d in docs for w in d.tokens[1:]]
+    decode = standin.tokenizer.decode
+    for k in range(0, len(words), 37):
+        b, p = int(rows[k]), int(cols[k])
+        start = int(toks.first[b][toks.last[b] == p][0])
+        assert decode(toks.ids[b, start : p + 1].tolist()).strip() == words[k]
+
+
+def test_word_token_id(model, standin):
+    from interplab import tinyworld
+
+    assert sol.word_token_id(model, "kitchen") == tinyworld.token_id("kitchen")
+    toks = tinyworld.tokens_for(standin, [["<bos>", "Alice", "is", "in", "the", "kitchen"]])
+    assert sol.word_token_id(standin, "kitchen") == int(toks.ids[0, toks.first[0, 5]])
+
+
+def test_splice_in_batches_matches_one_pass(standin):
+    from interplab import tinyworld
+
+    docs = sorted(tinyworld.generate(24, seed=5, split="test"), key=len)
+    toks = tinyworld.tokens_for(standin, docs)
+    mask = toks.mask.clone()
+    mask[:, 0] = False
+    hook = f"blocks.{sol.middle_layer(standin)}.hook_resid_post"
+    sae = sol.SAE(sol.SAEConfig(d_in=standin.cfg.d_model, d_sae=128, architecture="topk", k=8, hook_name=hook))
+    whole = sol.spliced_loss(standin, sae, toks.ids, mask)
+    assert sol.splice_in_batches(sol.spliced_loss, standin, sae, toks.ids, mask) == whole  # fits: one call
+    per_row = toks.ids.shape[1] * standin.cfg.d_vocab * 4 / 1e9
+    batched = sol.splice_in_batches(sol.spliced_loss, standin, sae, toks.ids, mask, max_logits_gb=5 * per_row)
+    assert set(batched) == set(whole)
+    for k in whole:
+        assert batched[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-5), k
+    # a wrong combination (plain mean of the batches' means) would not match: batches differ in length
+    assert whole["ce_clean"] != pytest.approx(
+        sum(sol.spliced_loss(standin, sae, toks.ids[i : i + 5], mask[i : i + 5])["ce_clean"]
+            for i in range(0, 24, 5)) / 5, rel=1e-4)

@@ -179,3 +179,52 @@ def test_bench_quick():
 
     out = bench_transcoders(quick=True)
     assert 0.8 <= out["loss_recovered"] <= 1.0
+
+
+# -------------------------------------------------------------------------------------
+# The real-model route: memory-bounded losses on a GPT-2-shaped stand-in
+# -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def standin_data():
+    """A small random GPT-2-architecture model with a byte-level BPE tokenizer, and TinyWorld text through it."""
+    from interplab import tinyworld
+    from interplab.standin import standin_model
+
+    m = standin_model("gpt2-small", device="cpu")
+    toks = tinyworld.tokens_for(m, tinyworld.generate(24, seed=6, split="test"))
+    mask = toks.mask.clone()
+    mask[:, 0] = False
+    tcs = [T.Transcoder(T.TranscoderConfig(d_in=m.cfg.d_model, d_sae=96, architecture="batchtopk", k=8, layer=L))
+           for L in range(m.cfg.n_layers)]
+    for tc in tcs:
+        tc.eval()
+    return m, toks.ids, mask, tcs
+
+
+def test_splice_ce_in_batches_matches_one_pass(standin_data):
+    m, ids, mask, tcs = standin_data
+    per_row = ids.shape[1] * m.cfg.d_vocab * 4 / 1e9
+    replace = {1: lambda x, y: tcs[1](x)}
+    whole = T._splice_ce(m, ids, mask, replace, max_logits_gb=float("inf"))
+    assert T._splice_ce(m, ids, mask, replace, max_logits_gb=5 * per_row) == pytest.approx(whole, rel=1e-5)
+    assert whole != pytest.approx(T._splice_ce(m, ids, mask, {}), rel=1e-4)  # the replacement does something
+
+
+def test_replacement_loss_in_batches_matches_one_pass(standin_data):
+    from interplab.solutions.sae import splice_in_batches
+
+    m, ids, mask, tcs = standin_data
+    per_row = ids.shape[1] * m.cfg.d_vocab * 4 / 1e9
+    whole = T.replacement_loss(m, tcs, ids, mask)
+    batched = splice_in_batches(T.replacement_loss, m, tcs, ids, mask, max_logits_gb=7 * per_row)
+    assert set(batched) == set(whole)
+    for k in whole:
+        assert batched[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-5), k
+
+
+def test_compare_layer_runs_on_a_gpt2_shaped_model(standin_data):
+    m, ids, mask, tcs = standin_data
+    rows = T.compare_layer(m, 2, tcs[2], ids, mask)
+    assert [r["method"] for r in rows] == [T.METHOD_NAMES["transcoder"]]
+    assert rows[0]["layer"] == 2 and rows[0]["ce_zero"] > 0
