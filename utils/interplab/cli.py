@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench has its own parser; REMAINDER would not take its leading options
+        from .bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
