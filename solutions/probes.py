@@ -359,24 +359,31 @@ def resid_hook_names(model) -> list[str]:
 @torch.no_grad()
 def residual_dataset(model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"],
                      batch_size: int = 128) -> Float[Tensor, "depth n d_model"]:
-    """Residual-stream vectors at (doc[i], position[i]) at every depth (see `resid_hook_names`).
+    """Residual-stream vectors at (doc[i], word position[i]) at every depth (see `resid_hook_names`).
 
-    Only the documents that occur in `doc` are run, and only the asked-for positions
-    are kept, so memory grows with the number of examples.
+    Positions count TinyWorld words. The documents go through the model's own tokenizer
+    (`interplab.tinyworld.tokens_for`), and each word is read at its last token, where
+    the whole word has been seen: with TinyWorld's tokenizer that is the word itself,
+    with GPT-2's it may be the last of several pieces. Only the documents that occur in
+    `doc` are run, and only the asked-for positions are kept, so memory grows with the
+    number of examples.
     """
-    from interplab import tinyworld
     from interplab.activations import collect
+    from interplab.tinyworld import tokens_for
 
     used = torch.unique(doc)
-    ids, _ = tinyworld.batch_tokens([docs[i] for i in used.tolist()])
+    mt = tokens_for(model, [docs[i] for i in used.tolist()])
     row = torch.searchsorted(used, doc)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    mask[row, position] = True
+    token_pos = mt.last[row, position]
+    if (token_pos < 0).any():
+        raise ValueError("a position lies past the end of its document")
+    mask = torch.zeros(mt.ids.shape, dtype=torch.bool)
+    mask[row, token_pos] = True
     if int(mask.sum()) != len(doc):
         raise ValueError("two examples share a (document, position); each must be unique")
-    acts = collect(model, ids, resid_hook_names(model), mask=mask, batch_size=batch_size, progress=False)
+    acts = collect(model, mt.ids, resid_hook_names(model), mask=mask, batch_size=batch_size, progress=False)
     # collect keeps positions in (row, position) order; put them back in the examples' order
-    order = torch.argsort(row * ids.shape[1] + position)
+    order = torch.argsort(row * mt.ids.shape[1] + token_pos)
     out = torch.empty(len(acts), len(doc), model.cfg.d_model)
     for depth, name in enumerate(resid_hook_names(model)):
         out[depth, order] = acts[name]
@@ -474,15 +481,19 @@ def steering_effect(model, tokens: Int[Tensor, "batch pos"], positions: Int[Tens
     answers that become t, "still_correct": fraction that stay s}}} with "random" among
     the names.
     """
+    from interplab.activations import collect
+
     targets = (labels + 1) % len(class_tokens)
     rows = torch.arange(len(tokens))
     names = [f"blocks.{layer}.hook_resid_post" for layer in probes]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    at = torch.zeros(tokens.shape, dtype=torch.bool)
+    at[rows, positions.cpu()] = True
+    resid = collect(model, tokens, names, mask=at, batch_size=32, progress=False)  # only these hooks, only these positions
     out: dict = {"clean": (_answers(model, tokens, positions, class_tokens) == labels).float().mean().item()}
     gen = torch.Generator().manual_seed(seed)
     for layer, by_name in probes.items():
         hook_name = f"blocks.{layer}.hook_resid_post"
-        norm = cache[hook_name][rows, positions].norm(dim=-1).mean().cpu()
+        norm = resid[hook_name].norm(dim=-1).mean()
         edits = {}
         for name, W in by_name.items():
             d = (W[:, targets] - W[:, labels]).T.float()
@@ -525,9 +536,40 @@ def ablated_accuracy(model, tokens: Int[Tensor, "batch pos"], positions: Int[Ten
     return (answers == labels).float().mean().item()
 
 
-def padded_prefixes(docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"]) -> Int[Tensor, "n pos"]:
-    """Token ids of each example's document, one row per example (right-padded)."""
-    from interplab import tinyworld
+def prefix_tokens(model, docs: Sequence[Doc], doc: Int[Tensor, " n"],
+                  position: Int[Tensor, " n"]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+    """Each example's document as `model`'s tokens, one row per example, and where its word position went.
 
-    ids, _ = tinyworld.batch_tokens([docs[i] for i in doc.tolist()])
-    return ids[:, : int(position.max()) + 1]
+    Positions count TinyWorld words; the returned token positions are each word's last
+    token (see `residual_dataset`), where the model predicts the next word. Rows are
+    right-padded and cut after the last asked-for position; the ids are on the model's
+    device.
+
+    Returns:
+        (ids [n, pos], token_positions [n]).
+    """
+    from interplab.tinyworld import tokens_for
+
+    mt = tokens_for(model, [docs[i] for i in doc.tolist()])
+    token_pos = mt.last[torch.arange(len(doc)), position]
+    if (token_pos < 0).any():
+        raise ValueError("a position lies past the end of its document")
+    return mt.ids[:, : int(token_pos.max()) + 1].to(model.cfg.device), token_pos
+
+
+def word_token_ids(model, words: Sequence[str]) -> list[int]:
+    """For each word, the token the model predicts to start it in running text (its answer token).
+
+    With TinyWorld's tokenizer this is the word's own id. With a subword tokenizer it is
+    the first token of the word after a space (" kitchen" in GPT-2), as the word appears
+    mid-sentence. Raises ValueError when two words start with the same token: the model's
+    logits could not tell them apart.
+    """
+    from interplab.tinyworld import tokens_for
+
+    mt = tokens_for(model, [["<bos>", "the", w] for w in words])
+    ids = [int(mt.ids[i, mt.first[i, 2]]) for i in range(len(words))]
+    if len(set(ids)) < len(ids):
+        clash = [w for w, i in zip(words, ids) if ids.count(i) > 1]
+        raise ValueError(f"these words start with the same token for {model.cfg.model_name}: {clash}")
+    return ids

@@ -190,3 +190,72 @@ def test_bench_probes_reports_both_timings():
     out = bench_probes(n_docs=60, quiet=True)
     assert out["torch_seconds"] > 0 and out["sklearn_seconds"] > 0
     assert len(out["torch_accuracy"]) == len(out["sklearn_accuracy"])
+
+
+# --- the gpt2-small route: TinyWorld text through a subword tokenizer ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin():
+    """A small random model of GPT-2's architecture with a byte-level BPE tokenizer (the gpt2-small route)."""
+    from interplab.standin import standin_model
+
+    return standin_model("gpt2-small", device="cpu")
+
+
+def test_residual_dataset_reads_each_word_at_its_last_token(standin):
+    docs = tinyworld.generate(20, seed=14, split="test", families=["rooms"])
+    doc, pos, _, _ = P.room_query_labels(docs)
+    doc, pos = torch.cat([doc, doc]), torch.cat([pos, pos - 1])  # the "?" and the name before it
+    acts = P.residual_dataset(standin, docs, doc, pos, batch_size=4)
+    assert acts.shape == (standin.cfg.n_layers + 1, len(doc), standin.cfg.d_model)
+    mt = tinyworld.tokens_for(standin, docs)
+    assert (mt.last[doc, pos] > pos).any(), "the subword tokenizer should move some positions"
+    _, cache = standin.run_with_cache(mt.ids)
+    for depth, name in enumerate(P.resid_hook_names(standin)):
+        expected = cache[name][doc, mt.last[doc, pos]]
+        torch.testing.assert_close(acts[depth], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_dataset_on_tinyworld_reads_the_word_positions(model):
+    docs = tinyworld.generate(10, seed=15, split="test", families=["rooms"])
+    doc, pos, _, _ = P.room_query_labels(docs)
+    acts = P.residual_dataset(model, docs, doc, pos)
+    ids, _ = tinyworld.batch_tokens(docs)
+    _, cache = model.run_with_cache(ids)
+    torch.testing.assert_close(acts[-1], cache[P.resid_hook_names(model)[-1]][doc, pos], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_tokens_point_at_the_end_of_each_word(standin, model):
+    docs = tinyworld.generate(20, seed=16, split="test", families=["rooms"])
+    doc, pos, _, _ = P.room_query_labels(docs)
+    ids, at = P.prefix_tokens(standin, docs, doc, pos)
+    tok = standin.tokenizer
+    assert ids.shape[1] == int(at.max()) + 1
+    for row, (d, p) in enumerate(zip(doc.tolist(), pos.tolist())):
+        assert tok.decode([int(ids[row, at[row]])]).strip() == "?"
+        assert tok.decode(ids[row, 1 : at[row] + 1].tolist()) == " ".join(docs[d].tokens[1 : p + 1])
+    ids, at = P.prefix_tokens(model, docs, doc, pos)  # one token per word: positions unchanged
+    assert torch.equal(at, pos) and ids.shape[1] == int(pos.max()) + 1
+
+
+def test_word_token_ids(standin, model):
+    assert P.word_token_ids(model, tinyworld.ROOMS) == [tinyworld.token_id(r) for r in tinyworld.ROOMS]
+    ids = P.word_token_ids(standin, tinyworld.ROOMS + ["true", "false"])
+    for w, i in zip(tinyworld.ROOMS + ["true", "false"], ids):
+        assert (" " + w).startswith(standin.tokenizer.decode([i])) and standin.tokenizer.decode([i]).startswith(" ")
+    with pytest.raises(ValueError, match="same token"):
+        P.word_token_ids(standin, ["kitchen", "garden", "kitchen"])
+
+
+def test_steering_effect_runs_on_a_subword_model(standin):
+    """The causal test of the chapter on the gpt2-small route: answers among the room words' first tokens."""
+    docs = tinyworld.generate(40, seed=17, split="test", families=["rooms"])
+    doc, pos, label, _ = P.room_query_labels(docs)
+    tokens, at = P.prefix_tokens(standin, docs, doc, pos)
+    rooms = P.word_token_ids(standin, tinyworld.ROOMS)
+    W = torch.randn(standin.cfg.d_model, len(tinyworld.ROOMS), generator=torch.Generator().manual_seed(0))
+    out = P.steering_effect(standin, tokens, at, label, {1: {"probe": W}}, rooms)
+    assert 0.0 <= out["clean"] <= 1.0 and set(out[1]) == {"probe", "random"}
+    logits = standin(tokens)[torch.arange(len(at)), at][:, rooms]
+    assert out["clean"] == pytest.approx((logits.argmax(-1) == label).float().mean().item())
