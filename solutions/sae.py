@@ -268,7 +268,35 @@ class SAEOutput:
     x_hat: Tensor
 
 
-class SAE(nn.Module):
+class UnitNormDictionary(nn.Module):
+    """What SAEs and transcoders share: a decoder ``W_dec`` [d_sae, d_out] whose rows are kept at
+    unit norm during training, and a clear error for input of the wrong kind or size.
+
+    Subclasses set ``KIND`` (how errors name them) and ``cfg`` (with ``d_in`` and ``hook_name``).
+    """
+
+    KIND = "a sparse dictionary"
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.KIND} takes a tensor of activations, got {type(x).__name__}")
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"this {self.KIND.split(' ', 1)[1]} reads vectors of size d_in={self.cfg.d_in} "
+                             f"({self.cfg.hook_name}); got activations of shape {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (in place)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove the component of W_dec's gradient along each decoder row (in place)."""
+        if self.W_dec.grad is not None:
+            self.W_dec.grad.copy_(remove_parallel_grad(self.W_dec, self.W_dec.grad))
+
+
+class SAE(UnitNormDictionary):
     """A sparse autoencoder (or, with d_out / hook_name_out, a transcoder).
 
         acts  = activation((x - b_dec) @ W_enc + b_enc)     # b_dec subtracted only if apply_b_dec_to_input
@@ -279,6 +307,8 @@ class SAE(nn.Module):
     during training (a JumpReLU), so that a token's features do not depend on the
     other tokens of its batch.
     """
+
+    KIND = "an SAE"
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -346,26 +376,6 @@ class SAE(nn.Module):
         if self.cfg.architecture != "standard":
             total = mse  # the sparsity is enforced by the activation function, not by a penalty
         return SAEOutput(total, mse, l1, acts, x_hat)
-
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"an SAE takes a tensor of activations, got {type(x).__name__}")
-        if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"this SAE reads vectors of size d_in={self.cfg.d_in} ({self.cfg.hook_name}); "
-                             f"got activations of shape {tuple(x.shape)}")
-
-    # --- the unit-norm constraint ---------------------------------------------------
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Rescale every decoder row to unit norm (in place)."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
-        """Remove the component of W_dec's gradient along each decoder row (in place)."""
-        if self.W_dec.grad is not None:
-            self.W_dec.grad.copy_(remove_parallel_grad(self.W_dec, self.W_dec.grad))
 
     # --- saving, loading, SAELens ----------------------------------------------------
 

@@ -39,7 +39,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from . import sae as sae_sol
-from .sae import batchtopk_activation, explained_variance, remove_parallel_grad, topk_activation
+from .sae import UnitNormDictionary, batchtopk_activation, explained_variance, topk_activation
 
 ARCHITECTURES = ("standard", "topk", "batchtopk")
 WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens's file names, so SAE.load_from_disk reads the folders
@@ -148,7 +148,7 @@ class TranscoderConfig:
         return mlp_out_hook(self.layer)
 
 
-class Transcoder(nn.Module):
+class Transcoder(UnitNormDictionary):
     """A transcoder (optionally with a skip path) replacing one MLP.
 
         acts  = activation(x @ W_enc + b_enc)
@@ -158,6 +158,8 @@ class Transcoder(nn.Module):
     batch-level selection while training and, in eval mode, a threshold learned during
     training (a JumpReLU), so a token's features do not depend on the rest of its batch.
     """
+
+    KIND = "a transcoder"
 
     def __init__(self, cfg: TranscoderConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -215,26 +217,6 @@ class Transcoder(nn.Module):
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
         """The predicted MLP output."""
         return self.decode(self.encode(x)) + self.skip_out(x)
-
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"a transcoder takes a tensor of activations, got {type(x).__name__}")
-        if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"this transcoder reads vectors of size d_in={self.cfg.d_in} ({self.cfg.hook_name}); "
-                             f"got activations of shape {tuple(x.shape)}")
-
-    # --- the unit-norm constraint ---------------------------------------------------
-
-    @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Rescale every decoder row to unit norm (in place)."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
-        """Remove the component of W_dec's gradient along each decoder row (in place)."""
-        if self.W_dec.grad is not None:
-            self.W_dec.grad.copy_(remove_parallel_grad(self.W_dec, self.W_dec.grad))
 
     # --- saving, loading, SAELens ----------------------------------------------------
 
