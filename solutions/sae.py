@@ -272,7 +272,8 @@ class UnitNormDictionary(nn.Module):
     """What SAEs and transcoders share: a decoder ``W_dec`` [d_sae, d_out] whose rows are kept at
     unit norm during training, and a clear error for input of the wrong kind or size.
 
-    Subclasses set ``KIND`` (how errors name them) and ``cfg`` (with ``d_in`` and ``hook_name``).
+    Subclasses set ``KIND`` (how errors name them), ``CONFIG`` (their config class, built from the
+``interplab`` part of cfg.json on load) and ``cfg`` (with ``d_in`` and ``hook_name``).
     """
 
     KIND = "a sparse dictionary"
@@ -295,6 +296,26 @@ class UnitNormDictionary(nn.Module):
         if self.W_dec.grad is not None:
             self.W_dec.grad.copy_(remove_parallel_grad(self.W_dec, self.W_dec.grad))
 
+    @classmethod
+    def load(cls, folder: str | Path, device: str | None = None, check: bool = True):
+        """Load a folder written by ``save`` (verified against its SHA256SUMS first)."""
+        from interplab.weights import verify
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder with {cls.KIND} ({CONFIG_FILE} and {WEIGHTS_FILE})")
+        if check:
+            verify(folder, [CONFIG_FILE, WEIGHTS_FILE])
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        module = cls(cls.CONFIG(**raw["interplab"]))
+        state = load_file(str(folder / WEIGHTS_FILE))
+        threshold = state.pop("threshold", None)  # SAELens stores one per feature; ours is one number
+        module.load_state_dict({**state, "threshold": module.threshold if threshold is None else threshold[0]})
+        module.info = raw.get("interplab_info", {})
+        module.eval()
+        return module.to(device) if device else module
+
 
 class SAE(UnitNormDictionary):
     """A sparse autoencoder (or, with d_out / hook_name_out, a transcoder).
@@ -309,6 +330,7 @@ class SAE(UnitNormDictionary):
     """
 
     KIND = "an SAE"
+    CONFIG = SAEConfig
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -418,26 +440,6 @@ class SAE(UnitNormDictionary):
         if self.cfg.architecture == "batchtopk":
             state["threshold"] = self.threshold.expand(self.cfg.d_sae)
         return state
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | None = None, check: bool = True) -> "SAE":
-        """Load a folder written by `save` (verified against its SHA256SUMS)."""
-        from interplab.weights import verify
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder with an SAE (cfg.json and {WEIGHTS_FILE})")
-        if check:
-            verify(folder, [CONFIG_FILE, WEIGHTS_FILE])
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-        sae = cls(SAEConfig(**raw["interplab"]))
-        state = load_file(str(folder / WEIGHTS_FILE))
-        threshold = state.pop("threshold", None)
-        sae.load_state_dict({**state, "threshold": sae.threshold if threshold is None else threshold[0]})
-        sae.info = raw.get("interplab_info", {})
-        sae.eval()
-        return sae.to(device) if device else sae
 
     def to_saelens(self):
         """The same SAE as a SAELens 6 object: StandardSAE, TopKSAE, or (batchtopk) JumpReLUSAE."""

@@ -160,6 +160,7 @@ class Transcoder(UnitNormDictionary):
     """
 
     KIND = "a transcoder"
+    CONFIG = TranscoderConfig
 
     def __init__(self, cfg: TranscoderConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -272,28 +273,6 @@ class Transcoder(UnitNormDictionary):
         (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         write_checksums(folder)
         return folder
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str | None = None, check: bool = True) -> "Transcoder":
-        """Load a folder written by `save` (verified against its SHA256SUMS first)."""
-        from safetensors.torch import load_file
-
-        from interplab.weights import verify
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder with a transcoder (cfg.json and {WEIGHTS_FILE})")
-        if check:
-            verify(folder, [CONFIG_FILE, WEIGHTS_FILE])
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-        tc = cls(TranscoderConfig(**raw["interplab"]))
-        state = load_file(str(folder / WEIGHTS_FILE))
-        threshold = state.pop("threshold", None)
-        state["threshold"] = tc.threshold if threshold is None else threshold[0]
-        tc.load_state_dict(state)
-        tc.info = raw.get("interplab_info", {})
-        tc.eval()
-        return tc.to(device) if device else tc
 
     def to_saelens(self):
         """The same transcoder as a SAELens 6 object (Transcoder, SkipTranscoder, JumpReLU(Skip)Transcoder)."""
