@@ -7,7 +7,7 @@ feature can be scored against what is really there:
 >>> from interplab import tinyworld
 >>> doc = tinyworld.generate(1, seed=0, families=["rooms"])[0]
 >>> doc.text                                    # doctest: +SKIP
-'<bos> Alice is in the kitchen . Bob is in the hall . Alice goes to the attic . where is Alice ? attic .'
+'<bos> Alice kitchen . Bob hall . then Alice attic . where is Alice attic .'
 >>> doc.rooms[-3]                               # doctest: +SKIP
 {'Alice': 'attic', 'Bob': 'hall'}
 
@@ -16,7 +16,8 @@ Families (``FAMILIES``):
 - ``ioi``: indirect-object sentences ("... , Bob gave a ball to" -> Alice).
 - ``induction``: a random sequence of words, then the same sequence again.
 - ``facts``: statements and questions about the cast's home city, job and pet.
-- ``rooms``: people moving between rooms, then "where is X ?" questions.
+- ``rooms``: a log of people moving between rooms ("Alice kitchen . then Alice attic ."),
+  with questions "where is X" answered by X's room.
 - ``reviews``: short reviews with (possibly negated) adjectives and an overall label.
 - ``truth``: a claim about the cast, then whether it is true or false.
 
