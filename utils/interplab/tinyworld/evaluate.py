@@ -110,7 +110,8 @@ def evaluate(model, n: int = 1000, seed: int = 0) -> dict[str, float]:
 
     Returns: top-1 accuracies in [0, 1] (and the mean IO-minus-S logit difference), keyed
     ioi_top1, ioi_logit_diff, ioi_heldout_names_top1, ioi_heldout_combo_top1, induction_top1,
-    fact_recall, fact_recall_heldout_questions, room_tracking, sentiment, truth, test_loss.
+    fact_recall, fact_recall_heldout_questions, room_tracking, room_tracking_not_last, sentiment,
+    truth, test_loss.
     """
     out: dict[str, float] = {}
     ioi = generate(n, seed=seed, split="test", families=["ioi"])
