@@ -24,14 +24,15 @@ from torch import Tensor
 
 
 def room_query_labels(docs: Sequence[Doc]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """Labelled examples of "the room person X is in", one per question "where is X ?".
+    """Labelled examples of "the room person X is in", one per question "where is X".
 
     Go through the documents in order; skip every document whose family is not "rooms".
-    In a rooms document every "?" token ends a question "where is X ?", and X is the
-    token just before it. For each such question (in order of position) record:
+    In a rooms document a question is the three words "where is X", and the room X is in
+    follows as the answer. For each question (in order of position) record:
 
     - doc: the index of the document in `docs` (counting every document, not only rooms ones),
-    - position: the position of the "?" token,
+    - position: the position of the name X (the last word of the question, where the model
+      must produce the room),
     - label: the room X is in at that point, as a class index ROOMS.index(room);
       the annotation doc.rooms[position] maps each person to their current room,
     - person: the person asked about, as NAMES.index(X).
@@ -44,9 +45,9 @@ def room_query_labels(docs: Sequence[Doc]) -> tuple[Int[Tensor, " n"], Int[Tenso
     for i, d in enumerate(docs):
         if d.family != "rooms":
             continue
-        for pos, token in enumerate(d.tokens):
-            if token == "?":
-                person = d.tokens[pos - 1]
+        for pos in range(2, len(d.tokens)):
+            if d.tokens[pos - 2] == "where" and d.tokens[pos - 1] == "is":
+                person = d.tokens[pos]
                 doc_index.append(i)
                 positions.append(pos)
                 labels.append(ROOMS.index(d.rooms[pos][person]))
@@ -302,7 +303,7 @@ def edited_logits(
 
 LATENTS = {
     # latent: (family, positions, classes)
-    "room": ("rooms", ("name", "question"), ROOMS),
+    "room": ("rooms", ("before", "question"), ROOMS),
     "sentiment": ("reviews", ("review end", "answer"), ["negative", "positive"]),
     "truth": ("truth", ("value", "answer"), ["false", "true"]),
 }
@@ -311,8 +312,9 @@ LATENTS = {
 def latent_examples(docs: Sequence[Doc], latent: str, where: str) -> dict[str, Tensor]:
     """Labelled positions for one latent: {"doc", "position", "label", "type", "group"} (int64 tensors).
 
-    - room: the room of the person asked about (ROOMS index); where = "question" (the "?"
-      token) or "name" (the name X just before it); type = group = NAMES.index(X).
+    - room: the room of the person asked about (ROOMS index); where = "question" (the name
+      X that ends "where is X") or "before" (the "is" just before it, where the text has not
+      yet said who is asked about: a control); type = group = NAMES.index(X).
     - sentiment: 1 for a positive review, 0 for a negative one; where = "review end" (the
       "." that ends the last review sentence) or "answer" (the ":" of "overall :");
       type = token id of the review's last adjective; group = 1 if any sentence is negated.
@@ -333,7 +335,7 @@ def latent_examples(docs: Sequence[Doc], latent: str, where: str) -> dict[str, T
     keys = ("doc", "position", "label", "type", "group")
     if latent == "room":
         doc, pos, label, person = room_query_labels(docs)
-        return dict(zip(keys, (doc, pos - int(where == "name"), label, person, person.clone())))
+        return dict(zip(keys, (doc, pos - int(where == "before"), label, person, person.clone())))
     rows = []
     for i, d in enumerate(docs):
         if d.family != family:

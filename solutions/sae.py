@@ -993,8 +993,8 @@ def tinyworld_latents(docs, min_count: int = 5) -> tuple[list[str], Bool[Tensor,
 
     - ``family:<f>``: the token belongs to a document of task family f;
     - ``entity:<name>``: the token names this person;
-    - ``room:<room>``: at the "?" of "where is X ?", X is in this room (the model must
-      have tracked it to answer);
+    - ``room:<room>``: at the name X ending a question "where is X", X is in this room (the
+      model must have tracked it to answer);
     - ``sentiment:positive`` / ``negative``: a review token from its first adjective
       on (from there the label is determined), in a review with this overall label;
     - ``truth:true`` / ``false``: a claim token from the claimed value on, in a true / false claim;
@@ -1019,7 +1019,7 @@ def tinyworld_latents(docs, min_count: int = 5) -> tuple[list[str], Bool[Tensor,
                 lab[i, col[f"entity:{NAMES[e]}"]] = True
         if d.family == "rooms":
             for i, a in enumerate(d.answer):
-                if a is not None and d.tokens[i] == "?":
+                if a is not None and d.tokens[i - 2 : i] == ["where", "is"]:
                     lab[i, col[f"room:{a}"]] = True
         elif d.family == "reviews":
             first = next(i for i, t in enumerate(d.tokens) if t in adjectives)

@@ -19,7 +19,8 @@ FAKE = {
                     "skip": {"loss_recovered": 0.9, "ce_replaced": 1.1}},
     "patching": {"n_prompts": 4, **{f"{k}_{m}": v for k in ("resid_pre", "head_out_all_pos", "head_out_by_pos")
                                     for m, v in (("ours_s", 0.1), ("tl_s", 0.5), ("max_abs_diff", 1e-6))},
-                 "attribution_s": 0.01, "head_by_pos_sweep_s": 0.1, "attribution_vs_activation_r": 0.9},
+                 "attribution_s": 0.01, "head_by_pos_sweep_s": 0.1, "attribution_vs_activation_r": 0.9,
+                 "integrated_attribution_s": 0.05, "integrated_attribution_vs_activation_r": 0.99},
     "notebooks": {"all_chapters": ["00_orientation", "01_probes"], "00_orientation": {"as_shipped": {"seconds": 50.0, "peak_mb": 900}}},
 }
 

@@ -14,7 +14,7 @@ sklearn = pytest.importorskip("sklearn")
 
 @pytest.fixture(scope="module")
 def room_data(model):
-    """Residual vectors at the '?' of "where is X ?" at every depth, with a document-level split."""
+    """Residual vectors at the name X of "where is X" at every depth, with a document-level split."""
     docs = tinyworld.generate(600, seed=11, split="test", families=["rooms"])
     (ex, acts) = P.latent_dataset(model, docs, "room")["question"]
     return ex, acts, P.document_split(ex["doc"], 0.25, seed=0)
@@ -147,7 +147,7 @@ def test_room_labels_agree_with_the_answers():
     doc, pos, label, person = P.room_query_labels(docs)
     assert len(doc) > 0
     for i, p, c, x in zip(doc.tolist(), pos.tolist(), label.tolist(), person.tolist()):
-        assert docs[i].tokens[p] == "?" and docs[i].tokens[p - 1] == tinyworld.NAMES[x]
+        assert docs[i].tokens[p - 2 : p + 1] == ["where", "is", tinyworld.NAMES[x]]
         assert docs[i].answer[p] == tinyworld.ROOMS[c]
 
 
@@ -164,7 +164,7 @@ def test_latent_examples_positions():
 
 def test_residual_dataset_matches_run_with_cache(model):
     docs = tinyworld.generate(6, seed=15, split="test", families=["rooms"])
-    ex = P.latent_examples(docs, "room", "name")
+    ex = P.latent_examples(docs, "room", "before")
     order = torch.randperm(len(ex["doc"]), generator=torch.Generator().manual_seed(0))  # any order works
     acts = P.residual_dataset(model, docs, ex["doc"][order], ex["position"][order])
     for k, (i, p) in enumerate(zip(ex["doc"][order].tolist(), ex["position"][order].tolist())):
@@ -206,7 +206,7 @@ def standin():
 def test_residual_dataset_reads_each_word_at_its_last_token(standin):
     docs = tinyworld.generate(20, seed=14, split="test", families=["rooms"])
     doc, pos, _, _ = P.room_query_labels(docs)
-    doc, pos = torch.cat([doc, doc]), torch.cat([pos, pos - 1])  # the "?" and the name before it
+    doc, pos = torch.cat([doc, doc]), torch.cat([pos, pos - 1])  # the name and the "is" before it
     acts = P.residual_dataset(standin, docs, doc, pos, batch_size=4)
     assert acts.shape == (standin.cfg.n_layers + 1, len(doc), standin.cfg.d_model)
     mt = tinyworld.tokens_for(standin, docs)
@@ -233,7 +233,7 @@ def test_prefix_tokens_point_at_the_end_of_each_word(standin, model):
     tok = standin.tokenizer
     assert ids.shape[1] == int(at.max()) + 1
     for row, (d, p) in enumerate(zip(doc.tolist(), pos.tolist())):
-        assert tok.decode([int(ids[row, at[row]])]).strip() == "?"
+        assert tok.decode(ids[row, : at[row] + 1].tolist()).endswith(docs[d].tokens[p])
         assert tok.decode(ids[row, 1 : at[row] + 1].tolist()) == " ".join(docs[d].tokens[1 : p + 1])
     ids, at = P.prefix_tokens(model, docs, doc, pos)  # one token per word: positions unchanged
     assert torch.equal(at, pos) and ids.shape[1] == int(pos.max()) + 1

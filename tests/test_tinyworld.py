@@ -47,7 +47,8 @@ def test_ioi_answer_is_the_name_that_appears_once():
 def test_room_annotations_track_the_world_state():
     for d in tinyworld.generate(300, seed=5, families=["rooms"]):
         for pos in d.answer_positions:
-            person = d.tokens[pos - 1]  # "where is X ?"
+            person = d.tokens[pos]  # "where is X" -> room
+            assert d.tokens[pos - 2 : pos] == ["where", "is"]
             assert d.rooms[pos][person] == d.answer[pos]
 
 

@@ -311,7 +311,15 @@ def rows_patching(r: dict) -> list[dict]:
     out.append(_row(s, "attribution patching vs the full head x position sweep (s)", r["attribution_s"],
                     r["head_by_pos_sweep_s"], "peer: interplab's activation-patching sweep; lower is better"))
     out.append(_row(s, "attribution vs activation patching, Pearson r", r["attribution_vs_activation_r"], None,
-                    f"over every (layer, position, head); {r['n_prompts']} IOI prompts"))
+                    f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
+                    f"({r.get('corruption', 'swap_names')})"))
+    if "integrated_attribution_s" in r:
+        out.append(_row(s, "integrated attribution patching (5 steps) vs the full sweep (s)",
+                        r["integrated_attribution_s"], r["head_by_pos_sweep_s"],
+                        "peer: interplab's activation-patching sweep; lower is better"))
+        out.append(_row(s, "integrated attribution vs activation patching, Pearson r",
+                        r["integrated_attribution_vs_activation_r"], None,
+                        "gradient averaged along the embedding path; same prompts and heads"))
     return out
 
 

@@ -35,7 +35,8 @@ def bench_patching(model=None, n_prompts: int = 16, corruption: str = "swap_name
     ``{sweep}_ours_s``, ``{sweep}_tl_s``, ``{sweep}_speedup`` (TL time / our time) and
     ``{sweep}_max_abs_diff``; and ``attribution_s``, ``head_by_pos_sweep_s`` and
     ``attribution_speedup`` (sweep time / attribution time) with the Pearson correlation
-    ``attribution_vs_activation_r`` of the two over every (layer, position, head).
+    ``attribution_vs_activation_r`` of the two over every (layer, position, head); the same
+    three figures for `integrated_attribution_patch` (5 steps) with the prefix ``integrated_``.
     """
     import torch
     from transformer_lens import patching as tlp
@@ -74,6 +75,10 @@ def bench_patching(model=None, n_prompts: int = 16, corruption: str = "swap_name
     out["head_by_pos_sweep_s"] = out["head_out_by_pos_ours_s"]
     out["attribution_speedup"] = round(out["head_by_pos_sweep_s"] / t_attr, 2)
     out["attribution_vs_activation_r"] = round(P.pearson(attr, results["head_out_by_pos"]), 4)
+    ig, t_ig = _timed(lambda: P.integrated_attribution_patch(model, clean, corrupted, metric, "z", steps=5), repeat)
+    out["integrated_attribution_s"] = round(t_ig, 4)
+    out["integrated_attribution_speedup"] = round(out["head_by_pos_sweep_s"] / t_ig, 2)
+    out["integrated_attribution_vs_activation_r"] = round(P.pearson(ig, results["head_out_by_pos"]), 4)
     return out
 
 

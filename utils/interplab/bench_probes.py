@@ -2,7 +2,7 @@
 
     python -m interplab.bench_probes            # or, from Python: bench_probes()
 
-For the room latent of chapter 01 (residual vectors at the "?" of "where is X ?", at
+For the room latent of chapter 01 (residual vectors at the name X of "where is X", at
 every depth of the bundled model), fit one probe per depth with `train_probe` (full-batch
 Adam) and with scikit-learn's LogisticRegression (L-BFGS) at the same regularisation,
 and print the training time and test accuracy of each. scikit-learn is only needed

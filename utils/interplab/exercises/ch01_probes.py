@@ -29,16 +29,16 @@ def _hand_made_rooms_doc() -> Doc:
     """Alice moves twice; Bob stays; questions about both, the last one after Bob's room was mentioned last."""
     d = Doc("rooms", meta={"people": ["Alice", "Bob"], "questions": []})
     where: dict[str, str] = {}
-    for person, words, room in [("Alice", "is in the", "kitchen"), ("Bob", "is in the", "hall"),
-                                ("Alice", "goes to the", "attic"), ("Alice", "runs to the", "cellar")]:
-        d.add(f"{person} {words}")
+    for person, words, room in [("Alice", "", "kitchen"), ("Bob", "", "hall"),
+                                ("Alice", "then", "attic"), ("Alice", "later", "cellar")]:
+        d.add(f"{words} {person}")
         where[person] = room
         d.add([room, "."])
         d.rooms[-2] = dict(where)
         d.rooms[-1] = dict(where)
     for person in ["Bob", "Alice"]:
         d.meta["questions"].append((person, where[person]))
-        d.add(f"where is {person} ?")
+        d.add(f"where is {person}")
         d.add(f"{where[person]} .", answer_first=True)
     return d
 
@@ -71,7 +71,7 @@ def _labels_first_room(docs):
     doc, pos, _, person = sol.room_query_labels(docs)
     first = []
     for i, p in zip(doc.tolist(), pos.tolist()):
-        name = docs[i].tokens[p - 1]
+        name = docs[i].tokens[p]
         first.append(ROOMS.index(next(r[name] for r in docs[i].rooms if name in r)))
     return doc, pos, torch.tensor(first, dtype=torch.long), person
 
@@ -84,9 +84,9 @@ def _labels_last_room_mentioned(docs):
     return doc, pos, torch.tensor(last, dtype=torch.long), person
 
 
-def _labels_name_position(docs):
+def _labels_answer_position(docs):
     doc, pos, label, person = sol.room_query_labels(docs)
-    return doc, pos - 1, label, person
+    return doc, pos + 1, label, person
 
 
 register(
@@ -103,8 +103,9 @@ register(
         Mistake("last room mentioned", _labels_last_room_mentioned,
                 "The label is X's room, which is not always the most recently mentioned room; read it from the "
                 "annotation doc.rooms[position][X]. (A probe for 'the last room word' would be a different latent.)"),
-        Mistake("name position", _labels_name_position,
-                "The position is that of the '?' token; X is the token before it."),
+        Mistake("answer position", _labels_answer_position,
+                "The position is that of the name X ending 'where is X' (where the model must produce the room), "
+                "not that of the room word after it: by then the answer is in the text."),
     ],
 )
 
@@ -409,7 +410,7 @@ def _edit_batch():
 
     docs = list(_docs(6, 8, ("rooms",)))
     ids, _ = tinyworld.batch_tokens(docs)
-    pos = torch.tensor([d.tokens.index("?") for d in docs])
+    pos = torch.tensor([d.answer_positions[0] for d in docs])  # the name of the first question
     return ids, pos
 
 

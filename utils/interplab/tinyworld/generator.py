@@ -7,7 +7,7 @@ feature can be scored against what is really there:
 >>> from interplab import tinyworld
 >>> doc = tinyworld.generate(1, seed=0, families=["rooms"])[0]
 >>> doc.text                                    # doctest: +SKIP
-'<bos> Alice is in the kitchen . Bob is in the hall . Alice goes to the attic . where is Alice ? attic .'
+'<bos> Alice kitchen . Bob hall . then Alice attic . where is Alice attic .'
 >>> doc.rooms[-3]                               # doctest: +SKIP
 {'Alice': 'attic', 'Bob': 'hall'}
 
@@ -16,7 +16,8 @@ Families (``FAMILIES``):
 - ``ioi``: indirect-object sentences ("... , Bob gave a ball to" -> Alice).
 - ``induction``: a random sequence of words, then the same sequence again.
 - ``facts``: statements and questions about the cast's home city, job and pet.
-- ``rooms``: people moving between rooms, then "where is X ?" questions.
+- ``rooms``: a log of people moving between rooms ("Alice kitchen . then Alice attic ."),
+  with questions "where is X" answered by X's room.
 - ``reviews``: short reviews with (possibly negated) adjectives and an overall label.
 - ``truth``: a claim about the cast, then whether it is true or false.
 
@@ -157,7 +158,10 @@ def _facts(rng: random.Random, split: str) -> Doc:
 
 
 def _rooms(rng: random.Random, split: str) -> Doc:
-    people = rng.sample(L.NAMES, rng.randint(2, 3))
+    # One to three people (one in four documents has a single person: the easy case that
+    # teaches a small model to copy a room at all); questions come at the end and, half
+    # the time, also right after a log line.
+    people = rng.sample(L.NAMES, 1 if rng.random() < 0.25 else rng.randint(2, 3))
     doc = Doc("rooms", meta={"people": people, "questions": []})
     where: dict[str, str] = {}
 
@@ -169,15 +173,23 @@ def _rooms(rng: random.Random, split: str) -> Doc:
         doc.rooms[-2] = dict(where)  # the state changes at the room token
         doc.rooms[-1] = dict(where)
 
+    def ask(person: str) -> None:
+        doc.meta["questions"].append((person, where[person]))
+        before, after = L.ROOM_QUESTION.split("{R}")
+        doc.add(before.format(P=person))
+        doc.add([where[person]] + after.split(), answer_first=True)
+
     for p in people:
         place(p, L.ROOM_INTRO, rng.choice(L.ROOMS))
+        if rng.random() < 0.5:
+            ask(rng.choice(list(where)))
     for _ in range(rng.randint(1, 5)):
         p = rng.choice(people)
         place(p, rng.choice(L.ROOM_MOVES), rng.choice([r for r in L.ROOMS if r != where[p]]))
+        if rng.random() < 0.5:
+            ask(rng.choice(people))
     for p in rng.sample(people, rng.randint(1, len(people))):
-        doc.meta["questions"].append((p, where[p]))
-        doc.add(f"where is {p} ?")
-        doc.add(f"{where[p]} .", answer_first=True)
+        ask(p)
     return doc
 
 

@@ -69,9 +69,12 @@ RELATIONS = {
     "pet": ("{P} has a pet {V} .", "which pet does {P} have ? {V} .", PETS),
 }
 
-ROOM_INTRO = "{P} is in the {R} ."
-ROOM_MOVES = ["{P} goes to the {R} .", "{P} walks to the {R} .", "{P} runs to the {R} ."]
-ROOM_QUESTION = "where is {P} ? {R} ."
+# The rooms family is a terse log: a name, then the room that person is now in. The
+# question ends with the name, so the answer slot follows the name exactly as in the log
+# lines (see MODEL_CARD.md, "Room tracking", for why the language is shaped this way).
+ROOM_INTRO = "{P} {R} ."
+ROOM_MOVES = ["then {P} {R} .", "later {P} {R} ."]
+ROOM_QUESTION = "where is {P} {R} ."
 
 REVIEW_SENTENCE = "the {aspect} was {neg}{adj} ."
 REVIEW_END = "overall : {label} ."
