@@ -23,6 +23,18 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 requires cell ids; a cell added by hand without one draws a warning today and
+    will be an error in future nbformat versions."""
+    nb = read_notebook(path)
+    ids = [c.get("id") for c in nb["cells"]]
+    if (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5):
+        missing = [i for i, cell_id in enumerate(ids) if not cell_id]
+        assert not missing, f"{path.name}: cells {missing} have no id; give each a unique 8-hex-digit id"
+        assert len(set(ids)) == len(ids), f"{path.name}: cell ids repeat"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
 def test_first_cell_is_the_colab_setup_cell(path):
     first = next(c for c in read_notebook(path)["cells"] if c["cell_type"] == "code")
     src = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
