@@ -71,7 +71,7 @@ RELATIONS = {
 
 # The rooms family is a terse log: a name, then the room that person is now in. The
 # question ends with the name, so the answer slot follows the name exactly as in the log
-# lines (see MODEL_CARD.md, "Room tracking", for why the language is shaped this way).
+# lines (see MODEL_CARD.md, "How the rooms family got its shape", for why).
 ROOM_INTRO = "{P} {R} ."
 ROOM_MOVES = ["then {P} {R} .", "later {P} {R} ."]
 ROOM_QUESTION = "where is {P} {R} ."

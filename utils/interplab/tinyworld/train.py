@@ -163,20 +163,16 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("tinyworld-model"), help="output folder")
     p.add_argument("--tokens", type=int, default=None,
-                   help="train ONE phase on this many tokens (default: the bundled model's two phases)")
+                   help="train ONE phase on this many tokens, with TRAIN_MIX (default: the bundled model's recipe, PHASES)")
     p.add_argument("--batch-size", type=int, default=128, help="documents per batch (for --tokens runs)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model folder")
-    p.add_argument("--phase", type=int, choices=range(1, len(PHASES) + 1), default=None,
-                   help="run only this phase of the default schedule (later phases need --init-from)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-eval", action="store_true", help="skip the capability evaluation at the end")
     a = p.parse_args(argv)
     if a.tokens is not None:
         phases = [dict(tokens=a.tokens, lr=a.lr, seed=a.seed, mix=None, batch_size=a.batch_size)]
-    elif a.phase is not None:
-        phases = [PHASES[a.phase - 1]]
     else:
         phases = PHASES
     model, log, infos = a.init_from, [], []
