@@ -12,16 +12,16 @@ cp tinyworld-model/{config.json,model.safetensors,tokenizer.json,tokenizer_confi
 interplab doctor --no-hub                      # every bundled file verifies
 
 # 2. Chapter 02: tuned-lens translators (about 1 min).
-python -m interplab.solutions.lens
+python -m interplab.solutions.ch02_lenses
 
 # 3. Chapter 03: the three shipped SAEs, then the sweep (a few minutes).
-python -m interplab.solutions.sae
-python -m interplab.solutions.sae --sweep
-python -m interplab.solutions.sae --evaluate   # figures for the chapter's "What we found"
+python -m interplab.solutions.ch03_saes
+python -m interplab.solutions.ch03_saes --sweep
+python -m interplab.solutions.ch03_saes --evaluate   # figures for the chapter's "What we found"
 
 # 4. Chapter 04: transcoders, skip transcoders and SAE baselines for every MLP (about 35 min).
-python -m interplab.solutions.transcoders
-python -m interplab.solutions.transcoders --evaluate
+python -m interplab.solutions.ch04_transcoders
+python -m interplab.solutions.ch04_transcoders --evaluate
 
 # 5. Figures: evaluation for MODEL_CARD.md, then the benchmark report (full: about 6 min).
 interplab evaluate

@@ -18,22 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def repo_root() -> Path | None:
-    """The course checkout this package runs from (None for a non-editable install)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "chapters").is_dir() and (parent / "pyproject.toml").is_file():
-            return parent
-    return None
-
-
-def chapters_dir() -> Path | None:
-    root = repo_root()
-    if root is not None:
-        return root / "chapters"
-    cwd = Path.cwd() / "chapters"
-    return cwd if cwd.is_dir() else None
+from .paths import chapters_dir
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -9,7 +9,8 @@ An exercise spec says
   a learner should see when their output matches it.
 
 Specs register themselves when their chapter module is imported; `get(name)` and
-`all_exercises()` import every chapter module first.
+`all_exercises()` import every chapter module first. Chapter modules are found by name
+(``chNN_slug.py`` in this package, see `interplab.paths`), so a new chapter needs no list.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# Chapter modules, in course order. Each registers its exercises on import.
-CHAPTER_MODULES = ["ch00_orientation", "ch01_probes", "ch02_lenses", "ch03_saes", "ch04_transcoders", "ch05_patching"]
+from ..paths import MODULE_NAME, chapter_of
+
 
 
 @dataclass
@@ -82,16 +84,16 @@ def register(name: str, chapter: str, reference: Callable, cases: Callable[[], l
     return ex
 
 
+def chapter_modules() -> list[str]:
+    """The chapter spec modules of this package (``chNN_slug``), in course order."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if MODULE_NAME.fullmatch(m.name))
+
+
 @functools.lru_cache(maxsize=None)
 def load_all() -> None:
     """Import every chapter module so that all exercises are registered."""
-    import importlib.util
-
-    for mod in CHAPTER_MODULES:
-        name = f"{__name__}.{mod}"
-        if importlib.util.find_spec(name) is None:
-            continue  # a chapter that has not landed yet; its notebook would fail the registry test
-        importlib.import_module(name)
+    for mod in chapter_modules():
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 def all_exercises() -> list[Exercise]:

@@ -1,12 +1,12 @@
 """Benchmark: the replacement model built from the shipped transcoders.
 
-    python -m interplab.bench_transcoders            # 100 test documents (as the chapter)
-    python -m interplab.bench_transcoders --quick    # 40 documents
+    python -m interplab.bench.ch04_transcoders            # 100 test documents (as the chapter)
+    python -m interplab.bench.ch04_transcoders --quick    # 40 documents
 
 Every MLP of the bundled model is replaced at once by its shipped transcoder (and, in a
 second run, by its skip transcoder); the figure is the fraction of the loss gap between
 the clean model and the model with zero-ablated MLPs that the replacement model recovers
-(`interplab.solutions.transcoders.replacement_loss`). The issue's target is 0.80.
+(`interplab.solutions.ch04_transcoders.replacement_loss`). The issue's target is 0.80.
 """
 
 from __future__ import annotations
@@ -17,16 +17,24 @@ import time
 
 import torch
 
+from .table import mean, row
 
-def bench_transcoders(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> dict:
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
+
+# keyword arguments of run() in quick and in full mode
+QUICK = {'quick': True}
+FULL = {}
+
+def run(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> dict:
     """The replacement model's loss against clean and ablated, for the shipped transcoders and skip transcoders.
 
     Returns:
         {"loss_recovered", "ce_clean", "ce_replaced", "ce_ablated", "skip": {...the same for skip transcoders},
          "docs", "seconds"}.
     """
-    from . import load_model
-    from .solutions import transcoders as T
+    from .. import load_model
+    from ..solutions import ch04_transcoders as T
 
     if threads:
         torch.set_num_threads(threads)
@@ -45,11 +53,23 @@ def bench_transcoders(quick: bool = False, threads: int | None = 2, verbose: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.bench_transcoders", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch04_transcoders", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
-    bench_transcoders(quick=a.quick, verbose=True)
+    run(quick=a.quick, verbose=True)
+
+
+
+def rows(r: dict) -> list[dict]:
+    s = SECTION
+    return [
+        row(s, "replacement model: loss recovered (transcoders)", r["loss_recovered"], None,
+             f"every MLP replaced at once; target >= 0.80; CE clean {r['ce_clean']}, replaced {r['ce_replaced']}, "
+             f"MLPs ablated {r['ce_ablated']}; {r['docs']} docs"),
+        row(s, "replacement model: loss recovered (skip transcoders)", r["skip"]["loss_recovered"], None,
+             f"CE replaced {r['skip']['ce_replaced']}"),
+    ]
 
 
 if __name__ == "__main__":

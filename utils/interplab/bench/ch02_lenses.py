@@ -1,8 +1,8 @@
 """Benchmark of chapter 2: how long the tuned lens takes to train, and how much it beats the logit lens.
 
-    python -m interplab.bench_lens             # prints a table and the JSON
+    python -m interplab.bench.ch02_lenses             # prints a table and the JSON
 
-`bench_lens()` returns the figures as a dict, for `interplab bench`.
+`run()` returns the figures as a dict, for `interplab bench`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,16 @@ from __future__ import annotations
 import json
 import time
 
+from .table import mean, row
 
-def bench_lens(threads: int = 1, eval_docs: int = 500) -> dict:
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
+
+# keyword arguments of run() in quick and in full mode
+QUICK = {'threads': 2, 'eval_docs': 250}
+FULL = {}
+
+def run(threads: int = 1, eval_docs: int = 500) -> dict:
     """Train the tuned lens of the bundled model with the shipped settings and evaluate both lenses.
 
     Args:
@@ -26,8 +34,8 @@ def bench_lens(threads: int = 1, eval_docs: int = 500) -> dict:
     """
     import torch
 
-    from .models import load_model
-    from .solutions import lens as L
+    from ..models import load_model
+    from ..solutions import ch02_lenses as L
 
     model = load_model("tinyworld", device="cpu")
     old = torch.get_num_threads()
@@ -45,12 +53,23 @@ def bench_lens(threads: int = 1, eval_docs: int = 500) -> dict:
 
 
 def main() -> None:
-    out = bench_lens()
+    out = run()
     print(f"tuned lens trained in {out['train_seconds_wall']} s wall ({out['train_seconds_cpu']} s CPU, "
           f"{out['threads']} threads)")
     for i, label in enumerate(out["labels"]):
         print(f"{label:<14} KL logit {out['kl_logit'][i]:.4f}  tuned {out['kl_tuned'][i]:.4f}")
     print(json.dumps(out))
+
+
+
+def rows(r: dict) -> list[dict]:
+    s = SECTION
+    out = [row(s, "tuned-lens training time (s)", r["train_seconds_wall"], None,
+                f"{r['steps']} steps, {r['threads']} thread(s), {r['train_seconds_cpu']} s CPU; no peer")]
+    for label, kt, kl in zip(r["labels"], r["kl_tuned"], r["kl_logit"]):
+        out.append(row(s, f"KL to the output at {label} (nats)", kt, kl,
+                        "peer: the logit lens; lower is better"))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Chapter 3 (sparse autoencoders): reference solutions, the SAE module and its training loop.
 
-    python -m interplab.solutions.sae              # retrain the shipped SAEs (each well under 2 min on 2 CPU cores)
-    python -m interplab.solutions.sae --sweep      # the sparsity-fidelity sweep, written to sweep.json
-    python -m interplab.solutions.sae --evaluate   # metrics and ground-truth recovery of the shipped SAEs
+    python -m interplab.solutions.ch03_saes              # retrain the shipped SAEs (each well under 2 min on 2 CPU cores)
+    python -m interplab.solutions.ch03_saes --sweep      # the sparsity-fidelity sweep, written to sweep.json
+    python -m interplab.solutions.ch03_saes --evaluate   # metrics and ground-truth recovery of the shipped SAEs
 
 The functions named like the chapter's exercises (`sae_encode`, `sae_loss`, ...) are
 the single source of truth for what each exercise asks. `SAE` is an ``nn.Module``
@@ -850,7 +850,7 @@ SHIPPED = {
     "batchtopk": "sae_tinyworld_resid1_batchtopk",
 }
 
-# The recipes of the shipped SAEs; `python -m interplab.solutions.sae` retrains them.
+# The recipes of the shipped SAEs; `python -m interplab.solutions.ch03_saes` retrains them.
 RECIPES = {
     "topk": dict(architecture="topk", d_sae=768, k=16),
     "standard": dict(architecture="standard", d_sae=768, l1_coeff=8.0),
@@ -1192,7 +1192,7 @@ def sweep(model=None, steps: int = 600, n_docs: int = 12_000, progress: bool = F
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.solutions.sae", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m interplab.solutions.ch03_saes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", nargs="*", default=list(SHIPPED), help="which shipped SAEs to retrain")
     p.add_argument("--out", type=Path, default=None, help="folder for the SAE folders (default: the package's weights)")

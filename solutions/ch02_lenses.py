@@ -17,8 +17,8 @@ The rest are helpers the chapter uses: `TunedLens` (the translators as a module)
 in ``interplab/weights/tuned_lens`` (verified against their SHA256SUMS before loading).
 Retrain the shipped translators (takes well under a minute on 2 CPU cores) with::
 
-    python -m interplab.solutions.lens            # writes utils/interplab/weights/tuned_lens
-    python -m interplab.solutions.lens --out DIR  # somewhere else
+    python -m interplab.solutions.ch02_lenses            # writes utils/interplab/weights/tuned_lens
+    python -m interplab.solutions.ch02_lenses --out DIR  # somewhere else
 """
 
 from __future__ import annotations
@@ -584,7 +584,7 @@ def load_tuned_lens(model=None, folder: str | Path | None = None) -> TunedLens:
                 current = None
             if current and current != info["model_sha256"]:
                 warnings.warn(f"the tuned lens in {folder} was trained for another version of the TinyWorld weights; "
-                              f"retrain it with `python -m interplab.solutions.lens`.", stacklevel=2)
+                              f"retrain it with `python -m interplab.solutions.ch02_lenses`.", stacklevel=2)
         lens = lens.to(next(model.parameters()).device)
     lens.info = info
     return lens.eval()
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ..models import load_model
 
-    p = argparse.ArgumentParser(prog="python -m interplab.solutions.lens",
+    p = argparse.ArgumentParser(prog="python -m interplab.solutions.ch02_lenses",
                                 description="Train the tuned lens of the bundled TinyWorld model and save it.")
     p.add_argument("--out", default=None, help="output folder (default: the shipped interplab/weights/tuned_lens)")
     p.add_argument("--threads", type=int, default=1,
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: getattr(a, k) for k in TRAIN_DEFAULTS}
     lens, info = train_tuned_lens(model, **settings)
     info["model_sha256"] = bundled_model_sha256()
-    info["command"] = "python -m interplab.solutions.lens"
+    info["command"] = "python -m interplab.solutions.ch02_lenses"
     metrics = evaluate_lenses(model, lens, lens_docs(a.eval_docs, seed=0, split="test"))
     info["heldout_eval"] = {"docs": a.eval_docs, "split": "test", "seed": 0, **metrics}
     folder = save_tuned_lens(lens, a.out or default_folder(), info)

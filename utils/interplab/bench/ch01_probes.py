@@ -1,6 +1,6 @@
 """Benchmark: training the chapter's torch probes against scikit-learn, on the same data.
 
-    python -m interplab.bench_probes            # or, from Python: bench_probes()
+    python -m interplab.bench.ch01_probes            # or, from Python: run()
 
 For the room latent of chapter 01 (residual vectors at the name X of "where is X", at
 every depth of the bundled model), fit one probe per depth with `train_probe` (full-batch
@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import time
 
+from .table import mean, row
 
-def bench_probes(n_docs: int = 600, weight_decay: float = 3e-3, steps: int = 200, seed: int = 0,
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
+
+# keyword arguments of run() in quick and in full mode
+QUICK = {'n_docs': 400}
+FULL = {}
+
+def run(n_docs: int = 600, weight_decay: float = 3e-3, steps: int = 200, seed: int = 0,
                  quiet: bool = False) -> dict:
     """Time per-depth probe training, torch vs scikit-learn, on the same features.
 
@@ -35,9 +43,9 @@ def bench_probes(n_docs: int = 600, weight_decay: float = 3e-3, steps: int = 200
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the benchmark compares with scikit-learn: pip install scikit-learn") from e
 
-    from . import tinyworld
-    from .models import load_model
-    from .solutions import probes as P
+    from .. import tinyworld
+    from ..models import load_model
+    from ..solutions import ch01_probes as P
 
     model = load_model("tinyworld", device="cpu")
     docs = tinyworld.generate(n_docs, seed=seed, split="test", families=["rooms"])
@@ -68,5 +76,19 @@ def bench_probes(n_docs: int = 600, weight_decay: float = 3e-3, steps: int = 200
     return out
 
 
+
+def rows(r: dict) -> list[dict]:
+    s = SECTION
+    n = len(r["torch_accuracy"])
+    return [
+        row(s, f"training time, {n} depths (s)", round(r["torch_seconds"], 2), round(r["sklearn_seconds"], 2),
+             f"peer: scikit-learn L-BFGS; lower is better; {r['n_train']} train / {r['n_test']} test"),
+        row(s, "test accuracy, mean over depths", mean(r["torch_accuracy"]), mean(r["sklearn_accuracy"]),
+             "higher is better"),
+        row(s, "test accuracy, best depth", round(max(r["torch_accuracy"]), 4), round(max(r["sklearn_accuracy"]), 4),
+             "higher is better"),
+    ]
+
+
 if __name__ == "__main__":
-    bench_probes()
+    run()

@@ -1,6 +1,6 @@
 """Benchmark: the course's batched patching sweeps against TransformerLens's `patching` module.
 
-    python -m interplab.bench_patching            # the bundled model, 16 IOI prompts
+    python -m interplab.bench.ch05_patching            # the bundled model, 16 IOI prompts
 
 Both run the same sweeps on the same prompts with the same metric; the benchmark reports
 each one's time, the ratio, and the largest difference between their results (they
@@ -17,6 +17,14 @@ import io
 import json
 import time
 
+from .table import mean, row
+
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
+
+# keyword arguments of run() in quick and in full mode
+QUICK = {'repeat': 1}
+FULL = {'repeat': 3}
 
 def _timed(fn, repeat: int = 1):
     best, out = float("inf"), None
@@ -27,7 +35,7 @@ def _timed(fn, repeat: int = 1):
     return out, best
 
 
-def bench_patching(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: int = 0,
+def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: int = 0,
                    repeat: int = 1) -> dict:
     """Time our batched sweeps against TransformerLens's, on the same IOI prompts.
 
@@ -41,8 +49,8 @@ def bench_patching(model=None, n_prompts: int = 16, corruption: str = "swap_name
     import torch
     from transformer_lens import patching as tlp
 
-    from .models import load_model
-    from .solutions import patching as P
+    from ..models import load_model
+    from ..solutions import ch05_patching as P
 
     model = model or load_model("tinyworld", device="cpu")
     pairs = P.ioi_pairs(model, P.sample_ioi_prompts(n_prompts, seed=seed, template=0, model=model), corruption)
@@ -83,13 +91,40 @@ def bench_patching(model=None, n_prompts: int = 16, corruption: str = "swap_name
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.bench_patching", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch05_patching", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", type=int, default=16, help="prompts")
     p.add_argument("--corruption", default="swap_names")
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     a = p.parse_args(argv)
-    print(json.dumps(bench_patching(n_prompts=a.n, corruption=a.corruption, repeat=a.repeat), indent=1))
+    print(json.dumps(run(n_prompts=a.n, corruption=a.corruption, repeat=a.repeat), indent=1))
+
+
+
+def rows(r: dict) -> list[dict]:
+    s = SECTION
+    out = []
+    names = {"resid_pre": "residual stream (layer x position)", "head_out_all_pos": "head outputs (layer x head)",
+             "head_out_by_pos": "head outputs (layer x position x head)"}
+    for key, label in names.items():
+        if f"{key}_ours_s" not in r:
+            continue
+        out.append(row(s, f"sweep time, {label} (s)", r[f"{key}_ours_s"], r[f"{key}_tl_s"],
+                        f"peer: transformer_lens.patching; lower is better; largest absolute difference of the results "
+                        f"{r[f'{key}_max_abs_diff']:.1e}"))
+    out.append(row(s, "attribution patching vs the full head x position sweep (s)", r["attribution_s"],
+                    r["head_by_pos_sweep_s"], "peer: interplab's activation-patching sweep; lower is better"))
+    out.append(row(s, "attribution vs activation patching, Pearson r", r["attribution_vs_activation_r"], None,
+                    f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
+                    f"({r.get('corruption', 'swap_names')})"))
+    if "integrated_attribution_s" in r:
+        out.append(row(s, "integrated attribution patching (5 steps) vs the full sweep (s)",
+                        r["integrated_attribution_s"], r["head_by_pos_sweep_s"],
+                        "peer: interplab's activation-patching sweep; lower is better"))
+        out.append(row(s, "integrated attribution vs activation patching, Pearson r",
+                        r["integrated_attribution_vs_activation_r"], None,
+                        "gradient averaged along the embedding path; same prompts and heads"))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Chapter 4 (transcoders): reference solutions, the transcoder module, its training and the circuit tools.
 
-    python -m interplab.solutions.transcoders              # retrain the shipped transcoders (every MLP layer)
-    python -m interplab.solutions.transcoders --evaluate   # the transcoder-vs-SAE table and the replacement model
+    python -m interplab.solutions.ch04_transcoders              # retrain the shipped transcoders (every MLP layer)
+    python -m interplab.solutions.ch04_transcoders --evaluate   # the transcoder-vs-SAE table and the replacement model
 
 An SAE explains what an MLP *writes*; a transcoder (Dunefsky, Chlenski and Nanda, 2024)
 approximates what the MLP *computes*: it reads the MLP's input (the normalised residual
@@ -11,7 +11,7 @@ stream, ``blocks.L.ln2.hook_normalized``) and predicts the MLP's output
     acts  = activation(x @ W_enc + b_enc)              # x: the MLP's normalised input
     y_hat = acts @ W_dec + b_dec  (+ x @ W_skip.T)     # y_hat: the MLP's output; W_skip only in a skip transcoder
 
-The sparse architectures and penalties are those of chapter 3 (`interplab.solutions.sae`):
+The sparse architectures and penalties are those of chapter 3 (`interplab.solutions.ch03_saes`):
 standard (ReLU + L1 weighted by decoder norms), TopK and BatchTopK (a learned threshold,
 i.e. a JumpReLU, at inference). Unlike an SAE, a transcoder never subtracts ``b_dec``
 from its input: input and output live in different places.
@@ -38,8 +38,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from . import sae as sae_sol
-from .sae import UnitNormDictionary, batchtopk_activation, explained_variance, topk_activation
+from . import ch03_saes as sae_sol
+from .ch03_saes import UnitNormDictionary, batchtopk_activation, explained_variance, topk_activation
 
 ARCHITECTURES = ("standard", "topk", "batchtopk")
 WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens's file names, so SAE.load_from_disk reads the folders
@@ -1117,7 +1117,7 @@ def evaluate_shipped(model=None, n_docs: int = 100, seed: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.solutions.transcoders", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m interplab.solutions.ch04_transcoders", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", nargs="*", type=int, default=None, help="which MLP layers (default: all)")
     p.add_argument("--out", type=Path, default=None, help="folder for the output folders (default: the package's weights)")

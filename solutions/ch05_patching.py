@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .orientation import answer_logit_diff
+from .ch00_orientation import answer_logit_diff
 
 Metric = Callable[[Tensor], Tensor]
 

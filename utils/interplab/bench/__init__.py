@@ -38,39 +38,37 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import platform
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-# section name -> (module, function)
-SECTIONS: dict[str, tuple[str, str]] = {
-    "probes": ("interplab.bench_probes", "bench_probes"),
-    "lens": ("interplab.bench_lens", "bench_lens"),
-    "sae": ("interplab.bench_sae", "bench_sae"),
-    "transcoders": ("interplab.bench_transcoders", "bench_transcoders"),
-    "patching": ("interplab.bench_patching", "bench_patching"),
-    "notebooks": ("interplab.bench", "bench_notebooks"),
-}
+from ..paths import chapters_dir
+from .table import COLUMNS, row
 
-# what each section runs in quick mode (keyword arguments of its function)
-QUICK: dict[str, dict] = {
-    "probes": {"n_docs": 400},
-    "lens": {"threads": 2, "eval_docs": 250},
-    "sae": {"steps": 100, "n_docs": 1500},
-    "transcoders": {"quick": True},
-    "patching": {"repeat": 1},
-    "notebooks": {},
-}
-FULL: dict[str, dict] = {
-    "patching": {"repeat": 3},
-}
-# Chapters a quick run executes when it is asked to keep to QUICK_CHAPTERS (notebooks(quick=True));
-# `interplab bench --quick` runs them all, which fits its 5 minutes on 2 idle cores.
+# Sections are found by name: every module `interplab/bench/chNN_<slug>.py` is the section `<slug>` of
+# chapter NN_<slug>, with `run(**kwargs) -> dict`, `rows(result) -> list[dict]` and the keyword arguments
+# of run() in quick and full mode (QUICK, FULL). "notebooks" (every chapter's execution) is built in.
+NOTEBOOKS = "notebooks"
+
+
+def section_modules() -> dict[str, str]:
+    """{section name: module name}, in course order, found by naming convention."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        m = re.fullmatch(r"ch\d\d_(\w+)", info.name)
+        if m:
+            found[m.group(1)] = f"{__name__}.{info.name}"
+    return found
+
+
+def section_names() -> list[str]:
+    return [*section_modules(), NOTEBOOKS]
+
+
 QUICK_CHAPTERS = ("00_orientation",)
-
-COLUMNS = ("section", "measurement", "interplab", "peer", "interplab / peer", "note")
 
 
 # =====================================================================================
@@ -117,8 +115,6 @@ def bench_notebooks(quick: bool = False, chapters: list[str] | None = None, inje
         chapters: notebook stems to run (default: all, or QUICK_CHAPTERS when quick).
         inject: also run each chapter with the solutions injected.
     """
-    from .cli import chapters_dir
-
     folder = chapters_dir()
     if folder is None:
         return {"error": "no chapters/ folder (run from a clone of the course)"}
@@ -140,11 +136,13 @@ def bench_notebooks(quick: bool = False, chapters: list[str] | None = None, inje
 # Running the sections
 # =====================================================================================
 
-def _section(name: str) -> Callable[..., dict] | None:
-    module, fn = SECTIONS[name]
+def _section(name: str):
+    """The section's module (None for the built-in notebooks section or a module that fails to import)."""
+    if name == NOTEBOOKS:
+        return None
     try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
+        return importlib.import_module(section_modules()[name])
+    except ImportError:
         return None
 
 
@@ -184,12 +182,13 @@ def run(sections: list[str], quick: bool, overrides: dict[str, dict] | None = No
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
     t_all, c_all = time.perf_counter(), _cpu_seconds()
     for name in sections:
-        fn = _section(name)
+        module = _section(name)
+        fn = bench_notebooks if name == NOTEBOOKS else getattr(module, "run", None)
         if fn is None:
             report["sections"][name] = {"skipped": "not available (its module failed to import)"}
             continue
         print(f"== {name}", flush=True)
-        kwargs = dict((QUICK if quick else FULL).get(name, {}))
+        kwargs = {} if name == NOTEBOOKS else dict(getattr(module, "QUICK" if quick else "FULL", {}))
         kwargs.update((overrides or {}).get(name, {}))
         params = inspect.signature(fn).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in params}
@@ -234,121 +233,27 @@ def carry_over_notebooks(report: dict, previous: dict | None) -> None:
 # The table
 # =====================================================================================
 
-def _ratio(a, b) -> float | None:
-    try:
-        return round(float(a) / float(b), 3) if float(b) != 0 else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _row(section, measurement, ours, peer=None, note="", ratio: bool = True) -> dict:
-    return {"section": section, "measurement": measurement, "interplab": ours, "peer": peer,
-            "ratio": _ratio(ours, peer) if ratio and peer is not None else None, "note": note}
-
-
-def _mean(xs) -> float:
-    return round(sum(xs) / len(xs), 4)
-
-
-def rows_probes(r: dict) -> list[dict]:
-    s = "probes"
-    n = len(r["torch_accuracy"])
-    return [
-        _row(s, f"training time, {n} depths (s)", round(r["torch_seconds"], 2), round(r["sklearn_seconds"], 2),
-             f"peer: scikit-learn L-BFGS; lower is better; {r['n_train']} train / {r['n_test']} test"),
-        _row(s, "test accuracy, mean over depths", _mean(r["torch_accuracy"]), _mean(r["sklearn_accuracy"]),
-             "higher is better"),
-        _row(s, "test accuracy, best depth", round(max(r["torch_accuracy"]), 4), round(max(r["sklearn_accuracy"]), 4),
-             "higher is better"),
-    ]
-
-
-def rows_lens(r: dict) -> list[dict]:
-    s = "lens"
-    out = [_row(s, "tuned-lens training time (s)", r["train_seconds_wall"], None,
-                f"{r['steps']} steps, {r['threads']} thread(s), {r['train_seconds_cpu']} s CPU; no peer")]
-    for label, kt, kl in zip(r["labels"], r["kl_tuned"], r["kl_logit"]):
-        out.append(_row(s, f"KL to the output at {label} (nats)", kt, kl,
-                        "peer: the logit lens; lower is better"))
-    return out
-
-
-def rows_sae(r: dict) -> list[dict]:
-    s, a, b = "sae", r["interplab"], r["sae_lens"]
-    st = r["setup"]
-    setup = f"TopK k={st['k']}, {st['d_sae']} features, {st['steps']} steps x {st['batch_size']} tokens"
-    return [
-        _row(s, "training throughput (tokens/s)", a["tokens_per_second"], b["tokens_per_second"],
-             f"peer: SAELens SAETrainer; higher is better; {setup}"),
-        _row(s, "explained variance", a["explained_variance"], b["explained_variance"], "higher is better"),
-        _row(s, "L0 (active features per token)", a["l0"], b["l0"], f"target k={st['k']}"),
-        _row(s, "loss recovered", a["loss_recovered"], b["loss_recovered"], "higher is better"),
-    ]
-
-
-def rows_transcoders(r: dict) -> list[dict]:
-    s = "transcoders"
-    return [
-        _row(s, "replacement model: loss recovered (transcoders)", r["loss_recovered"], None,
-             f"every MLP replaced at once; target >= 0.80; CE clean {r['ce_clean']}, replaced {r['ce_replaced']}, "
-             f"MLPs ablated {r['ce_ablated']}; {r['docs']} docs"),
-        _row(s, "replacement model: loss recovered (skip transcoders)", r["skip"]["loss_recovered"], None,
-             f"CE replaced {r['skip']['ce_replaced']}"),
-    ]
-
-
-def rows_patching(r: dict) -> list[dict]:
-    s = "patching"
-    out = []
-    names = {"resid_pre": "residual stream (layer x position)", "head_out_all_pos": "head outputs (layer x head)",
-             "head_out_by_pos": "head outputs (layer x position x head)"}
-    for key, label in names.items():
-        if f"{key}_ours_s" not in r:
-            continue
-        out.append(_row(s, f"sweep time, {label} (s)", r[f"{key}_ours_s"], r[f"{key}_tl_s"],
-                        f"peer: transformer_lens.patching; lower is better; largest absolute difference of the results "
-                        f"{r[f'{key}_max_abs_diff']:.1e}"))
-    out.append(_row(s, "attribution patching vs the full head x position sweep (s)", r["attribution_s"],
-                    r["head_by_pos_sweep_s"], "peer: interplab's activation-patching sweep; lower is better"))
-    out.append(_row(s, "attribution vs activation patching, Pearson r", r["attribution_vs_activation_r"], None,
-                    f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
-                    f"({r.get('corruption', 'swap_names')})"))
-    if "integrated_attribution_s" in r:
-        out.append(_row(s, "integrated attribution patching (5 steps) vs the full sweep (s)",
-                        r["integrated_attribution_s"], r["head_by_pos_sweep_s"],
-                        "peer: interplab's activation-patching sweep; lower is better"))
-        out.append(_row(s, "integrated attribution vs activation patching, Pearson r",
-                        r["integrated_attribution_vs_activation_r"], None,
-                        "gradient averaged along the embedding path; same prompts and heads"))
-    return out
-
 
 def rows_notebooks(r: dict) -> list[dict]:
     s, out = "notebooks", []
     for stem in r.get("all_chapters", []):
-        row = r.get(stem)
-        if row is None:
-            out.append(_row(s, f"{stem}: execution time (s)", None, None, "not run", ratio=False))
+        chapter = r.get(stem)
+        if chapter is None:
+            out.append(row(s, f"{stem}: execution time (s)", None, None, "not run", with_ratio=False))
             continue
         for kind in ("as_shipped", "solutions_injected"):
-            m = row.get(kind)
+            m = chapter.get(kind)
             if m is None:
                 continue
             what = "as shipped" if kind == "as_shipped" else "solutions injected"
-            note = f"carried over from the full run of {row['carried_over_from']}" if "carried_over_from" in row \
+            note = f"carried over from the full run of {chapter['carried_over_from']}" if "carried_over_from" in chapter \
                 else "measured in this run"
             if "error" in m:
-                out.append(_row(s, f"{stem} ({what})", None, None, f"ERROR: {m['error']}", ratio=False))
+                out.append(row(s, f"{stem} ({what})", None, None, f"ERROR: {m['error']}", with_ratio=False))
                 continue
-            out.append(_row(s, f"{stem} ({what}): execution time (s)", m["seconds"], None, note))
-            out.append(_row(s, f"{stem} ({what}): kernel peak memory (MB)", m["peak_mb"], None, note))
+            out.append(row(s, f"{stem} ({what}): execution time (s)", m["seconds"], None, note))
+            out.append(row(s, f"{stem} ({what}): kernel peak memory (MB)", m["peak_mb"], None, note))
     return out
-
-
-ROWS: dict[str, Callable[[dict], list[dict]]] = {
-    "probes": rows_probes, "lens": rows_lens, "sae": rows_sae, "transcoders": rows_transcoders,
-    "patching": rows_patching, "notebooks": rows_notebooks,
-}
 
 
 def table_rows(report: dict) -> list[dict]:
@@ -356,13 +261,13 @@ def table_rows(report: dict) -> list[dict]:
     rows = []
     for name, result in report["sections"].items():
         if "error" in result or "skipped" in result:
-            rows.append(_row(name, "(section failed)" if "error" in result else "(skipped)", None, None,
-                             result.get("error") or result.get("skipped"), ratio=False))
+            rows.append(row(name, "(section failed)" if "error" in result else "(skipped)", None, None,
+                             result.get("error") or result.get("skipped"), with_ratio=False))
             continue
         try:
-            rows.extend(ROWS[name](result))
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            rows.append(_row(name, "(unreadable result)", None, None, f"{type(e).__name__}: {e}", ratio=False))
+            rows.extend(rows_notebooks(result) if name == NOTEBOOKS else _section(name).rows(result))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            rows.append(row(name, "(unreadable result)", None, None, f"{type(e).__name__}: {e}", with_ratio=False))
     return rows
 
 
@@ -419,15 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="interplab bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter runs: within 5 minutes on 2 CPU cores")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    p.add_argument("--only", default=",".join(section_names()),
+                   help=f"comma-separated sections ({', '.join(section_names())})")
     p.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
     p.add_argument("--inject", action="store_true",
                    help="also execute every chapter with the reference solutions injected (about doubles the time)")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in sections if s not in section_names()]
     if unknown:
-        p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+        p.error(f"unknown sections {unknown}; choose from {section_names()}")
     out = Path(a.out)
     previous = None
     if (out / "benchmarks.json").exists():

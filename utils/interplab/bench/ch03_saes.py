@@ -1,7 +1,7 @@
 """Benchmark: interplab's reference SAE trainer against SAELens's, on the same activations.
 
-    python -m interplab.bench_sae                    # TopK, k=16, 768 features, 600 steps of 1024 tokens
-    python -m interplab.bench_sae --steps 200        # quicker
+    python -m interplab.bench.ch03_saes                    # TopK, k=16, 768 features, 600 steps of 1024 tokens
+    python -m interplab.bench.ch03_saes --steps 200        # quicker
 
 Both trainers see the same cached residual-stream activations of the bundled model,
 in the same order, in batches of the same size, for the same number of steps, with
@@ -21,6 +21,10 @@ import time
 
 import torch
 
+from .table import mean, row
+
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
 
 class _SAELensAsModule:
     """Lets a SAELens SAE go through interplab's metrics (which expect .cfg.hook_name, encode, decode)."""
@@ -39,8 +43,12 @@ class _SAELensAsModule:
         return self.sae.decode(self.sae.encode(x))
 
 
+# keyword arguments of run() in quick and in full mode
+QUICK = {'steps': 100, 'n_docs': 1500}
+FULL = {}
+
 def _quality(model, sae, x, ids, mask) -> dict[str, float]:
-    from .solutions.sae import explained_variance, reconstruction_metrics, spliced_loss
+    from ..solutions.ch03_saes import explained_variance, reconstruction_metrics, spliced_loss
 
     with torch.no_grad():
         f = sae.encode(x)
@@ -51,7 +59,7 @@ def _quality(model, sae, x, ids, mask) -> dict[str, float]:
             "loss_recovered": round(spliced["loss_recovered"], 4), "kl_sae": round(spliced["kl_sae"], 5)}
 
 
-def bench_sae(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int = 16, lr: float = 2e-3,
+def run(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int = 16, lr: float = 2e-3,
               n_docs: int = 12_000, threads: int | None = 2, seed: int = 0, verbose: bool = True) -> dict:
     """Train interplab's TopK SAE and SAELens's TopK SAE on the same activations; return and print both.
 
@@ -63,8 +71,8 @@ def bench_sae(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from .models import load_model
-    from .solutions.sae import DEFAULT_HOOK, SAEConfig, collect_acts, tinyworld_dataset, train_sae, training_activations
+    from ..models import load_model
+    from ..solutions.ch03_saes import DEFAULT_HOOK, SAEConfig, collect_acts, tinyworld_dataset, train_sae, training_activations
 
     if threads:
         torch.set_num_threads(threads)
@@ -123,7 +131,7 @@ def bench_sae(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.bench_sae", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch03_saes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -131,7 +139,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-k", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    print(json.dumps(bench_sae(steps=a.steps, batch_size=a.batch_size, d_sae=a.d_sae, k=a.k, threads=a.threads)))
+    print(json.dumps(run(steps=a.steps, batch_size=a.batch_size, d_sae=a.d_sae, k=a.k, threads=a.threads)))
+
+
+
+def rows(r: dict) -> list[dict]:
+    s, a, b = SECTION, r["interplab"], r["sae_lens"]
+    st = r["setup"]
+    setup = f"TopK k={st['k']}, {st['d_sae']} features, {st['steps']} steps x {st['batch_size']} tokens"
+    return [
+        row(s, "training throughput (tokens/s)", a["tokens_per_second"], b["tokens_per_second"],
+             f"peer: SAELens SAETrainer; higher is better; {setup}"),
+        row(s, "explained variance", a["explained_variance"], b["explained_variance"], "higher is better"),
+        row(s, "L0 (active features per token)", a["l0"], b["l0"], f"target k={st['k']}"),
+        row(s, "loss recovered", a["loss_recovered"], b["loss_recovered"], "higher is better"),
+    ]
 
 
 if __name__ == "__main__":
