@@ -848,6 +848,7 @@ SHIPPED = {
     "topk": "sae_tinyworld_resid1_topk",
     "standard": "sae_tinyworld_resid1_standard",
     "batchtopk": "sae_tinyworld_resid1_batchtopk",
+    "sweep": "sae_tinyworld_resid1_sweep",  # the sparsity-fidelity sweep (sweep.json), not an SAE
 }
 
 # The recipes of the shipped SAEs; `python -m interplab.solutions.ch03_saes` retrains them.
@@ -1194,7 +1195,7 @@ def sweep(model=None, steps: int = 600, n_docs: int = 12_000, progress: bool = F
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m interplab.solutions.ch03_saes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--which", nargs="*", default=list(SHIPPED), help="which shipped SAEs to retrain")
+    p.add_argument("--which", nargs="*", default=["topk", "standard", "batchtopk"], help="which shipped SAEs to retrain")
     p.add_argument("--out", type=Path, default=None, help="folder for the SAE folders (default: the package's weights)")
     p.add_argument("--sweep", action="store_true", help="run the sparsity-fidelity sweep and write sweep.json")
     p.add_argument("--evaluate", action="store_true", help="print metrics and recovery of the shipped SAEs")
@@ -1209,7 +1210,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.evaluate:
         docs, ids, mask = tinyworld_dataset(400, seed=1, split="test")
         names, labels = tinyworld_latents(docs)
-        for name in SHIPPED:
+        for name in ("topk", "standard", "batchtopk"):
             if not shipped_folder(name).is_dir():
                 continue
             sae = load_sae(name)
@@ -1219,7 +1220,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.sweep:
         rows = sweep(model)
-        folder = base / SHIPPED["topk"]
+        folder = base / SHIPPED["sweep"]
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
         write_checksums(folder)
         return

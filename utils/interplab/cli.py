@@ -7,6 +7,7 @@
     interplab check      check your own chapter notebook
     interplab exercises  list every exercise, its cases and known mistakes
     interplab bench      speed and quality figures, side by side with peer libraries
+    interplab rebuild    rebuild (or --check) every artifact trained on the bundled model
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     bn.set_defaults(func=cmd_bench)
 
+    rb = sub.add_parser("rebuild", help="rebuild (or --check) the artifacts trained on the bundled model", add_help=False)
+    rb.add_argument("rebuild_args", nargs=argparse.REMAINDER)
+
     ev = sub.add_parser("evaluate", help="capability figures of a TinyWorld model")
     ev.add_argument("--model", default="tinyworld")
     ev.add_argument("-n", type=int, default=1000)
@@ -186,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
+    if argv[:1] == ["rebuild"]:  # so does rebuild
+        from .artifacts import main as rebuild_main
+
+        return int(rebuild_main(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
