@@ -6,10 +6,15 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from ..solutions import ch05_patching as sol
-from ..solutions.ch00_orientation import answer_logit_diff
+from .. import pairs as pairs_lib
+from .. import patching
+from ..hooks import act_name
+from ..models import quiet_transformer_lens
+from ..patching import logit_diff
 from ..paths import chapter_of
+from ..solutions import ch05_patching as sol
 from . import Case, Mistake, register, shared_model
 
 CHAPTER = chapter_of(__name__)
@@ -25,10 +30,6 @@ def _gen(seed: int) -> torch.Generator:
 @functools.lru_cache(maxsize=None)
 def _tiny_model(n_layers: int = 2, seed: int = 0):
     """A small random HookedTransformer (3 heads, vocabulary of 11): cheap cases with other shapes."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from ..models import quiet_transformer_lens
-
     cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, d_head=8, n_heads=3, d_mlp=48, n_ctx=16, d_vocab=11,
                                   act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.4,
                                   device="cpu")
@@ -42,7 +43,7 @@ def _plain_metric(answer: torch.Tensor, wrong: torch.Tensor):
     """The mean (un-normalised) logit difference: a simple differentiable metric."""
 
     def metric(logits):
-        return answer_logit_diff(logits, answer, wrong).mean()
+        return logit_diff(logits, answer, wrong).mean()
 
     return metric
 
@@ -62,33 +63,33 @@ def _tiny_pair(n_layers: int, batch: int, n_pos: int, seed: int):
 @functools.lru_cache(maxsize=None)
 def _ioi(corruption: str = "swap_names", n: int = 4, seed: int = 0):
     model = shared_model()
-    pairs = sol.ioi_pairs(model, sol.sample_ioi_prompts(n, seed=seed, template=0), corruption)
-    return pairs, sol.logit_diff_metric(model, pairs)
+    pairs = sol.ioi_pairs(model, pairs_lib.sample_ioi_prompts(n, seed=seed, template=0), corruption)
+    return pairs, patching.logit_diff_metric(model, pairs)
 
 
 @functools.lru_cache(maxsize=None)
 def _induction(corruption: str = "answer", n: int = 4, seed: int = 0):
     model = shared_model()
-    seqs, reps = sol.sample_induction_prompts(n, 8, seed=seed, model=model)
+    seqs, reps = pairs_lib.sample_induction_prompts(n, 8, seed=seed, model=model)
     pairs = sol.induction_pairs(model, seqs, 5, reps, corruption)
-    return pairs, sol.logit_diff_metric(model, pairs)
+    return pairs, patching.logit_diff_metric(model, pairs)
 
 
 # --- ioi_pairs -------------------------------------------------------------------------------
 
-HAND_PROMPT = dict(template=sol.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
+HAND_PROMPT = dict(template=pairs_lib.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
                    obj="ball")
-HAND_BABA = dict(template=sol.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
+HAND_BABA = dict(template=pairs_lib.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
                  obj="key")
 
 
 def _ioi_pairs_cases():
     model = shared_model()
     cases = [Case(f"one hand-made ABBA prompt, {c}", (model, [HAND_PROMPT], c))
-             for c in sol.IOI_CORRUPTIONS]
+             for c in pairs_lib.IOI_CORRUPTIONS]
     cases.append(Case("one hand-made BABA prompt of another template, swap_names", (model, [HAND_BABA], "swap_names")))
     for seed, c in [(1, "swap_names"), (2, "swap_template"), (3, "third_name")]:
-        prompts = sol.sample_ioi_prompts(6, seed=seed, template=seed)
+        prompts = pairs_lib.sample_ioi_prompts(6, seed=seed, template=seed)
         cases.append(Case(f"6 sampled TinyWorld prompts (template {seed}), {c}", (model, prompts, c)))
     return cases
 
@@ -154,7 +155,7 @@ def _induction_cases():
         Case("cut 1 (only the first word repeats), match", (model, [hand], 1, ["zoo"], "match")),
     ]
     for seed, (length, cut, corruption) in enumerate([(8, 5, "answer"), (12, 3, "match"), (6, 4, "match")]):
-        seqs, reps = sol.sample_induction_prompts(5, length, seed=seed)
+        seqs, reps = pairs_lib.sample_induction_prompts(5, length, seed=seed)
         cases.append(Case(f"5 sampled sequences of {length} words, cut {cut}, {corruption}",
                           (model, seqs, cut, reps, corruption)))
     return cases
@@ -228,20 +229,20 @@ def _nld_cases():
 
 
 def _nld_raw(logits, answer, wrong, clean_ld, corrupted_ld):
-    return answer_logit_diff(logits, answer, wrong).mean()
+    return logit_diff(logits, answer, wrong).mean()
 
 
 def _nld_no_baseline(logits, answer, wrong, clean_ld, corrupted_ld):
-    return answer_logit_diff(logits, answer, wrong).mean() / clean_ld
+    return logit_diff(logits, answer, wrong).mean() / clean_ld
 
 
 def _nld_upside_down(logits, answer, wrong, clean_ld, corrupted_ld):
-    ld = answer_logit_diff(logits, answer, wrong).mean()
+    ld = logit_diff(logits, answer, wrong).mean()
     return (ld - clean_ld) / (corrupted_ld - clean_ld)
 
 
 def _nld_sum(logits, answer, wrong, clean_ld, corrupted_ld):
-    ld = answer_logit_diff(logits, answer, wrong).sum()
+    ld = logit_diff(logits, answer, wrong).sum()
     return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
@@ -310,9 +311,9 @@ def _lp_post(model, source_tokens, target_tokens, metric, component="resid_pre")
 
 
 def _lp_all_positions(model, source_tokens, target_tokens, metric, component="resid_pre"):
-    names = [sol.LAYER_POS_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
-    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
+    per_layer = patching.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
     return per_layer[:, None].expand(-1, target_tokens.shape[1]).clone()
 
 
@@ -353,21 +354,21 @@ def _heads_swapped(model, source_tokens, target_tokens, metric, component="z"):
 
 
 def _heads_wrong_axis(model, source_tokens, target_tokens, metric, component="z"):
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
     index = (lambda h: (slice(None), h)) if component == "pattern" else (lambda h: (h,))
     heads = min(model.cfg.n_heads, target_tokens.shape[1])
     patches = [(n, index(h)) for n in names for h in range(model.cfg.n_heads)]
     out = torch.full((len(patches),), float("nan"))
     ok = [i for i, (_, idx) in enumerate(patches) if idx[-1] < heads]
-    out[ok] = sol.run_patches(model, target_tokens, source, [patches[i] for i in ok], metric)
+    out[ok] = patching.run_patches(model, target_tokens, source, [patches[i] for i in ok], metric)
     return out.reshape(model.cfg.n_layers, model.cfg.n_heads)
 
 
 def _heads_whole_layer(model, source_tokens, target_tokens, metric, component="z"):
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
-    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
+    per_layer = patching.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
     return per_layer[:, None].expand(-1, model.cfg.n_heads).clone()
 
 
@@ -413,11 +414,11 @@ def _hp_swapped(model, source_tokens, target_tokens, metric, component="z"):
 def _hp_key_pos(model, source_tokens, target_tokens, metric, component="z"):
     if component != "pattern":
         return sol.patch_head_pos_sweep(model, source_tokens, target_tokens, metric, component)
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = [(n, (h, slice(None), p)) for n in names for p in range(n_pos) for h in range(n_heads)]
-    return sol.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return patching.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
 
 
 def _hp_transposed(model, source_tokens, target_tokens, metric, component="z"):
@@ -468,15 +469,15 @@ def _path_cases():
 
 def _pp_no_freeze(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
     layer, head = sender
-    name = f"blocks.{layer}.attn.hook_z"
-    source_z = sol.cache_activations(model, source_tokens, [name])[name]
+    name = act_name("z", layer)
+    source_z = patching.cache_activations(model, source_tokens, [name])[name]
 
     def patch_sender(z, hook):
         z = z.clone()
         z[:, :, head] = source_z[:, :, head]
         return z
 
-    names = sorted({f"blocks.{r_layer}.attn.hook_{receiver_input}" for r_layer, _ in receivers or []})
+    names = sorted({act_name(receiver_input, r_layer) for r_layer, _ in receivers or []})
     stored = {}
 
     def store(act, hook):
@@ -488,7 +489,7 @@ def _pp_no_freeze(model, source_tokens, target_tokens, metric, sender, receivers
             return metric(logits).item()
 
         def patch(act, hook):
-            r_layer_now = int(hook.name.split(".")[1])
+            r_layer_now = hook.layer()
             act = act.clone()
             for r_layer, r_head in receivers:
                 if r_layer == r_layer_now:
@@ -508,7 +509,7 @@ def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, rece
 
     def patch(act, hook):
         inp = hook.name.split("hook_")[-1]
-        layer = int(hook.name.split(".")[1])
+        layer = hook.layer()
         act = act.clone()
         for r_layer, r_head in receivers:
             if r_layer == layer:
@@ -523,9 +524,9 @@ def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, rece
 def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receiver_input):
     """Step 1 of path patching: the receivers' inputs with the sender patched and other heads frozen."""
     s_layer, s_head = sender
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    target_z = sol.cache_activations(model, target_tokens, z_names)
-    source_z = sol.cache_activations(model, source_tokens, z_names)
+    z_names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
+    target_z = patching.cache_activations(model, target_tokens, z_names)
+    source_z = patching.cache_activations(model, source_tokens, z_names)
 
     def freeze(z, hook):
         new = target_z[hook.name].clone()
@@ -533,7 +534,7 @@ def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receive
             new[:, :, s_head] = source_z[hook.name][:, :, s_head]
         return new
 
-    names = sorted({f"blocks.{layer}.attn.hook_{receiver_input}" for layer, _ in receivers})
+    names = sorted({act_name(receiver_input, layer) for layer, _ in receivers})
     stored = {}
 
     def store(act, hook):
@@ -601,8 +602,8 @@ def _attr_cases():
 
 def _attr_clean_grad(model, clean_tokens, corrupted_tokens, metric, component="z"):
     """Gradient taken on the clean run instead of the corrupted one."""
-    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    corrupted = sol.cache_activations(model, corrupted_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    corrupted = patching.cache_activations(model, corrupted_tokens, names)
     acts = {}
 
     def keep(act, hook):
@@ -619,7 +620,7 @@ def _attr_sign(model, clean_tokens, corrupted_tokens, metric, component="z"):
 
 
 def _attr_grad_only(model, clean_tokens, corrupted_tokens, metric, component="z"):
-    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     acts = {}
 
     def keep(act, hook):
@@ -680,17 +681,17 @@ def _ablated_ratio(model, tokens, answer, wrong, ablate_heads, value_of):
     """ld with the heads `ablate_heads` replaced by value_of(hook_name) [.., head, d_head], over ld of the model."""
 
     def hook(z, hook):
-        layer = int(hook.name.split(".")[1])
+        layer = hook.layer()
         z = z.clone()
         for (l, h) in ablate_heads:
             if l == layer:
                 z[:, :, h] = value_of(hook.name, z)[..., h, :]
         return z
 
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
-        full = answer_logit_diff(model(tokens), answer, wrong).mean()
-        kept = answer_logit_diff(model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names]), answer, wrong).mean()
+        full = logit_diff(model(tokens), answer, wrong).mean()
+        kept = logit_diff(model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names]), answer, wrong).mean()
     return (kept / full).item()
 
 
@@ -700,8 +701,8 @@ def _complement(model, circuit):
 
 
 def _means(model, tokens, over=(0,)):
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    return {n: z.mean(dim=over) for n, z in sol.cache_activations(model, tokens, names).items()}
+    names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
+    return {n: z.mean(dim=over) for n, z in patching.cache_activations(model, tokens, names).items()}
 
 
 def _faith_zero(model, tokens, answer, wrong, circuit, mean_tokens):
