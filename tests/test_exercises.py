@@ -7,6 +7,7 @@ still a stub, and notebooks and the registry list the same exercises.
 import ast
 import inspect
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,54 @@ def test_notebook_stub_matches_the_reference(repo, name):
 def test_every_checked_function_in_a_notebook_is_registered(repo):
     unknown = set(_notebook_definitions(repo)) - set(EXERCISES)
     assert not unknown, f"notebooks check functions that are not registered exercises: {unknown}"
+
+
+def test_a_mistake_declared_as_an_edit_of_the_reference():
+    """Mistake.edit builds the wrong function from the reference's source; a stale edit fails loudly."""
+    import torch
+
+    from interplab.exercises import Mistake
+    from interplab.solutions import ch00_orientation as sol
+
+    m = Mistake.edit("zeroes the wrong axis", sol.ablate_head, "out[:, :, head, :]", "out[:, head, :, :]", "hint")
+    z = torch.ones(1, 3, 3, 2)
+    assert m.fn.__name__ == "ablate_head" and m.hint == "hint"
+    assert torch.equal(sol.ablate_head(z, 1)[0, :, 1], torch.zeros(3, 2))  # the reference: head 1 zeroed
+    assert torch.equal(m.fn(z, 1)[0, 1], torch.zeros(3, 2))  # the edit: position 1 zeroed instead
+    assert not torch.equal(m.fn(z, 1), sol.ablate_head(z, 1))
+    with pytest.raises(ValueError, match="found it 0 time"):
+        Mistake.edit("gone", sol.ablate_head, "this text is not in the reference", "x", "hint")
+
+
+def test_a_new_chapter_module_is_discovered_without_a_registry_edit(tmp_path, monkeypatch):
+    """Drop a throwaway chNN_slug spec module into the package: load_all finds it by its name."""
+    import importlib
+    import sys
+
+    import interplab.exercises as E
+
+    import interplab.bench as B
+
+    path = Path(E.__file__).parent / "ch99_throwaway.py"
+    bench_path = Path(B.__file__).parent / "ch99_throwaway.py"
+    bench_path.write_text("QUICK = {}\nFULL = {}\n\ndef run():\n    return {}\n\ndef rows(result):\n    return []\n")
+    path.write_text(
+        "from ..paths import chapter_of\n"
+        "from . import Case, register\n\n"
+        "def throwaway_square(x):\n    return x * x\n\n"
+        "register('throwaway_square', chapter_of(__name__), throwaway_square, lambda: [Case('2', (2,))])\n"
+    )
+    try:
+        E.load_all.cache_clear()
+        assert "ch99_throwaway" in E.chapter_modules()
+        E.load_all()
+        assert E.get("throwaway_square").chapter == "99_throwaway"
+        assert run("throwaway_square", lambda x: x * x).passed
+        assert "throwaway" in B.section_names()  # its benchmark section is found the same way
+    finally:
+        path.unlink()
+        bench_path.unlink()
+        E.REGISTRY.pop("throwaway_square", None)
+        sys.modules.pop("interplab.exercises.ch99_throwaway", None)
+        E.load_all.cache_clear()
+        importlib.invalidate_caches()
