@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from interplab.hooks import act_name
-from interplab.pairs import INDUCTION_CORRUPTIONS, IOI_CORRUPTIONS, name_token_id
-from interplab.patching import HEAD_COMPONENTS, LAYER_POS_COMPONENTS, Metric, cache_activations, validate_path
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from interplab.hooks import act_name, layer_of
+from interplab.pairs import INDUCTION_CORRUPTIONS, IOI_CORRUPTIONS, name_token_id
+from interplab.patching import HEAD_COMPONENTS, LAYER_POS_COMPONENTS, Metric, cache_activations, validate_path
 
 # --- prompt pairs ---------------------------------------------------------------------------
 
@@ -165,12 +166,6 @@ def _rows_per_pass(model, batch: int, n_pos: int, max_elements: float = 6e7) -> 
     return max(1, int(max_elements // (batch * n_pos * widest)))
 
 
-def _layer_of(name: str) -> int | None:
-    """The block a hook point belongs to (None for the embeddings and the final layer norm)."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" else None
-
-
 def _run_patches(
     model,
     target_tokens: Int[Tensor, "batch pos"],
@@ -196,11 +191,11 @@ def _run_patches(
     target_tokens = target_tokens.to(device)
     batch, n_pos = target_tokens.shape
     per_pass = max_patches_per_pass or _rows_per_pass(model, batch, n_pos)
-    layers = sorted({_layer_of(name) for name, _ in patches if _layer_of(name) is not None})
+    layers = sorted({layer_of(name) for name, _ in patches if layer_of(name) is not None})
     starts = cache_activations(model, target_tokens, [act_name("resid_pre", layer) for layer in layers])
     groups: dict[int | None, list[int]] = {}
     for i, (name, _) in enumerate(patches):
-        groups.setdefault(_layer_of(name), []).append(i)
+        groups.setdefault(layer_of(name), []).append(i)
     results = torch.zeros(len(patches))
     with torch.no_grad():
         for layer, members in groups.items():
@@ -211,7 +206,7 @@ def _run_patches(
                     name, index = patches[i]
                     by_hook.setdefault(name, []).append((k, index))
 
-                def hook(act, hook):
+                def hook(act, hook, chunk=chunk, by_hook=by_hook):
                     rows = act.view(len(chunk), batch, *act.shape[1:])
                     src = source[hook.name]
                     for k, index in by_hook[hook.name]:

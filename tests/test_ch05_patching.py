@@ -4,12 +4,12 @@ patching against activation patching, and the properties the chapter relies on."
 from __future__ import annotations
 
 import contextlib
-import io
-
 import inspect
+import io
 
 import pytest
 import torch
+
 from interplab import circuits as C
 from interplab import exercises, grading
 from interplab import pairs as PR
@@ -17,7 +17,6 @@ from interplab import patching as P
 from interplab.grading.core import expected_outputs, fresh
 from interplab.hooks import act_name
 from interplab.solutions import ch05_patching as sol
-
 
 # The library's own implementation of each exercise the library needs (the answer key holds the learner-facing one).
 LIBRARY_VERSION = {

@@ -18,6 +18,10 @@ Vocabulary used throughout:
 The sweeps batch many patches into one forward pass: the target prompts are repeated
 once per patch, and each hook edits only its own copy. This gives the same numbers as
 one forward pass per patch (as TransformerLens does) in a fraction of the time.
+
+Chapter 05's exercises ask learners to write some of these functions (the metric, the sweeps,
+`path_patch`, `attribution_patch`); the answer key (`interplab.solutions.ch05_patching`) holds
+their learner-facing references, and tests/test_ch05_patching.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import act_name
+from .hooks import act_name, layer_of
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -118,12 +122,6 @@ def _rows_per_pass(model, batch: int, n_pos: int, max_elements: float = 6e7) -> 
     return max(1, int(max_elements // (batch * n_pos * widest)))
 
 
-def _layer_of(name: str) -> int | None:
-    """The block a hook point belongs to (None for the embeddings and the final layer norm)."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" else None
-
-
 def run_patches(
     model,
     target_tokens: Int[Tensor, "batch pos"],
@@ -149,11 +147,11 @@ def run_patches(
     target_tokens = target_tokens.to(device)
     batch, n_pos = target_tokens.shape
     per_pass = max_patches_per_pass or _rows_per_pass(model, batch, n_pos)
-    layers = sorted({_layer_of(name) for name, _ in patches if _layer_of(name) is not None})
+    layers = sorted({layer_of(name) for name, _ in patches if layer_of(name) is not None})
     starts = cache_activations(model, target_tokens, [act_name("resid_pre", layer) for layer in layers])
     groups: dict[int | None, list[int]] = {}
     for i, (name, _) in enumerate(patches):
-        groups.setdefault(_layer_of(name), []).append(i)
+        groups.setdefault(layer_of(name), []).append(i)
     results = torch.zeros(len(patches))
     with torch.no_grad():
         for layer, members in groups.items():
@@ -164,7 +162,7 @@ def run_patches(
                     name, index = patches[i]
                     by_hook.setdefault(name, []).append((k, index))
 
-                def hook(act, hook):
+                def hook(act, hook, chunk=chunk, by_hook=by_hook):
                     rows = act.view(len(chunk), batch, *act.shape[1:])
                     src = source[hook.name]
                     for k, index in by_hook[hook.name]:
@@ -411,7 +409,7 @@ def path_patch_sweep(
             n = len(chunk)
             tokens = target_tokens.repeat(n, 1)
 
-            def freeze(z, hook):
+            def freeze(z, hook, n=n, chunk=chunk):
                 layer = hook.layer()
                 new = target_z[hook.name].repeat(n, 1, 1, 1).view(n, batch, *z.shape[1:])
                 for k, (s_layer, s_head) in enumerate(chunk):
@@ -421,13 +419,13 @@ def path_patch_sweep(
 
             stored: dict[str, Tensor] = {}
 
-            def store(act, hook):
+            def store(act, hook, stored=stored):
                 stored[hook.name] = act.clone()
 
             logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, freeze) for nm in z_names]
                                           + [(nm, store) for nm in receiver_names])
             if receivers is not None:
-                def patch_receivers(act, hook):
+                def patch_receivers(act, hook, stored=stored):
                     layer = hook.layer()
                     act = act.clone()
                     for r_layer, r_head in receivers:
@@ -542,7 +540,7 @@ def integrated_attribution_patch(
             # a leaf that requires grad, so that even the embeddings' own sum (resid_pre 0) has a gradient
             return (corrupted[hook.name] + alpha * (clean[hook.name] - corrupted[hook.name])).requires_grad_(True)
 
-        def keep(act, hook):
+        def keep(act, hook, acts=acts):
             acts[hook.name] = act
 
         with torch.enable_grad():

@@ -72,7 +72,7 @@ def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: i
     for name, (ours, theirs) in sweeps.items():
         a, t_ours = _timed(ours, repeat)
         with contextlib.redirect_stderr(io.StringIO()):  # TransformerLens's progress bars
-            b, t_tl = _timed(lambda: theirs().cpu(), repeat)
+            b, t_tl = _timed(lambda theirs=theirs: theirs().cpu(), repeat)
         results[name] = a
         out[f"{name}_ours_s"] = round(t_ours, 4)
         out[f"{name}_tl_s"] = round(t_tl, 4)
