@@ -24,6 +24,10 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
+from .. import tinyworld
+from ..models import load_model
 from ..paths import MODULE_NAME, chapter_of
 
 
@@ -137,17 +141,13 @@ def get(name: str) -> Exercise:
     return REGISTRY[name]
 
 
-def gen(seed: int):
+def gen(seed: int) -> torch.Generator:
     """A seeded CPU random generator for building cases (one per case builder, so cases never depend on order)."""
-    import torch
-
     return torch.Generator().manual_seed(seed)
 
 
 def model_tokens(n: int = 6, seed: int = 0, split: str = "test"):
     """Token ids [n, pos] of ``n`` TinyWorld documents (padded, with <bos>), for cases on the bundled model."""
-    from .. import tinyworld
-
     ids, _ = tinyworld.batch_tokens(tinyworld.generate(n, seed=seed, split=split))
     return ids
 
@@ -155,6 +155,4 @@ def model_tokens(n: int = 6, seed: int = 0, split: str = "test"):
 @functools.lru_cache(maxsize=None)
 def shared_model():
     """The bundled TinyWorld model on CPU, loaded once for all exercise cases."""
-    from ..models import load_model
-
     return load_model("tinyworld", device="cpu")
