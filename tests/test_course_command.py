@@ -108,15 +108,19 @@ def test_main_skips_the_installer_when_ready(tmp_path, monkeypatch, capsys):
     "stamp, reason",
     [
         ("{not json", "has no valid set-up stamp"),
-        (json.dumps({"inputs": "0" * 64, "root": str(REPO), "python": list(sys.version_info[:2])}),
-         "pyproject.toml or the set-up recipe changed"),
+        (
+            json.dumps({"inputs": "0" * 64, "root": str(REPO), "python": list(sys.version_info[:2])}),
+            "pyproject.toml or the set-up recipe changed",
+        ),
         ("OTHER_ROOT", "was set up for another clone or another Python"),
     ],
 )
 def test_a_broken_or_stale_stamp_is_repaired_with_one_line(tmp_path, capsys, stamp, reason):
     env = ThisPythonEnv(tmp_path, own=True, why="test")
     if stamp == "OTHER_ROOT":
-        stamp = json.dumps({"inputs": course.inputs_hash(), "root": "/elsewhere/interplab", "python": _python_version()})
+        stamp = json.dumps(
+            {"inputs": course.inputs_hash(), "root": "/elsewhere/interplab", "python": _python_version()}
+        )
     env.stamp.write_text(stamp)
     installer = Installs()
     assert course.ensure(env, installer=installer) is True
@@ -202,20 +206,35 @@ def test_a_broken_environment_is_reported_in_one_line_by_the_command(tmp_path):
     env = dict(os.environ, INTERPLAB_VENV=str(venv), INTERPLAB_NO_SETUP="1")
     env.pop("VIRTUAL_ENV", None)
     env.pop("CONDA_PREFIX", None)
-    r = subprocess.run([sys.executable, str(COURSE), "test"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(COURSE), "test"], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "has no Python" in r.stderr and "INTERPLAB_NO_SETUP" in r.stderr, r.stderr
 
 
 def test_unknown_setup_options_are_refused():
-    r = subprocess.run([sys.executable, str(COURSE), "setup", "--frce"], check=False, env=_launcher_env(),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(COURSE), "setup", "--frce"],
+        check=False,
+        env=_launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--frce" in r.stderr
 
 
 def test_course_test_runs_pytest_in_the_clone_and_passes_arguments(tmp_path):
-    r = subprocess.run([sys.executable, str(COURSE), "test", "--collect-only", "-q", "tests/test_cli.py"],
-                       check=False, cwd=tmp_path, env=_launcher_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(COURSE), "test", "--collect-only", "-q", "tests/test_cli.py"],
+        check=False,
+        cwd=tmp_path,
+        env=_launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "tests/test_cli.py::test_lab_opens_jupyterlab_on_the_chapters" in r.stdout
 
@@ -254,16 +273,32 @@ def _group_alive(pgid: int) -> bool:
 @pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX")
 def test_course_lab_opens_jupyterlab_on_the_chapters(tmp_path):
     port, token = _free_port(), "interplab-test-token"
-    env = _launcher_env(JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-                        JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
-    cmd = [sys.executable, str(COURSE), "lab", "--no-browser", "--port", str(port), "--ServerApp.port_retries=0",
-           "--ServerApp.ip=127.0.0.1"]
+    env = _launcher_env(
+        JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config")
+    )
+    cmd = [
+        sys.executable,
+        str(COURSE),
+        "lab",
+        "--no-browser",
+        "--port",
+        str(port),
+        "--ServerApp.port_retries=0",
+        "--ServerApp.ip=127.0.0.1",
+    ]
     log = tmp_path / "lab.log"
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     url = f"http://127.0.0.1:{port}/api/contents?token={token}"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         listing, deadline = None, time.monotonic() + 60
         while listing is None and time.monotonic() < deadline:
@@ -274,7 +309,9 @@ def test_course_lab_opens_jupyterlab_on_the_chapters(tmp_path):
                     listing = json.loads(resp.read())
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
-        assert listing is not None, f"JupyterLab did not answer on 127.0.0.1:{port} within 60 s:\n{log.read_text()[-3000:]}"
+        assert listing is not None, (
+            f"JupyterLab did not answer on 127.0.0.1:{port} within 60 s:\n{log.read_text()[-3000:]}"
+        )
         names = {item["name"] for item in listing["content"]}
         assert "00_orientation.ipynb" in names, names  # it serves the chapters folder
         with no_proxy.open(f"http://127.0.0.1:{port}/lab?token={token}", timeout=10) as resp:
