@@ -127,8 +127,8 @@ def to_saelens(module):
         "jumprelu_skip_transcoder": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig),
     }
     sae_cls, cfg_cls = classes[arch]
-    kwargs = dict(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype="float32", device=str(module.W_enc.device),
-                  apply_b_dec_to_input=cfg.apply_b_dec_to_input, metadata=SAEMetadata(**_metadata(cfg)))
+    kwargs = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": str(module.W_enc.device),
+                  "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "metadata": SAEMetadata(**_metadata(cfg))}
     if cfg.is_transcoder:
         kwargs["d_out"] = cfg.d_out
     if arch == "topk":
