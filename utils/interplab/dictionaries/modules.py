@@ -84,11 +84,13 @@ class SparseDictionary(HookedRootModule):
     KIND = "a sparse dictionary"
     CONFIG: type[SAEConfig] = SAEConfig
     TIED_INIT = False
+    IS_TRANSCODER = False
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
-        if not isinstance(cfg, self.CONFIG):
-            raise TypeError(f"{type(self).__name__} takes a {self.CONFIG.__name__}, got {type(cfg).__name__}")
+        if not isinstance(cfg, self.CONFIG) or cfg.is_transcoder is not self.IS_TRANSCODER:
+            raise TypeError(f"{type(self).__name__} takes a {self.CONFIG.__name__}, got {type(cfg).__name__} "
+                            f"(build an SAE from an SAEConfig, a Transcoder from a TranscoderConfig)")
         self.cfg = cfg
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
         W_dec = torch.randn(d_sae, d_out, generator=generator)
@@ -257,6 +259,7 @@ class Transcoder(SparseDictionary):
 
     KIND = "a transcoder"
     CONFIG = TranscoderConfig
+    IS_TRANSCODER = True
 
     def extra_repr(self) -> str:
         c = self.cfg
