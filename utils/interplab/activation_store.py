@@ -365,8 +365,6 @@ def tinyworld_token_dataset(n_docs: int, context_size: int = 128, seed: int = 0,
     `context_size`-token windows, documents (each starting with <bos>) packed end to end."""
     from datasets import Dataset
 
-    from . import tinyworld
-
     ids, mask = tinyworld.batch_tokens(tinyworld.generate(n_docs, seed=seed, split=split))
     stream = torch.cat([row[keep] for row, keep in zip(ids, mask)])
     n = len(stream) // context_size * context_size
