@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 
 import torch
-from interplab.dictionaries import SAE, SAEConfig
-from interplab.dictionaries.latents import average_ranks
-from interplab.dictionaries.training import resample_sae_
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from interplab.dictionaries import SAE, SAEConfig
+from interplab.dictionaries.latents import average_ranks
+from interplab.dictionaries.training import resample_sae_
 
 
 def sae_encode(

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from interplab.dictionaries import Transcoder, mlp_in_hook, mlp_out_hook
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from interplab.dictionaries import Transcoder, mlp_in_hook, mlp_out_hook
 
 
 def transcoder_forward(
