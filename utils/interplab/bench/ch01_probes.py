@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+from .. import probes, tinyworld
+from ..models import load_model
 from .table import mean, row
 
 SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
@@ -43,23 +45,19 @@ def run(n_docs: int = 600, weight_decay: float = 3e-3, steps: int = 200, seed: i
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the benchmark compares with scikit-learn: pip install scikit-learn") from e
 
-    from .. import tinyworld
-    from ..models import load_model
-    from ..solutions import ch01_probes as P
-
     model = load_model("tinyworld", device="cpu")
     docs = tinyworld.generate(n_docs, seed=seed, split="test", families=["rooms"])
-    ex, acts = P.latent_dataset(model, docs, "room")["question"]
-    is_test = P.document_split(ex["doc"], 0.25, seed=seed)
+    ex, acts = probes.latent_dataset(model, docs, "room")["question"]
+    is_test = probes.document_split(ex["doc"], 0.25, seed=seed)
     y = ex["label"]
     out = {"torch_seconds": 0.0, "sklearn_seconds": 0.0, "torch_accuracy": [], "sklearn_accuracy": [],
-           "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()), "hooks": P.resid_hook_names(model)}
+           "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()), "hooks": probes.resid_hook_names(model)}
     for x in acts:
-        x_tr, x_te = P.standardize(x[~is_test], x[is_test])
+        x_tr, x_te = probes.standardize(x[~is_test], x[is_test])
         t0 = time.perf_counter()
-        W, b = P.train_probe(x_tr, y[~is_test], len(tinyworld.ROOMS), weight_decay=weight_decay, steps=steps)
+        W, b = probes.train_probe(x_tr, y[~is_test], len(tinyworld.ROOMS), weight_decay=weight_decay, steps=steps)
         out["torch_seconds"] += time.perf_counter() - t0
-        out["torch_accuracy"].append(P.probe_accuracy(W, b, x_te, y[is_test]))
+        out["torch_accuracy"].append(probes.probe_accuracy(W, b, x_te, y[is_test]))
         t0 = time.perf_counter()
         clf = LogisticRegression(C=1.0 / (2 * weight_decay * len(x_tr)), max_iter=5000)
         clf.fit(x_tr.numpy(), y[~is_test].numpy())

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import time
 
-from .table import mean, row
+import torch
+
+from .. import lenses
+from ..models import load_model
+from .table import row
 
 SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 
@@ -32,21 +36,16 @@ def run(threads: int = 1, eval_docs: int = 500) -> dict:
         "kl_logit", "kl_tuned", "ce_logit", "ce_tuned", ...}: one value per read-out point
         for the per-point lists.
     """
-    import torch
-
-    from ..models import load_model
-    from ..solutions import ch02_lenses as L
-
     model = load_model("tinyworld", device="cpu")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         c0, t0 = time.process_time(), time.perf_counter()
-        tuned, info = L.train_tuned_lens(model, progress=False)
+        tuned, info = lenses.train_tuned_lens(model, progress=False)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
-    metrics = L.evaluate_lenses(model, tuned, L.lens_docs(eval_docs, seed=0, split="test"))
+    metrics = lenses.evaluate_lenses(model, tuned, lenses.lens_docs(eval_docs, seed=0, split="test"))
     return {"train_seconds_wall": round(wall, 2),
             "train_seconds_cpu": round(cpu, 2),
             "threads": threads, "n_train_positions": info["n_positions"], "steps": info["steps"], **metrics}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from ..solutions import ch00_orientation as sol
+from .. import tinyworld
+from ..hooks import act_name
 from ..paths import chapter_of
+from ..solutions import ch00_orientation as sol
 from . import Case, Mistake, register, shared_model
 
 CHAPTER = chapter_of(__name__)
@@ -16,8 +20,6 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _model_batch(n: int = 6, seed: int = 0):
-    from .. import tinyworld
-
     docs = tinyworld.generate(n, seed=seed, split="test")
     ids, _ = tinyworld.batch_tokens(docs)
     return ids
@@ -67,8 +69,6 @@ register(
 
 def _logit_diff_cases():
     model = shared_model()
-    from .. import tinyworld
-
     g = _gen(1)
     cases = [
         Case("one prompt, vocab 4", (torch.tensor([[[0.0, 1.0, 2.0, 3.0], [5.0, 1.0, -2.0, 0.5]]]),
@@ -77,8 +77,6 @@ def _logit_diff_cases():
                                                          torch.randint(0, 9, (5,), generator=g),
                                                          torch.randint(0, 9, (5,), generator=g))),
     ]
-    from collections import Counter
-
     pool = tinyworld.generate(60, seed=3, split="test", families=["ioi"])
     length = Counter(d.meta["answer_position"] for d in pool).most_common(1)[0][0]
     docs = [d for d in pool if d.meta["answer_position"] == length][:6]
@@ -132,7 +130,7 @@ def _prev_cases():
     ids = _model_batch(1, seed=4)
     _, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
     for layer in range(model.cfg.n_layers):
-        cases.append(Case(f"TinyWorld layer {layer} patterns", (cache[f"blocks.{layer}.attn.hook_pattern"][0],)))
+        cases.append(Case(f"TinyWorld layer {layer} patterns", (cache[act_name("pattern", layer)][0],)))
     return cases
 
 
@@ -203,7 +201,7 @@ def _wrong_layer(model, tokens, layer, head):
 
 
 def _whole_layer(model, tokens, layer, head):
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", lambda z, hook: z * 0)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(act_name("z", layer), lambda z, hook: z * 0)])
     return sol.per_token_loss(logits, tokens).mean().item()
 
 

@@ -7,9 +7,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import probes, tinyworld
+from ..hooks import act_name
+from ..paths import chapter_of
 from ..solutions import ch01_probes as sol
 from ..tinyworld import ROOMS, Doc
-from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
 CHAPTER = chapter_of(__name__)
@@ -21,8 +23,6 @@ def _gen(seed: int) -> torch.Generator:
 
 @functools.cache
 def _docs(n: int, seed: int, families: tuple[str, ...]) -> tuple[Doc, ...]:
-    from .. import tinyworld
-
     return tuple(tinyworld.generate(n, seed=seed, split="test", families=list(families)))
 
 
@@ -56,10 +56,8 @@ def _labels_cases():
 
 
 def _labels_token_ids(docs):
-    from ..tinyworld import token_id
-
     doc, pos, label, person = sol.room_query_labels(docs)
-    ids = torch.tensor([token_id(ROOMS[int(c)]) for c in label], dtype=torch.long)
+    ids = torch.tensor([tinyworld.token_id(ROOMS[int(c)]) for c in label], dtype=torch.long)
     return doc, pos, ids, person
 
 
@@ -166,7 +164,7 @@ register(
 def _real_room_features(n_docs: int = 24):
     docs = list(_docs(n_docs, 5, ("rooms",)))
     doc, pos, label, _ = sol.room_query_labels(docs)
-    acts = sol.residual_dataset(shared_model(), docs, doc, pos)
+    acts = probes.residual_dataset(shared_model(), docs, doc, pos)
     return acts[2], label
 
 
@@ -300,8 +298,6 @@ register(
 
 @functools.cache
 def _model_sentiment_scores():
-    from .. import tinyworld
-
     docs = list(_docs(40, 6, ("reviews",)))
     ids, _ = tinyworld.batch_tokens(docs)
     pos = torch.tensor([d.answer_positions[-1] for d in docs])
@@ -407,8 +403,6 @@ register(
 
 @functools.cache
 def _edit_batch():
-    from .. import tinyworld
-
     docs = list(_docs(6, 8, ("rooms",)))
     ids, _ = tinyworld.batch_tokens(docs)
     pos = torch.tensor([d.answer_positions[0] for d in docs])  # the name of the first question
@@ -417,8 +411,6 @@ def _edit_batch():
 
 def _edit_cases():
     model = shared_model()
-    from .. import tinyworld
-
     ids, pos = _edit_batch()
     d = model.cfg.d_model
     g = _gen(60)
@@ -437,10 +429,10 @@ def _edit_cases():
 
 
 def _edit_impl(model, tokens, layer, positions, direction, mode="add", alpha=1.0, *, every_position=False,
-               hook_name=None, normalise=True, read_last=False):
+               hook="resid_post", normalise=True, read_last=False):
     rows = torch.arange(tokens.shape[0])
 
-    def hook(resid, hook):
+    def edit(resid, hook):
         resid = resid.clone()
         v = resid if every_position else resid[rows, positions]
         if mode == "add":
@@ -455,8 +447,7 @@ def _edit_impl(model, tokens, layer, positions, direction, mode="add", alpha=1.0
         resid[rows, positions] = v
         return resid
 
-    name = hook_name or f"blocks.{layer}.hook_resid_post"
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(name.format(layer=layer), hook)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(act_name(hook, layer), edit)])
     return logits[:, -1] if read_last else logits[rows, positions]
 
 
@@ -473,7 +464,7 @@ register(
         Mistake("every position edited", _mk_edit(every_position=True),
                 "Edit only the vector at (b, positions[b]) of each row: resid[rows, positions], with "
                 "rows = torch.arange(batch). Editing every position also changes the context."),
-        Mistake("resid_pre", _mk_edit(hook_name="blocks.{layer}.hook_resid_pre"),
+        Mistake("resid_pre", _mk_edit(hook="resid_pre"),
                 "Edit AFTER block `layer`: the hook is f'blocks.{layer}.hook_resid_post' (hook_resid_pre is before it)."),
         Mistake("projection without normalising", _mk_edit(normalise=False),
                 "Project out the UNIT vector u = direction / direction.norm(): v - (v . u) u. With an unnormalised "

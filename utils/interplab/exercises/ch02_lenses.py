@@ -11,8 +11,9 @@ import functools
 
 import torch
 
-from ..solutions import ch02_lenses as sol
+from .. import lenses, tinyworld
 from ..paths import chapter_of
+from ..solutions import ch02_lenses as sol
 from . import Case, Mistake, register, shared_model
 
 CHAPTER = chapter_of(__name__)
@@ -51,8 +52,6 @@ def _tiny_tokens(batch: int, pos: int, seed: int) -> torch.Tensor:
 @functools.cache
 def _tinyworld_batch(n: int = 3, seed: int = 0):
     """Token ids and mask of a few TinyWorld test documents (right-padded)."""
-    from .. import tinyworld
-
     docs = tinyworld.generate(n, seed=seed, split="test")
     return tinyworld.batch_tokens(docs)
 
@@ -83,7 +82,7 @@ def _logit_lens_cases():
 
 
 def _stack(model, tokens, incl_mid, first="blocks.0.hook_resid_pre"):
-    names = sol.lens_hook_names(model.cfg.n_layers, incl_mid)
+    names = lenses.lens_hook_names(model.cfg.n_layers, incl_mid)
     _, cache = model.run_with_cache(tokens)
     return torch.stack([cache[first if i == 0 else n] for i, n in enumerate(names)]), cache
 
@@ -309,7 +308,7 @@ def _tuned_cases():
     tiny = _tiny_model()
     model = shared_model()
     ids, _ = _tinyworld_batch(2, seed=1)
-    resid = sol.residual_stack(model, ids)[:-1]
+    resid = lenses.residual_stack(model, ids)[:-1]
     d = model.cfg.d_model
     return [
         Case("random model, A = b = 0 (the logit lens)",
@@ -375,12 +374,12 @@ def _loss_cases():
     model = shared_model()
     tiny_ids = _tiny_tokens(2, 6, 4)
     with torch.no_grad():
-        tiny_resid = sol.residual_stack(tiny, tiny_ids)[:-1]
+        tiny_resid = lenses.residual_stack(tiny, tiny_ids)[:-1]
         tiny_final = tiny(tiny_ids)
     tiny_mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     ids, mask = _tinyworld_batch(2, seed=2)
     with torch.no_grad():
-        resid = sol.residual_stack(model, ids)[:-1]
+        resid = lenses.residual_stack(model, ids)[:-1]
         final = model(ids)
     d, n = model.cfg.d_model, resid.shape[0]
     flat_resid, flat_final = resid[:, mask], final[mask]
