@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from interplab import artifacts, grading
 from interplab import lenses as L
 from interplab.exercises import get
@@ -237,7 +236,7 @@ def test_lenses_and_a_short_tuned_lens_run_on_a_gpt2_shaped_model(gpt2_shaped):
     from interplab import tinyworld
 
     n_points = gpt2_shaped.cfg.n_layers + 1
-    ids, mask = L.lens_batch(gpt2_shaped, tinyworld.generate(4, seed=4, split="test"))
+    ids, _ = L.lens_batch(gpt2_shaped, tinyworld.generate(4, seed=4, split="test"))
     ll = sol.logit_lens(gpt2_shaped, ids).detach()
     assert ll.shape == (n_points, *ids.shape, gpt2_shaped.cfg.d_vocab)
     assert torch.allclose(ll[-1], gpt2_shaped(ids).detach(), atol=1e-4)  # the last point is the model
