@@ -17,7 +17,7 @@ The `TunedLens` module, its training, evaluation and the shipped translators liv
 from __future__ import annotations
 
 import torch
-from interplab.hooks import act_name
+from interplab import hooks
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -42,11 +42,11 @@ def logit_lens(model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False) 
         Logits for every read-out point: n_layers + 1 points (2 * n_layers + 1 with
         ``incl_mid``). The last point is the model's own output logits.
     """
-    names = [act_name("resid_pre", 0)]
+    names = [hooks.act_name("resid_pre", 0)]
     for layer in range(model.cfg.n_layers):
         if incl_mid:
-            names.append(act_name("resid_mid", layer))
-        names.append(act_name("resid_post", layer))
+            names.append(hooks.act_name("resid_mid", layer))
+        names.append(hooks.act_name("resid_post", layer))
     _, cache = model.run_with_cache(tokens, names_filter=names)
     resid = torch.stack([cache[name] for name in names])
     return model.unembed(model.ln_final(resid))

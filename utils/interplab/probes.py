@@ -239,6 +239,9 @@ def raw_space_probe(x_train: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_class
     return W / std[:, None], b - (mean / std) @ W
 
 
+# --- causal tests: steering and ablating along probe directions ------------------------------------------
+
+
 def random_like(direction: Float[Tensor, " d"], seed: int = 0) -> Float[Tensor, " d"]:
     """A random direction (isotropic Gaussian) with the same norm as `direction`."""
     g = torch.Generator().manual_seed(seed)
@@ -343,6 +346,9 @@ def ablated_accuracy(model, tokens: Int[Tensor, "batch pos"], positions: Int[Ten
 
     answers = _answers(model, tokens, positions, class_tokens, act_name("resid_post", layer), project_out)
     return (answers == labels).float().mean().item()
+
+
+# --- examples as any model's tokens ---------------------------------------------------------------------
 
 
 def prefix_tokens(model, docs: Sequence[Doc], doc: Int[Tensor, " n"],
