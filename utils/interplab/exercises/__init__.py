@@ -18,10 +18,16 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import pkgutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
+from .. import tinyworld
+from ..models import load_model
 from ..paths import MODULE_NAME, chapter_of
 
 
@@ -42,6 +48,26 @@ class Mistake:
     name: str
     fn: Callable
     hint: str
+
+    @classmethod
+    def edit(cls, name: str, reference: Callable, old: str, new: str, hint: str, count: int = 1) -> Mistake:
+        """A known mistake declared as a small change of the reference: its source with ``old`` replaced by ``new``.
+
+        The edited function runs in (a copy of) the reference module's globals, so it sees the
+        same imports and helpers. ``old`` must occur exactly ``count`` times in the reference's
+        source: a reference that changes under the spec fails loudly at registration instead of
+        silently testing a mistake that no longer differs from it.
+
+            Mistake.edit("no ReLU", sol.sae_encode, "torch.relu(", "(", "Apply ReLU ...")
+        """
+        source = textwrap.dedent(inspect.getsource(reference))
+        found = source.count(old)
+        if found != count:
+            raise ValueError(f"known mistake {name!r} of {reference.__name__}: expected {old!r} {count} time(s) in the "
+                             f"reference's source, found it {found} time(s); update the mistake to match the reference")
+        namespace = dict(inspect.getmodule(reference).__dict__)
+        exec(compile(source.replace(old, new), f"<mistake {name!r} of {reference.__name__}>", "exec"), namespace)
+        return cls(name, namespace[reference.__name__], hint)
 
 
 @dataclass
@@ -115,9 +141,18 @@ def get(name: str) -> Exercise:
     return REGISTRY[name]
 
 
+def gen(seed: int) -> torch.Generator:
+    """A seeded CPU random generator for building cases (one per case builder, so cases never depend on order)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def model_tokens(n: int = 6, seed: int = 0, split: str = "test"):
+    """Token ids [n, pos] of ``n`` TinyWorld documents (padded, with <bos>), for cases on the bundled model."""
+    ids, _ = tinyworld.batch_tokens(tinyworld.generate(n, seed=seed, split=split))
+    return ids
+
+
 @functools.lru_cache(maxsize=None)
 def shared_model():
     """The bundled TinyWorld model on CPU, loaded once for all exercise cases."""
-    from ..models import load_model
-
     return load_model("tinyworld", device="cpu")
