@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from interplab.tinyworld import NAMES, ROOMS, Doc
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from interplab.tinyworld import NAMES, ROOMS, Doc
 
 # --- exercise 1: labels from TinyWorld's annotations ----------------------------------------------
 

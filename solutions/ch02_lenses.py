@@ -17,9 +17,10 @@ The `TunedLens` module, its training, evaluation and the shipped translators liv
 from __future__ import annotations
 
 import torch
-from interplab import hooks
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from interplab import hooks
 
 # --- exercise: the logit lens ---------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from interplab import prompts as P
 from interplab import tinyworld
 
@@ -34,7 +35,9 @@ def test_ioi_batch_on_tinyworld_is_the_word_level_batch(model):
     docs = _ioi_docs()
     prompts, io, s, kept = P.ioi_batch(model, docs, n=32)
     assert kept == list(range(32))
-    expected = torch.stack([torch.tensor(tinyworld.encode(d.tokens[: d.meta["answer_position"] + 1])) for d in docs[:32]])
+    expected = torch.stack(
+        [torch.tensor(tinyworld.encode(d.tokens[: d.meta["answer_position"] + 1])) for d in docs[:32]]
+    )
     assert torch.equal(prompts.cpu(), expected)
     assert io.tolist() == [tinyworld.token_id(d.meta["IO"]) for d in docs[:32]]
     assert s.tolist() == [tinyworld.token_id(d.meta["S"]) for d in docs[:32]]

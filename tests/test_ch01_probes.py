@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+
 from interplab import grading, probes, tinyworld
 from interplab.exercises import get
 from interplab.solutions import ch01_probes as sol
@@ -156,10 +157,14 @@ def test_room_labels_agree_with_the_answers():
 def test_latent_examples_positions():
     docs = tinyworld.generate(30, seed=14, split="test", families=["reviews", "truth"])
     sent = probes.latent_examples(docs, "sentiment", "review end")
-    assert all(docs[i].tokens[p] == "." and docs[i].tokens[p + 1] == "overall"
-               for i, p in zip(sent["doc"].tolist(), sent["position"].tolist()))
+    assert all(
+        docs[i].tokens[p] == "." and docs[i].tokens[p + 1] == "overall"
+        for i, p in zip(sent["doc"].tolist(), sent["position"].tolist())
+    )
     truth = probes.latent_examples(docs, "truth", "value")
-    assert all(docs[i].tokens[p] == docs[i].meta["value"] for i, p in zip(truth["doc"].tolist(), truth["position"].tolist()))
+    assert all(
+        docs[i].tokens[p] == docs[i].meta["value"] for i, p in zip(truth["doc"].tolist(), truth["position"].tolist())
+    )
     ans = probes.latent_examples(docs, "truth", "answer")
     assert all(docs[i].tokens[p] == "is" for i, p in zip(ans["doc"].tolist(), ans["position"].tolist()))
 

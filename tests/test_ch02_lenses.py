@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+
 from interplab import artifacts, grading
 from interplab import lenses as L
 from interplab.exercises import get
@@ -41,8 +42,9 @@ def test_logit_lens_equals_transformer_lens_route(model, incl_mid):
 def test_shipped_files_verify_and_fit_the_bundled_model(model):
     assert all(v == "ok" for v in verify(SHIPPED).values())
     info = json.loads((SHIPPED / L.TUNED_LENS_INFO).read_text())
-    assert info["model_sha256"] == artifacts.model_sha256(), \
+    assert info["model_sha256"] == artifacts.model_sha256(), (
         "the shipped tuned lens was trained for other TinyWorld weights: run `interplab rebuild --only tuned_lens`"
+    )
     assert artifacts.require_model_match(SHIPPED)["artifact"] == "tuned_lens"
     # wall time, or (on a machine shared with other work) the CPU time of the single training thread
     took = min(info["seconds_total"], info["cpu_seconds_total"] if info["torch_threads"] == 1 else float("inf"))
@@ -125,7 +127,14 @@ def test_short_training_lowers_the_loss(model):
 
 def test_training_settings_come_from_the_config():
     cfg = L.TunedLensConfig()
-    assert (cfg.n_docs, cfg.seed, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay) == (2000, 0, 1000, 512, 1e-2, 0.0)
+    assert (cfg.n_docs, cfg.seed, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
+        2000,
+        0,
+        1000,
+        512,
+        1e-2,
+        0.0,
+    )
     assert artifacts.recipe("tuned_lens") == cfg
     assert cfg.with_overrides(steps=5).steps == 5 and cfg.steps == 1000
     with pytest.raises(TypeError, match="unknown tuned-lens settings"):
@@ -144,13 +153,25 @@ def test_build_artifact_writes_a_verified_folder_for_the_bundled_model(tmp_path,
     L.build_artifact("tuned_lens", progress=False, config=tiny)
     folder = weights_dir / "tuned_lens"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [L.TUNED_LENS_FILE, L.TUNED_LENS_INFO, artifacts.PROVENANCE_FILE, "SHA256SUMS"])
+        [L.TUNED_LENS_FILE, L.TUNED_LENS_INFO, artifacts.PROVENANCE_FILE, "SHA256SUMS"]
+    )
     assert all(v == "ok" for v in verify(folder).values())
     record = artifacts.require_model_match(folder)
-    assert record["recipe"] == {"n_docs": 30, "seed": 0, "steps": 5, "batch_size": 64, "lr": 1e-2,
-                                "weight_decay": 0.0, "eval_docs": 10}
+    assert record["recipe"] == {
+        "n_docs": 30,
+        "seed": 0,
+        "steps": 5,
+        "batch_size": 64,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "eval_docs": 10,
+    }
     info = json.loads((folder / L.TUNED_LENS_INFO).read_text())
-    assert info["steps"] == 5 and info["heldout_eval"]["docs"] == 10 and info["command"] == "interplab rebuild --only tuned_lens"
+    assert (
+        info["steps"] == 5
+        and info["heldout_eval"]["docs"] == 10
+        and info["command"] == "interplab rebuild --only tuned_lens"
+    )
     assert L.load_tuned_lens(folder=folder).A.abs().max() > 0
     assert [p.name for p in weights_dir.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
     with pytest.raises(ValueError, match="tuned_lens"):
@@ -159,8 +180,10 @@ def test_build_artifact_writes_a_verified_folder_for_the_bundled_model(tmp_path,
 
 # --- the library's copies of exercises agree with the answer key ---------------------------------------------
 
-@pytest.mark.parametrize("name", ["kl_to_final", "lens_entropy", "correct_token_rank", "tuned_lens_logits",
-                                  "tuned_lens_loss"])
+
+@pytest.mark.parametrize(
+    "name", ["kl_to_final", "lens_entropy", "correct_token_rank", "tuned_lens_logits", "tuned_lens_loss"]
+)
 def test_library_copy_passes_the_exercise_and_equals_the_reference(name):
     ours = getattr(L, name)
     report = grading.run(name, ours)
@@ -180,9 +203,13 @@ def test_lens_hook_names_are_the_ones_the_logit_lens_reads(model):
         with torch.no_grad():
             stack = L.residual_stack(model, ids, incl_mid)
             assert torch.equal(L.read_out(model, stack), sol.logit_lens(model, ids, incl_mid))
-    assert L.lens_hook_names(2, incl_mid=True) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid",
-                                                   "blocks.0.hook_resid_post", "blocks.1.hook_resid_mid",
-                                                   "blocks.1.hook_resid_post"]
+    assert L.lens_hook_names(2, incl_mid=True) == [
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_resid_post",
+    ]
 
 
 def test_prediction_depth_is_zero_only_when_every_point_agrees():
@@ -196,7 +223,8 @@ def test_training_takes_at_most_60_seconds_on_2_cores_and_reproduces_the_shipped
     """Retrain with the shipped settings on one thread: its CPU time bounds the wall time on 2 idle cores."""
     info = json.loads((SHIPPED / L.TUNED_LENS_INFO).read_text())
     assert {k: info[k] for k in ("n_docs", "seed", "steps", "batch_size", "lr", "weight_decay")} == {
-        k: getattr(L.TunedLensConfig(), k) for k in ("n_docs", "seed", "steps", "batch_size", "lr", "weight_decay")}
+        k: getattr(L.TunedLensConfig(), k) for k in ("n_docs", "seed", "steps", "batch_size", "lr", "weight_decay")
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -211,6 +239,7 @@ def test_training_takes_at_most_60_seconds_on_2_cores_and_reproduces_the_shipped
 
 
 # --- the real-model route, offline: a randomly initialised GPT-2-shaped stand-in (see interplab.standin) ---
+
 
 @pytest.fixture(scope="module")
 def gpt2_shaped():

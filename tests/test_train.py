@@ -5,9 +5,10 @@ import inspect
 import json
 import shutil
 
+import pytest
+
 import interplab
 import interplab.weights
-import pytest
 from interplab import artifacts
 from interplab.tinyworld import train as T
 from interplab.weights import verify
@@ -29,8 +30,12 @@ def test_the_configs_defaults_are_the_bundled_models_recipe():
     cfg = T.TrainConfig()
     shipped = json.loads((interplab.weights.WEIGHTS_DIR / "tinyworld" / "training.json").read_text())["phases"][0]
     assert cfg.architecture() == shipped["config"]
-    assert (cfg.batch_size, cfg.lr, cfg.seed, cfg.mix) == (shipped["batch_size"], shipped["lr"], shipped["seed"],
-                                                          shipped["mix"])
+    assert (cfg.batch_size, cfg.lr, cfg.seed, cfg.mix) == (
+        shipped["batch_size"],
+        shipped["lr"],
+        shipped["seed"],
+        shipped["mix"],
+    )
     assert cfg.tokens <= shipped["tokens"] < cfg.tokens + 2_000  # training stops at the first batch past `tokens`
     hf = json.loads((interplab.weights.WEIGHTS_DIR / "tinyworld" / "config.json").read_text())
     assert {k: hf[k] for k in T.ARCHITECTURE_FIELDS} == cfg.architecture()
@@ -43,8 +48,16 @@ def test_the_configs_defaults_are_the_bundled_models_recipe():
 
 def _check_model_folder(folder, cfg):
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "training.json", "train_log.jsonl",
-            "evaluation.json", "provenance.json", "SHA256SUMS"} <= names and "checkpoint" not in names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training.json",
+        "train_log.jsonl",
+        "evaluation.json",
+        "provenance.json",
+        "SHA256SUMS",
+    } <= names and "checkpoint" not in names
     assert all(v == "ok" for v in verify(folder).values())
     record = artifacts.require_model_match(folder)
     assert record["artifact"] == "tinyworld" and record["model_sha256"] is None

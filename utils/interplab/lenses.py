@@ -46,6 +46,7 @@ ARTIFACT = "tuned_lens"
 
 # --- where a lens reads ------------------------------------------------------------------------------------
 
+
 def lens_hook_names(n_layers: int, incl_mid: bool = False) -> list[str]:
     """The residual-stream hook points a lens reads, in order.
 
@@ -71,7 +72,9 @@ def lens_labels(n_layers: int, incl_mid: bool = False) -> list[str]:
     return labels
 
 
-def residual_stack(model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False) -> Float[Tensor, "point batch pos d_model"]:
+def residual_stack(
+    model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False
+) -> Float[Tensor, "point batch pos d_model"]:
     """The residual stream at every point of `lens_hook_names`, stacked (no gradients)."""
     names = lens_hook_names(model.cfg.n_layers, incl_mid)
     with torch.no_grad():
@@ -86,7 +89,10 @@ def read_out(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d
 
 # --- comparing a read-out with the model's output --------------------------------------------------------------
 
-def kl_to_final(lens_logits: Float[Tensor, "point *batch d_vocab"], final_logits: Float[Tensor, "*batch d_vocab"]) -> Float[Tensor, " point *batch"]:
+
+def kl_to_final(
+    lens_logits: Float[Tensor, "point *batch d_vocab"], final_logits: Float[Tensor, "*batch d_vocab"]
+) -> Float[Tensor, " point *batch"]:
     """KL(p || q) in nats, p = softmax(final_logits) the model's output and q = softmax(lens_logits[point])."""
     log_p = final_logits.log_softmax(dim=-1)
     log_q = lens_logits.log_softmax(dim=-1)
@@ -99,12 +105,15 @@ def lens_entropy(logits: Float[Tensor, "*batch d_vocab"]) -> Float[Tensor, " *ba
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-def correct_token_rank(logits: Float[Tensor, "*batch d_vocab"], targets: Int[Tensor, " *batch"]) -> Int[Tensor, " *batch"]:
+def correct_token_rank(
+    logits: Float[Tensor, "*batch d_vocab"], targets: Int[Tensor, " *batch"]
+) -> Int[Tensor, " *batch"]:
     """How many tokens have a strictly larger logit than the target (0 when the target is the top-1)."""
     return (logits > logits.gather(-1, targets[..., None])).sum(dim=-1)
 
 
 # --- the tuned lens ---------------------------------------------------------------------------------------------
+
 
 def tuned_lens_logits(
     model,
@@ -135,6 +144,7 @@ def tuned_lens_loss(
 
 # --- the tuned lens as a module ---------------------------------------------------------------------------
 
+
 class TunedLens(nn.Module):
     """One affine translator h -> h + A h + b per read-out point but the last, initialised at zero.
 
@@ -164,8 +174,10 @@ class TunedLens(nn.Module):
             resid: the residual stream at all n_layers + 1 points of `lens_hook_names`.
         """
         if resid.shape[0] != self.n_layers + 1:
-            raise ValueError(f"resid has {resid.shape[0]} read-out points; this lens needs n_layers + 1 = "
-                             f"{self.n_layers + 1} (residual_stack(model, tokens) without incl_mid)")
+            raise ValueError(
+                f"resid has {resid.shape[0]} read-out points; this lens needs n_layers + 1 = "
+                f"{self.n_layers + 1} (residual_stack(model, tokens) without incl_mid)"
+            )
         translated = tuned_lens_logits(model, resid[:-1], self.A, self.b)
         final = read_out(model, resid[-1:])
         return torch.cat([translated, final])
@@ -177,6 +189,7 @@ class TunedLens(nn.Module):
 
 
 # --- data ------------------------------------------------------------------------------------------------
+
 
 def lens_batch(model, docs) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token ids and a mask of real tokens for TinyWorld documents, through the model's own tokenizer.
@@ -199,8 +212,12 @@ def rows_per_batch(model, n_points: int, n_pos: int, max_elements: float = 2.5e7
     return max(1, min(at_most, int(max_elements // (n_points * n_pos * model.cfg.d_vocab))))
 
 
-def collect_lens_data(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"], batch_size: int = 128,
-                      ) -> tuple[Float[Tensor, "point n d_model"], Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Bool[Tensor, " n"]]:
+def collect_lens_data(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"],
+    batch_size: int = 128,
+) -> tuple[Float[Tensor, "point n d_model"], Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Bool[Tensor, " n"]]:
     """Residual streams, final logits and next tokens at the kept positions of ``mask``, flattened.
 
     Sequences are processed shortest first (so that a batch carries little padding); the
@@ -251,6 +268,7 @@ def positions_to_read(mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch po
 
 
 # --- training --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TunedLensConfig:
@@ -322,7 +340,8 @@ def train_tuned_lens(
     steps = cfg.steps
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     n = resid.shape[1]
     losses = []
@@ -342,19 +361,31 @@ def train_tuned_lens(
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
     info = {
-        "model": model.cfg.model_name, "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
-        "n_docs": len(docs), "split": "train", "seed": cfg.seed, "n_positions": n, "steps": steps,
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "optimizer": "Adam",
+        "model": model.cfg.model_name,
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "n_docs": len(docs),
+        "split": "train",
+        "seed": cfg.seed,
+        "n_positions": n,
+        "steps": steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "optimizer": "Adam",
         "schedule": "linear warm-up (5% of steps), then linear decay to 0",
         "first_loss": round(losses[0], 5) if losses else None,
         "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5) if losses else None,
-        "seconds_data": round(t_data, 2), "seconds_total": round(time.perf_counter() - t0, 2),
-        "cpu_seconds_total": round(time.process_time() - c0, 2), "torch_threads": torch.get_num_threads(),
+        "seconds_data": round(t_data, 2),
+        "seconds_total": round(time.perf_counter() - t0, 2),
+        "cpu_seconds_total": round(time.process_time() - c0, 2),
+        "torch_threads": torch.get_num_threads(),
     }
     return lens.eval(), info
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
+
 
 def evaluate_lenses(model, lens: TunedLens | None, docs, batch_size: int = 128) -> dict[str, list[float]]:
     """Per-point metrics of the logit lens (and the tuned lens, if given) on documents.
@@ -383,14 +414,20 @@ def evaluate_lenses(model, lens: TunedLens | None, docs, batch_size: int = 128) 
                 sums["entropy"] += lens_entropy(logits).sum(-1).cpu()
                 sums["top1"] += (logits.argmax(-1) == f.argmax(-1)).float().sum(-1).cpu()
                 lp = logits[:, h].log_softmax(-1)
-                sums["ce"] += -lp.gather(-1, nxt[start : start + 4096][h][None, :, None].expand(lp.shape[0], -1, 1))[..., 0].sum(-1).cpu()
+                sums["ce"] += (
+                    -lp.gather(-1, nxt[start : start + 4096][h][None, :, None].expand(lp.shape[0], -1, 1))[..., 0]
+                    .sum(-1)
+                    .cpu()
+                )
             n, n_next = resid.shape[1], int(has.sum())
             for k, v in sums.items():
                 out[f"{k}_{name}"] = [round(float(x) / (n_next if k == "ce" else n), 5) for x in v]
     return out
 
 
-def answer_lens_logits(model, docs, lens: TunedLens | None = None) -> tuple[Float[Tensor, "point n d_vocab"], Int[Tensor, " n"], list[tuple[int, int]]]:
+def answer_lens_logits(
+    model, docs, lens: TunedLens | None = None
+) -> tuple[Float[Tensor, "point n d_vocab"], Int[Tensor, " n"], list[tuple[int, int]]]:
     """Lens logits at every answer position of TinyWorld documents (logit lens, or ``lens`` if given).
 
     Returns (logits [n_layers + 1, n_answers, d_vocab], the answer token ids [n_answers],
@@ -409,7 +446,9 @@ def answer_lens_logits(model, docs, lens: TunedLens | None = None) -> tuple[Floa
     return logits, answers, where
 
 
-def answer_emergence(lens_logits: Float[Tensor, "point *batch d_vocab"], answers: Int[Tensor, " *batch"]) -> Int[Tensor, " *batch"]:
+def answer_emergence(
+    lens_logits: Float[Tensor, "point *batch d_vocab"], answers: Int[Tensor, " *batch"]
+) -> Int[Tensor, " *batch"]:
     """The first read-out point from which the right answer is the lens's top-1 and stays top-1.
 
     n_points where the right answer is not even the model's own top-1.
@@ -421,6 +460,7 @@ def answer_emergence(lens_logits: Float[Tensor, "point *batch d_vocab"], answers
 
 # --- the shipped translators -----------------------------------------------------------------------------------
 
+
 def default_folder() -> Path:
     """Where the shipped translators live: ``interplab/weights/tuned_lens``."""
     return weights.WEIGHTS_DIR / "tuned_lens"
@@ -431,8 +471,10 @@ def save_tuned_lens(lens: TunedLens, folder: str | Path, info: dict, config: Tun
     (json), its provenance (the model's hash and ``config``) and SHA256SUMS."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"A": lens.A.detach().cpu().contiguous(), "b": lens.b.detach().cpu().contiguous()},
-              str(folder / TUNED_LENS_FILE))
+    save_file(
+        {"A": lens.A.detach().cpu().contiguous(), "b": lens.b.detach().cpu().contiguous()},
+        str(folder / TUNED_LENS_FILE),
+    )
     (folder / TUNED_LENS_INFO).write_text(json.dumps(info, indent=2) + "\n")
     artifacts.write_provenance(folder, ARTIFACT, config)
     weights.write_checksums(folder)
@@ -470,14 +512,16 @@ def load_tuned_lens(model=None, folder: str | Path | None = None) -> TunedLens:
             raise ValueError(
                 f"the tuned lens in {folder} was trained for {info.get('model', 'another model')} "
                 f"({n_layers} layers, d_model {d_model}); this model has {model.cfg.n_layers} layers and d_model "
-                f"{model.cfg.d_model}. Train one for it with train_tuned_lens(model).")
+                f"{model.cfg.d_model}. Train one for it with train_tuned_lens(model)."
+            )
         lens = lens.to(next(model.parameters()).device)
     lens.info = info
     return lens.eval()
 
 
-def build_into(folder: str | Path, config: TunedLensConfig | None = None, *, progress: bool = True,
-               threads: int = 1) -> dict:
+def build_into(
+    folder: str | Path, config: TunedLensConfig | None = None, *, progress: bool = True, threads: int = 1
+) -> dict:
     """Train a tuned lens of the bundled model with ``config`` (default: the shipped recipe), evaluate it on
     held-out text and write it to ``folder``; return its training information.
 
@@ -521,8 +565,10 @@ def print_table(metrics: dict) -> None:
     """The per-point table of `evaluate_lenses`: KL to the output and cross-entropy, logit lens vs tuned lens."""
     print(f"{'point':<14} {'KL logit':>9} {'KL tuned':>9} {'CE logit':>9} {'CE tuned':>9}")
     for i, label in enumerate(metrics["labels"]):
-        print(f"{label:<14} {metrics['kl_logit'][i]:9.4f} {metrics['kl_tuned'][i]:9.4f} "
-              f"{metrics['ce_logit'][i]:9.4f} {metrics['ce_tuned'][i]:9.4f}")
+        print(
+            f"{label:<14} {metrics['kl_logit'][i]:9.4f} {metrics['kl_tuned'][i]:9.4f} "
+            f"{metrics['ce_logit'][i]:9.4f} {metrics['ce_tuned'][i]:9.4f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -531,15 +577,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m interplab.lenses",
         description="Evaluate the shipped tuned lens against the logit lens on held-out TinyWorld text. "
-                    "(Retrain it with `interplab rebuild --only tuned_lens`.)")
+        "(Retrain it with `interplab rebuild --only tuned_lens`.)",
+    )
     p.add_argument("--evaluate", action="store_true", help="evaluate the shipped translators (the default action)")
     p.add_argument("--docs", type=int, default=TunedLensConfig().eval_docs, help="test-split documents to evaluate on")
     p.add_argument("--folder", default=None, help="a tuned-lens folder (default: the shipped one)")
     a = p.parse_args(argv)
     model = load_model("tinyworld", device="cpu")
     lens = load_tuned_lens(model, a.folder)
-    print(f"tuned lens in {a.folder or default_folder()}: {lens.info['steps']} steps on {lens.info['n_positions']} "
-          f"positions; evaluated on {a.docs} held-out documents")
+    print(
+        f"tuned lens in {a.folder or default_folder()}: {lens.info['steps']} steps on {lens.info['n_positions']} "
+        f"positions; evaluated on {a.docs} held-out documents"
+    )
     print_table(evaluate_lenses(model, lens, lens_docs(a.docs, seed=0, split="test")))
 
 

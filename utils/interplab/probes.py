@@ -34,7 +34,9 @@ from .tinyworld import NAMES, RELATIONS, ROOMS, Doc, token_id, tokens_for
 # --- labels and splits ----------------------------------------------------------------------------------
 
 
-def room_query_labels(docs: Sequence[Doc]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+def room_query_labels(
+    docs: Sequence[Doc],
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
     """One labelled example per question "where is X" of the rooms documents among ``docs``.
 
     Returns (doc, position, label, person), four int64 tensors: the index of the document
@@ -73,8 +75,9 @@ def probe_logits(W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tenso
     return x @ W + b
 
 
-def probe_loss(W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"],
-               weight_decay: float) -> Tensor:
+def probe_loss(
+    W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"], weight_decay: float
+) -> Tensor:
     """Mean cross-entropy of the probe plus weight_decay * (sum of squared weights); the bias is not decayed."""
     return F.cross_entropy(probe_logits(W, b, x), y) + weight_decay * W.pow(2).sum()
 
@@ -108,7 +111,9 @@ def train_probe(
     return W.detach(), b.detach()
 
 
-def probe_accuracy(W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"]) -> float:
+def probe_accuracy(
+    W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"]
+) -> float:
     """Fraction of examples whose highest-scoring class is the label."""
     return (probe_logits(W, b, x).argmax(-1) == y).float().mean().item()
 
@@ -156,7 +161,9 @@ def latent_examples(docs: Sequence[Doc], latent: str, where: str) -> dict[str, T
         if latent == "sentiment":
             end = answer - 2  # the "." before "overall :"
             pos = end if where == "review end" else answer
-            rows.append((i, pos, int(d.meta["sentiment"] > 0), token_id(d.tokens[end - 1]), int(any(d.meta["negated"]))))
+            rows.append(
+                (i, pos, int(d.meta["sentiment"] > 0), token_id(d.tokens[end - 1]), int(any(d.meta["negated"])))
+            )
         else:
             value = d.tokens.index(d.meta["value"], 3)
             pos = value if where == "value" else answer
@@ -171,8 +178,9 @@ def resid_hook_names(model) -> list[str]:
 
 
 @torch.no_grad()
-def residual_dataset(model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"],
-                     batch_size: int = 128) -> Float[Tensor, "depth n d_model"]:
+def residual_dataset(
+    model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"], batch_size: int = 128
+) -> Float[Tensor, "depth n d_model"]:
     """Residual-stream vectors at (doc[i], word position[i]) at every depth (see `resid_hook_names`).
 
     Positions count TinyWorld words. The documents go through the model's own tokenizer
@@ -209,8 +217,12 @@ def latent_dataset(model, docs: Sequence[Doc], latent: str) -> dict[str, tuple[d
     """
     wheres = LATENTS[latent][1]
     examples = {w: latent_examples(docs, latent, w) for w in wheres}
-    acts = residual_dataset(model, docs, torch.cat([e["doc"] for e in examples.values()]),
-                            torch.cat([e["position"] for e in examples.values()]))
+    acts = residual_dataset(
+        model,
+        docs,
+        torch.cat([e["doc"] for e in examples.values()]),
+        torch.cat([e["position"] for e in examples.values()]),
+    )
     out, start = {}, 0
     for w, e in examples.items():
         n = len(e["doc"])
@@ -225,8 +237,9 @@ def standardize(x_train: Float[Tensor, "n d"], *others: Tensor, eps: float = 1e-
     return tuple((x - mean) / std for x in (x_train, *others))
 
 
-def raw_space_probe(x_train: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int,
-                    fit=None) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+def raw_space_probe(
+    x_train: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, fit=None
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
     """A probe fit on standardized features, rewritten to act on raw residual vectors.
 
     With z = (x - mean) / std, z @ W + b = x @ (W / std) + (b - (mean / std) @ W), so the
@@ -270,10 +283,12 @@ def _answers(model, tokens, positions, class_tokens, hook_name=None, edit=None, 
         rows = torch.arange(len(idx))
         hooks = []
         if edit is not None:
+
             def hook(resid, hook, idx=idx, pos=pos, rows=rows):
                 resid = resid.clone()
                 resid[rows, pos] = edit(resid[rows, pos], idx)
                 return resid
+
             hooks = [(hook_name, hook)]
         logits = model.run_with_hooks(toks, fwd_hooks=hooks)[rows, pos]
         answers[idx] = logits[:, list(class_tokens)].argmax(-1).cpu()
@@ -281,9 +296,16 @@ def _answers(model, tokens, positions, class_tokens, hook_name=None, edit=None, 
 
 
 @torch.no_grad()
-def steering_effect(model, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, " batch"],
-                    labels: Int[Tensor, " batch"], probes: dict[int, dict[str, Float[Tensor, "d k"]]],
-                    class_tokens: Sequence[int], scale: float = 0.5, seed: int = 0) -> dict:
+def steering_effect(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    probes: dict[int, dict[str, Float[Tensor, "d k"]]],
+    class_tokens: Sequence[int],
+    scale: float = 0.5,
+    seed: int = 0,
+) -> dict:
     """Push each example from its true class s towards t = (s + 1) % k along each probe's directions.
 
     For each layer in `probes` ({layer: {name: W}}), after that block, at each example's
@@ -300,7 +322,9 @@ def steering_effect(model, tokens: Int[Tensor, "batch pos"], positions: Int[Tens
     names = [act_name("resid_post", layer) for layer in probes]
     at = torch.zeros(tokens.shape, dtype=torch.bool)
     at[rows, positions.cpu()] = True
-    resid = collect(model, tokens, names, mask=at, batch_size=32, progress=False)  # only these hooks, only these positions
+    resid = collect(
+        model, tokens, names, mask=at, batch_size=32, progress=False
+    )  # only these hooks, only these positions
     out: dict = {"clean": (_answers(model, tokens, positions, class_tokens) == labels).float().mean().item()}
     gen = torch.Generator().manual_seed(seed)
     for layer, by_name in probes.items():
@@ -314,10 +338,13 @@ def steering_effect(model, tokens: Int[Tensor, "batch pos"], positions: Int[Tens
         edits["random"] = r / r.norm(dim=-1, keepdim=True) * scale * norm
         out[layer] = {}
         for name, e in edits.items():
-            answer = _answers(model, tokens, positions, class_tokens, hook_name,
-                              lambda v, idx, e=e: v + e[idx].to(v.device, v.dtype))
-            out[layer][name] = {"to_target": (answer == targets).float().mean().item(),
-                                "still_correct": (answer == labels).float().mean().item()}
+            answer = _answers(
+                model, tokens, positions, class_tokens, hook_name, lambda v, idx, e=e: v + e[idx].to(v.device, v.dtype)
+            )
+            out[layer][name] = {
+                "to_target": (answer == targets).float().mean().item(),
+                "still_correct": (answer == labels).float().mean().item(),
+            }
     return out
 
 
@@ -329,9 +356,15 @@ def orthonormal_basis(directions: Float[Tensor, "d k"]) -> Float[Tensor, "d r"]:
 
 
 @torch.no_grad()
-def ablated_accuracy(model, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, " batch"],
-                     labels: Int[Tensor, " batch"], layer: int, directions: Float[Tensor, "d k"],
-                     class_tokens: Sequence[int]) -> float:
+def ablated_accuracy(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    layer: int,
+    directions: Float[Tensor, "d k"],
+    class_tokens: Sequence[int],
+) -> float:
     """The model's accuracy (among the class tokens) after projecting out the span of `directions`.
 
     The edit is the same as `edited_logits`'s "project_out", for a whole subspace at once:
@@ -351,8 +384,9 @@ def ablated_accuracy(model, tokens: Int[Tensor, "batch pos"], positions: Int[Ten
 # --- examples as any model's tokens ---------------------------------------------------------------------
 
 
-def prefix_tokens(model, docs: Sequence[Doc], doc: Int[Tensor, " n"],
-                  position: Int[Tensor, " n"]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+def prefix_tokens(
+    model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"]
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
     """Each example's document as `model`'s tokens, one row per example, and where its word position went.
 
     Positions count TinyWorld words; the returned token positions are each word's last

@@ -51,19 +51,27 @@ def ioi_batch(model, docs, n: int = 32) -> tuple[Int[Tensor, "k pos"], Int[Tenso
         answer = d.meta["answer_position"]  # the last word of the prompt; the IO follows it
         io_word = answer + 1
         s_word = max(j for j in range(answer) if d.tokens[j] == d.meta["S"])
-        if d.tokens[io_word] != d.meta["IO"] or any(int(mt.first[i, w]) != int(mt.last[i, w]) for w in (io_word, s_word)):
+        if d.tokens[io_word] != d.meta["IO"] or any(
+            int(mt.first[i, w]) != int(mt.last[i, w]) for w in (io_word, s_word)
+        ):
             continue
         candidates.append(i)
         lengths.append(int(mt.last[i, answer]) + 1)
         io_ids.append(int(mt.ids[i, mt.first[i, io_word]]))
         s_ids.append(int(mt.ids[i, mt.first[i, s_word]]))
     if not candidates:
-        raise ValueError("no document has an IO and an S that are single tokens for this model; pass indirect-object "
-                         "documents (tinyworld.generate(..., families=['ioi'])) whose names this tokenizer keeps whole")
+        raise ValueError(
+            "no document has an IO and an S that are single tokens for this model; pass indirect-object "
+            "documents (tinyworld.generate(..., families=['ioi'])) whose names this tokenizer keeps whole"
+        )
     rows = same_length_rows(torch.tensor(lengths), n).tolist()
     kept = [candidates[r] for r in rows]
     width = lengths[rows[0]]
     device = model.cfg.device
     prompts = mt.ids[kept, :width].to(device)
-    return (prompts, torch.tensor([io_ids[r] for r in rows], device=device),
-            torch.tensor([s_ids[r] for r in rows], device=device), kept)
+    return (
+        prompts,
+        torch.tensor([io_ids[r] for r in rows], device=device),
+        torch.tensor([s_ids[r] for r in rows], device=device),
+        kept,
+    )

@@ -99,8 +99,14 @@ def model_config(config: TrainConfig | None = None, **overrides):
     c = {**(config or TrainConfig()).architecture(), **overrides}
     pad, bos = token_id(L.PAD), token_id(L.BOS)
     return GPT2Config(
-        vocab_size=len(L.vocabulary()), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=bos, eos_token_id=bos, pad_token_id=pad, activation_function="gelu_new",
+        vocab_size=len(L.vocabulary()),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=bos,
+        eos_token_id=bos,
+        pad_token_id=pad,
+        activation_function="gelu_new",
         **c,
     )
 
@@ -118,8 +124,16 @@ def batches(seed: int, batch_size: int, group: int = 32, mix: dict[str, float] |
         chunk += 1
 
 
-def train(config: TrainConfig | None = None, out: Path | None = None, *, threads: int | None = None,
-          log_every: int = 50, quiet: bool = False, init=None, log: list[dict] | None = None):
+def train(
+    config: TrainConfig | None = None,
+    out: Path | None = None,
+    *,
+    threads: int | None = None,
+    log_every: int = 50,
+    quiet: bool = False,
+    init=None,
+    log: list[dict] | None = None,
+):
     """Train a TinyWorld model with ``config`` (default: the bundled model's recipe); save it to ``out`` if given.
 
     ``init`` continues from a model (a GPT2LMHeadModel or a folder) instead of a fresh one;
@@ -143,8 +157,11 @@ def train(config: TrainConfig | None = None, out: Path | None = None, *, threads
     seconds_start = log[-1]["seconds"] if log else 0.0
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+    )
     est_steps = max(1, cfg.tokens // (cfg.batch_size * 25))  # ~25 tokens per document on average
     warmup = min(cfg.max_warmup_steps, est_steps // 10 + 1)
 
@@ -173,9 +190,15 @@ def train(config: TrainConfig | None = None, out: Path | None = None, *, threads
         step += 1
         bar.update(n)
         if step % log_every == 0 or seen >= cfg.tokens:
-            log.append({"step": step, "tokens": phase_start + seen, "loss": round(loss.item(), 4),
-                        "lr": round(opt.param_groups[0]["lr"], 6),
-                        "seconds": round(seconds_start + time.time() - t0, 1)})
+            log.append(
+                {
+                    "step": step,
+                    "tokens": phase_start + seen,
+                    "loss": round(loss.item(), 4),
+                    "lr": round(opt.param_groups[0]["lr"], 6),
+                    "seconds": round(seconds_start + time.time() - t0, 1),
+                }
+            )
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if out is not None and step % (log_every * 10) == 0:
                 _write_log(out, log)
@@ -184,9 +207,18 @@ def train(config: TrainConfig | None = None, out: Path | None = None, *, threads
             break
     bar.close()
     model.eval()
-    info = {"seed": cfg.seed, "tokens": seen, "steps": step, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "mix": dict(cfg.mix), "wall_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
-            "config": cfg.architecture(), "final_loss": log[-1]["loss"] if log else None}
+    info = {
+        "seed": cfg.seed,
+        "tokens": seen,
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "mix": dict(cfg.mix),
+        "wall_seconds": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "config": cfg.architecture(),
+        "final_loss": log[-1]["loss"] if log else None,
+    }
     if out is not None:
         save(model, out, info, log)
     return model, info
@@ -211,9 +243,16 @@ def save(model, out: Path, info: dict, log: list[dict]) -> None:
     write_checksums(out)
 
 
-def build_into(folder: str | Path, config: TrainConfig | None = None, *, progress: bool = True,
-               threads: int | None = None, init: Path | None = None, run_evaluation: bool = True,
-               command: str = f"interplab rebuild --only {ARTIFACT}") -> dict:
+def build_into(
+    folder: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    threads: int | None = None,
+    init: Path | None = None,
+    run_evaluation: bool = True,
+    command: str = f"interplab rebuild --only {ARTIFACT}",
+) -> dict:
     """Train a model with ``config`` (default: the bundled recipe) and write a complete model folder.
 
     The folder gets the model (config.json, model.safetensors), its tokenizer, training.json,
@@ -232,8 +271,12 @@ def build_into(folder: str | Path, config: TrainConfig | None = None, *, progres
     _, info = train(cfg, folder, threads=threads, quiet=not progress, init=init, log=log)
     infos.append(info)
     shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # a resume point while training; the run is complete
-    summary = {"command": command, "phases": infos, "tokens": sum(x["tokens"] for x in infos),
-               "wall_seconds": round(sum(x["wall_seconds"] for x in infos), 1)}
+    summary = {
+        "command": command,
+        "phases": infos,
+        "tokens": sum(x["tokens"] for x in infos),
+        "wall_seconds": round(sum(x["wall_seconds"] for x in infos), 1),
+    }
     (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     if run_evaluation:
         write_checksums(folder)  # load_model verifies the folder
@@ -264,11 +307,16 @@ def build_artifact(name: str = ARTIFACT, *, progress: bool = True, config: Train
 
 def main(argv: list[str] | None = None) -> None:
     recipe = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m interplab.tinyworld.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.tinyworld.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("tinyworld-model"), help="output folder")
     p.add_argument("--tokens", type=int, default=recipe.tokens, help="real tokens to train on (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=recipe.batch_size, help="documents per batch (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=recipe.batch_size, help="documents per batch (default: %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=recipe.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=recipe.seed, help="seed of the data and the initialisation")
     p.add_argument("--init-from", type=Path, default=None, help="continue from a saved model folder")
@@ -277,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = recipe.with_overrides(tokens=a.tokens, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     command = "python -m interplab.tinyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = build_into(a.out, cfg, threads=a.threads, init=a.init_from, run_evaluation=not a.no_eval,
-                         command=command.strip())
+    summary = build_into(
+        a.out, cfg, threads=a.threads, init=a.init_from, run_evaluation=not a.no_eval, command=command.strip()
+    )
     print(json.dumps(summary, indent=2))
     if not a.no_eval:
         print((a.out / "evaluation.json").read_text())
