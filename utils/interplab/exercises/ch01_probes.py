@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import probes, tinyworld
+from ..grading.compare import compare
 from ..hooks import act_name
 from ..paths import chapter_of
 from ..solutions import ch01_probes as sol
@@ -226,8 +227,6 @@ def _probe_cases():
 
 
 def _compare_probe(expected, got):
-    from ..grading.compare import compare
-
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         return compare(expected, got)
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in got):

@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .. import lenses, tinyworld
+from ..models import quiet_transformer_lens
 from ..paths import chapter_of
 from ..solutions import ch02_lenses as sol
 from . import Case, Mistake, gen, register, shared_model
@@ -22,9 +23,7 @@ CHAPTER = chapter_of(__name__)
 @functools.cache
 def _tiny_model(seed: int = 0):
     """A 2-layer random transformer with an unfolded final layer norm (weights and bias not 1 and 0)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from ..models import quiet_transformer_lens
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # heavy: only these cases need it
 
     cfg = HookedTransformerConfig(
         n_layers=2,
