@@ -282,3 +282,9 @@ def test_lens_batches_stay_bounded_for_a_big_vocabulary(model):
     big = type("Big", (), {"cfg": type("Cfg", (), {"d_vocab": 50257})()})()
     assert L.rows_per_batch(big, 13, 80) == 1  # gpt2-small: one sequence at a time (never zero)
     assert L.rows_per_batch(big, 2, 10) == 24 and 24 * 2 * 10 * 50257 <= 2.5e7
+
+
+def test_the_evaluate_command_prints_the_per_point_table(capsys):
+    L.main(["--evaluate", "--docs", "5"])
+    out = capsys.readouterr().out
+    assert "KL tuned" in out and all(label in out for label in L.lens_labels(4))
