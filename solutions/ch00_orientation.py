@@ -5,6 +5,8 @@ from __future__ import annotations
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab import hooks
+
 
 def per_token_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos-1"]:
     """Cross-entropy of each next-token prediction.
@@ -93,5 +95,5 @@ def head_ablation_loss(model, tokens: Int[Tensor, "batch pos"], layer: int, head
     def hook(z, hook):
         return ablate_head(z, head)
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(hooks.act_name("z", layer), hook)])
     return per_token_loss(logits, tokens).mean().item()

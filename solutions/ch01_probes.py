@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interplab import hooks
 from interplab.tinyworld import NAMES, ROOMS, Doc
 
 # --- exercise 1: labels from TinyWorld's annotations ----------------------------------------------
@@ -279,5 +280,5 @@ def edited_logits(
         resid[rows, positions] = v
         return resid
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(hooks.act_name("resid_post", layer), hook)])
     return logits[rows, positions]

@@ -12,6 +12,7 @@ from ..dictionaries import Transcoder, TranscoderConfig, mlp_in_hook, mlp_out_ho
 from ..dictionaries.circuits import fact_prompt
 from ..dictionaries.data import mlp_io_pairs, tinyworld_dataset
 from ..dictionaries.shipped import load_transcoder
+from ..hooks import act_name
 from ..paths import chapter_of
 from ..solutions import ch04_transcoders as sol
 from . import Case, Mistake, gen, register, shared_model
@@ -147,22 +148,22 @@ def _pairs_cases():
 
 def _pairs_resid_mid(model, tokens, layer, mask=None):
     _, y = sol.mlp_io_pairs(model, tokens, layer, mask)
-    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_mid"])
-    x = cache[f"blocks.{layer}.hook_resid_mid"]
+    _, cache = model.run_with_cache(tokens, names_filter=[act_name("resid_mid", layer)])
+    x = cache[act_name("resid_mid", layer)]
     return (x.reshape(-1, x.shape[-1]) if mask is None else x[mask.bool()]), y
 
 
 def _pairs_neurons(model, tokens, layer, mask=None):
     x, _ = sol.mlp_io_pairs(model, tokens, layer, mask)
-    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.mlp.hook_post"])
-    y = cache[f"blocks.{layer}.mlp.hook_post"]
+    _, cache = model.run_with_cache(tokens, names_filter=[act_name("post", layer)])
+    y = cache[act_name("post", layer)]
     return x, (y.reshape(-1, y.shape[-1]) if mask is None else y[mask.bool()])
 
 
 def _pairs_resid_post(model, tokens, layer, mask=None):
     x, _ = sol.mlp_io_pairs(model, tokens, layer, mask)
-    _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.hook_resid_post"])
-    y = cache[f"blocks.{layer}.hook_resid_post"]
+    _, cache = model.run_with_cache(tokens, names_filter=[act_name("resid_post", layer)])
+    y = cache[act_name("resid_post", layer)]
     return x, (y.reshape(-1, y.shape[-1]) if mask is None else y[mask.bool()])
 
 
