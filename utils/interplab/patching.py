@@ -236,6 +236,12 @@ def _component_of(hook: str) -> str | None:
     return None
 
 
+# activation functions computed by one fused kernel (equal to TransformerLens's to float precision)
+_FUSED_ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
 class _SuffixEngine:
     """The fast engine of `run_patches`: a forward pass over HookedTransformer's weights that starts at a hook of
     block l, at position p, reusing the target run's activations (and keys and values) of everything earlier.
@@ -295,20 +301,33 @@ class _SuffixEngine:
 
     # -- the target run ---------------------------------------------------------------------------
 
-    def _cache_target(self, components: set[str]) -> None:
+    def cache_runs(self, source_tokens: Tensor | None = None, source_names=()) -> dict[str, Tensor]:
+        """Cache the target run's activations the engine needs (and, in the same forward pass, the source
+        run's activations `source_names` on `source_tokens`, which it returns)."""
+        components = {_component_of(name) for name in source_names}
         needed = components | {"resid_pre", "q", "k", "v", "resid_post"}  # block inputs, unchanged q, k, v
         needed |= {"resid_mid"} if "mlp_out" in components else set()
-        names = {act_name(c, layer) for c in needed for layer in range(self.cfg.n_layers)}
+        names = {act_name(c, layer) for c in needed for layer in range(self.cfg.n_layers)} | set(source_names)
+        tokens = self.tokens if source_tokens is None else torch.cat([self.tokens, source_tokens.to(self.tokens.device)])
         with torch.no_grad():
-            logits, cache = self.model.run_with_cache(self.tokens, names_filter=lambda n: n in names)
-        self.target = {n: cache[n] for n in names}
+            logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        b = self.batch
+        self.target = {n: cache[n][:b] for n in names}
+        logits = logits[:b]
         if self.reads is not None:  # the metric's declaration is checked once, on the target run
-            full, narrow = self.metric(logits), self.metric(logits[:, self.reads])
+            full = self.metric(logits)
+            try:
+                narrow = self.metric(logits[:, self.reads])
+            except (IndexError, RuntimeError) as e:
+                raise ValueError(f"the metric declares that it reads positions {self.metric.read_positions}, but it "
+                                 f"fails on logits[:, {list(self.metric.read_positions)}] ({e}); fix its "
+                                 f"read_positions or remove the attribute") from e
             if not torch.allclose(torch.as_tensor(full).float(), torch.as_tensor(narrow).float(), atol=1e-6, rtol=1e-5):
                 raise ValueError(
                     f"the metric declares that it reads positions {self.metric.read_positions}, but its value on "
                     f"logits[:, {list(self.metric.read_positions)}] ({float(narrow):.6g}) differs from its value on "
                     f"the full logits ({float(full):.6g}); fix its read_positions or remove the attribute")
+        return {n: cache[n][b:] for n in source_names}
 
     def _changed(self, name: str, source: Tensor) -> tuple[Tensor, Tensor]:
         """Per element of hook `name`'s activation: its position if the source differs from the target there,
@@ -397,13 +416,22 @@ class _SuffixEngine:
         if stage == 5:
             resid_mid = kept(entry[:, p:])
         if stage <= 5:
-            mlp_out = block.apply_mlp(block.ln2(resid_mid))
+            mlp_out = self._mlp(layer, block.ln2(resid_mid))
         if stage == 6:
             mlp_out = kept(entry[:, p:])
             resid_mid = kept(cached("resid_mid"))
         if stage <= 6:
             return resid_mid + mlp_out
         return kept(entry[:, p:])
+
+    def _mlp(self, layer: int, x: Tensor) -> Tensor:
+        """The block's MLP: TransformerLens's own, or the plain two-layer one with a fused activation function."""
+        mlp = self.model.blocks[layer].mlp
+        act = _FUSED_ACTIVATIONS.get(self.cfg.act_fn)
+        if type(mlp).__name__ != "MLP" or act is None or self.cfg.is_layer_norm_activation():
+            return self.model.blocks[layer].apply_mlp(x)
+        pre = torch.addmm(mlp.b_in, x.reshape(-1, x.shape[-1]), mlp.W_in)
+        return torch.addmm(mlp.b_out, act(pre), mlp.W_out).view(*x.shape[:-1], -1)
 
     def _logits(self, layer: int, component: str, p: int, entry: Tensor, n: int, single: bool) -> Tensor:
         """The logits of `n` patched copies of the target batch, from block `layer` on: at the metric's read
@@ -424,9 +452,9 @@ class _SuffixEngine:
         return max(1, int(6e7 // (self.batch * per_row)))
 
     def run(self, source: dict[str, Tensor], patches, max_patches_per_pass: int | None = None) -> Tensor:
-        components = {_component_of(name) for name, _ in patches}
         with torch.no_grad():
-            self._cache_target(components)
+            if not self.target:
+                self.cache_runs(None, sorted({name for name, _ in patches}))
             changed = {name: self._changed(name, source[name]) for name in {name for name, _ in patches}}
             latest = min(self.reads) if self.reads is not None else self.n_pos - 1
             groups: dict[tuple, list[int]] = {}
@@ -451,6 +479,19 @@ class _SuffixEngine:
                     for k, i in enumerate(chunk):
                         results[i] = self.metric(logits[k * self.batch:(k + 1) * self.batch]).detach().float().cpu()
             return results
+
+
+def _sweep(model, source_tokens: Tensor, target_tokens: Tensor, metric: Metric, patches) -> Tensor:
+    """`run_patches` with the source activations taken from a run on `source_tokens`; the fast engine caches the
+    source and the target run in one forward pass."""
+    if source_tokens.shape != target_tokens.shape:
+        raise ValueError(f"source and target tokens must have the same shape, not {tuple(source_tokens.shape)} "
+                         f"and {tuple(target_tokens.shape)}")
+    names = sorted({name for name, _ in patches})
+    if _SuffixEngine.unsupported(model, patches) is None:
+        engine = _SuffixEngine(model, target_tokens, metric)
+        return engine.run(engine.cache_runs(source_tokens, names), patches)
+    return run_patches(model, target_tokens, cache_activations(model, source_tokens, names), patches, metric)
 
 
 def patch_layer_pos_sweep(
@@ -481,10 +522,9 @@ def patch_layer_pos_sweep(
     if component not in LAYER_POS_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(LAYER_POS_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     n_pos = target_tokens.shape[1]
     patches = [(name, (pos,)) for name in names for pos in range(n_pos)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, n_pos)
 
 
 def patch_head_sweep(
@@ -513,12 +553,11 @@ def patch_head_sweep(
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     if component == "pattern":
         patches = [(name, (head,)) for name in names for head in range(model.cfg.n_heads)]
     else:
         patches = [(name, (slice(None), head)) for name in names for head in range(model.cfg.n_heads)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, model.cfg.n_heads)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, model.cfg.n_heads)
 
 
 def patch_head_pos_sweep(
@@ -548,14 +587,13 @@ def patch_head_pos_sweep(
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = []
     for name in names:
         for pos in range(n_pos):
             for head in range(n_heads):
                 patches.append((name, (head, pos) if component == "pattern" else (pos, head)))
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, n_pos, n_heads)
 
 
 # --- path patching ----------------------------------------------------------------------------
