@@ -235,8 +235,9 @@ def test_fast_engine_on_the_gpt2_route_equals_transformer_lens(monkeypatch):
     """INTERPLAB_STANDIN=1: load_model("gpt2-small") gives the GPT-2-shaped stand-in (LayerNorm with weights,
     a 700-token BPE vocabulary, 3 layers). Its outputs are meaningless, so the plain mean logit difference
     (not the normalised one, whose denominator is near zero on a random model) is the metric."""
-    import interplab
     from transformer_lens import patching as tlp
+
+    import interplab
 
     monkeypatch.setenv("INTERPLAB_STANDIN", "1")
     with pytest.warns(UserWarning, match="stand-in"):

@@ -297,6 +297,7 @@ class _SuffixEngine:
             w_o = a.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1).contiguous()
             self._weights.append((w_qkv.detach(), b_qkv.detach(), w_o.detach(), a.b_O.detach()))
         self._w_u = model.unembed.W_U.detach().T.contiguous()
+        self.flops = 0  # multiply-adds x 2 of the matrix products the patched passes compute (the caches excluded)
         self._b_u = model.unembed.b_U.detach()
 
     # -- the target run ---------------------------------------------------------------------------
@@ -382,6 +383,7 @@ class _SuffixEngine:
         if stage <= 1:
             if stage == 0:
                 h = block.ln1(x[:, :1] if single else x)
+                self.flops += 2 * h.shape[0] * h.shape[1] * w_qkv.numel()
                 q, k_new, v_new = F.linear(h, w_qkv, b_qkv).view(rows, -1, 3, n_heads, d_head).unbind(2)
                 if single:  # later positions keep the target run's queries, keys and values
                     q = torch.cat([q, cached("q", p + 1)], 1)
@@ -396,6 +398,7 @@ class _SuffixEngine:
             q = kept(q)
             q_pos = kept(torch.arange(p, self.n_pos, device=q.device), 0)
             scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / block.attn.attn_scale  # [rows, head, query, key]
+            self.flops += 4 * rows * q.shape[1] * self.n_pos * n_heads * d_head  # scores and z
             allowed = torch.arange(self.n_pos, device=q.device)[None, :] <= q_pos[:, None]
             scores = torch.where(allowed, scores, block.attn.IGNORE)
             pattern = F.softmax(scores, dim=-1)
@@ -407,7 +410,10 @@ class _SuffixEngine:
             z = (pattern @ v.transpose(1, 2)).transpose(1, 2)
         if stage == 3:
             z = kept(entry[:, p:])
+        if stage == 2:
+            self.flops += 2 * rows * pattern.shape[2] * self.n_pos * n_heads * d_head
         if stage <= 3:
+            self.flops += 2 * rows * z.shape[1] * w_o.numel()
             attn_out = F.linear(z.reshape(rows, z.shape[1], n_heads * d_head), w_o, b_o)
         if stage == 4:
             attn_out = kept(entry[:, p:])
@@ -416,6 +422,7 @@ class _SuffixEngine:
         if stage == 5:
             resid_mid = kept(entry[:, p:])
         if stage <= 5:
+            self.flops += 4 * rows * resid_mid.shape[1] * cfg.d_model * (cfg.d_mlp or 0)
             mlp_out = self._mlp(layer, block.ln2(resid_mid))
         if stage == 6:
             mlp_out = kept(entry[:, p:])
@@ -443,6 +450,7 @@ class _SuffixEngine:
             x, single = self._block(later, p, n, x, "resid_pre", keep if later == last else None, True, single)
         if keep is None and p:  # every position: the earlier ones are unchanged
             x = torch.cat([self._rep(self.target[act_name("resid_post", last)][:, :p], n), x], 1)
+        self.flops += 2 * x.shape[0] * x.shape[1] * self._w_u.numel()
         return F.linear(self.model.ln_final(x), self._w_u, self._b_u)
 
     def _per_pass(self, suffix: int) -> int:
@@ -481,6 +489,17 @@ class _SuffixEngine:
             return results
 
 
+def forward_flops(cfg, batch: int, n_pos: int) -> int:
+    """FLOPs (2 x multiply-adds) of the matrix products of one full forward pass on [batch, n_pos] tokens: what
+    TransformerLens's sweeps compute per patch (counted as the fast engine counts its own, `last_sweep_flops`)."""
+    d, attn = cfg.d_model, cfg.n_heads * cfg.d_head
+    per_pos_layer = 2 * (3 * d * attn + attn * d + 2 * d * (cfg.d_mlp or 0)) + 4 * n_pos * attn
+    return batch * n_pos * (cfg.n_layers * per_pos_layer + 2 * d * cfg.d_vocab)
+
+
+last_sweep_flops: dict = {}  # the last sweep's count: {"flops": ..., "patches": ...} (the fast engine only)
+
+
 def _sweep(model, source_tokens: Tensor, target_tokens: Tensor, metric: Metric, patches) -> Tensor:
     """`run_patches` with the source activations taken from a run on `source_tokens`; the fast engine caches the
     source and the target run in one forward pass."""
@@ -490,7 +509,10 @@ def _sweep(model, source_tokens: Tensor, target_tokens: Tensor, metric: Metric, 
     names = sorted({name for name, _ in patches})
     if _SuffixEngine.unsupported(model, patches) is None:
         engine = _SuffixEngine(model, target_tokens, metric)
-        return engine.run(engine.cache_runs(source_tokens, names), patches)
+        out = engine.run(engine.cache_runs(source_tokens, names), patches)
+        last_sweep_flops.update(flops=engine.flops, patches=len(patches))
+        return out
+    last_sweep_flops.clear()
     return run_patches(model, target_tokens, cache_activations(model, source_tokens, names), patches, metric)
 
 
