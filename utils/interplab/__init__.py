@@ -6,6 +6,7 @@ The package behind the course's notebooks:
 - `tinyworld` - the synthetic language: generator, annotations, tokenizer, training, evaluation.
 - `activations` - batched, memory-bounded activation collection.
 - `check`, `show_solution` - grading of exercises in notebooks (`grading` for the rest).
+- `threads` - torch's thread count for this machine and its load (set on import).
 - `plotting` - figures, and circuitsvis attention views that work offline.
 """
 
@@ -13,7 +14,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os as _os
+
+from . import threads
 from .models import best_device, is_tinyworld, load_model, tinyworld_only
+
+if _os.environ.get(threads.ENV, "").strip().lower() != "off":
+    threads.configure(quiet=True)  # at most the free physical cores; the first load_model says what it chose
 
 
 def check(fn, name=None, strict=None):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import threads
 from .weights import WEIGHTS_DIR, CorruptedFileError, verify
 
 BUNDLED = {"tinyworld": WEIGHTS_DIR / "tinyworld"}
@@ -158,6 +159,7 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
         ModelUnavailableError: a pretrained model was asked for and no hub is reachable.
         ValueError: the name is not known.
     """
+    threads.announce()  # the thread setting chosen on import, said once per process
     if isinstance(name, Path):
         return load_folder(name, device=device)
     if not isinstance(name, str):

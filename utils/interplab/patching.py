@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -95,7 +96,7 @@ def logit_diff_metric(model, pairs: dict[str, Tensor]) -> Metric:
         return normalised_logit_diff(logits, answer.to(logits.device), wrong.to(logits.device), clean_ld, corrupted_ld)
 
     metric.clean_ld, metric.corrupted_ld = clean_ld, corrupted_ld
-    return metric
+    return reads_positions(metric, -1)  # it reads the final position only
 
 
 # --- the batched patching engine ---------------------------------------------------------
@@ -122,6 +123,21 @@ def _rows_per_pass(model, batch: int, n_pos: int, max_elements: float = 6e7) -> 
     return max(1, int(max_elements // (batch * n_pos * widest)))
 
 
+def reads_positions(metric: Metric, *positions: int) -> Metric:
+    """Declare that `metric` reads the logits at `positions` only (e.g. ``-1``, the final position).
+
+    The patching engine then computes the unembedding at those positions only and calls
+    the metric with ``logits[:, positions]`` ([batch, len(positions), vocab], in the given
+    order), so the metric must give the same value on that narrower tensor (a metric that
+    reads ``logits[:, -1]`` and declares ``-1`` does). The engine checks this once per
+    sweep on the target run and raises ValueError if the declaration is wrong.
+    """
+    if not positions or not all(isinstance(p, int) for p in positions):
+        raise ValueError(f"give the positions the metric reads as integers (e.g. -1), not {positions!r}")
+    metric.read_positions = tuple(positions)
+    return metric
+
+
 def run_patches(
     model,
     target_tokens: Int[Tensor, "batch pos"],
@@ -129,20 +145,44 @@ def run_patches(
     patches: Sequence[tuple[str, tuple]],
     metric: Metric,
     max_patches_per_pass: int | None = None,
+    engine: str = "auto",
 ) -> Float[Tensor, " patch"]:
     """Run many single-activation patches, many per forward pass; one metric value per patch.
 
     Each patch is (hook name, index): in the target run, ``act[:, *index]`` of that hook
-    is replaced by ``source[hook name][:, *index]`` for every prompt. Two tricks make a
-    sweep fast:
+    is replaced by ``source[hook name][:, *index]`` for every prompt. The results are those
+    of one full forward pass per patch (as TransformerLens's `patching` module runs), but
+    computed with far less work:
 
     - Batching: the target prompts are repeated once per patch (rows k*batch ..
-      (k+1)*batch - 1 belong to patch k), each hook edits only its own patches' rows,
-      and the metric is applied to each patch's rows of the logits.
-    - A patch in block l cannot change anything before block l, so patches of block l
-      start from the target run's cached residual stream at block l
-      (``start_at_layer=l``) instead of recomputing the earlier blocks.
+      (k+1)*batch - 1 belong to patch k), and the metric is applied to each patch's rows.
+    - A patch changes nothing before its block, nor at positions before the first one
+      where the pasted values differ from the target's (attention is causal). So the
+      patches of block l whose change starts at position p recompute only positions
+      >= p of blocks >= l, starting from the target run's cached activations (at the
+      patched hook itself) and its cached keys and values of the earlier positions.
+    - If the metric declares the positions it reads (`reads_positions`; the chapter's
+      `logit_diff_metric` reads the final position), the last block and the unembedding
+      are computed at those positions only.
+
+    Args:
+        engine: "auto" (the fast engine where the model's architecture allows it, the
+            hooked one otherwise), "fast", or "hooks" (TransformerLens forward passes with
+            hooks, starting at the patched block: the simple, slower way).
     """
+    if engine not in ("auto", "fast", "hooks"):
+        raise ValueError(f"engine must be 'auto', 'fast' or 'hooks', not {engine!r}")
+    if engine != "hooks":
+        reason = _SuffixEngine.unsupported(model, patches)
+        if reason is None:
+            return _SuffixEngine(model, target_tokens, metric).run(source, patches, max_patches_per_pass)
+        if engine == "fast":
+            raise ValueError(f"the fast patching engine cannot run this: {reason}; use engine='hooks' or 'auto'")
+    return _run_patches_hooked(model, target_tokens, source, patches, metric, max_patches_per_pass)
+
+
+def _run_patches_hooked(model, target_tokens, source, patches, metric, max_patches_per_pass=None) -> Tensor:
+    """`run_patches` with TransformerLens's forward pass and hooks, each block's patches from its cached input."""
     device = model.cfg.device
     target_tokens = target_tokens.to(device)
     batch, n_pos = target_tokens.shape
@@ -180,6 +220,302 @@ def run_patches(
     return results
 
 
+# Where each patchable component sits in a block, in the order the block computes them.
+_STAGE = {"resid_pre": 0, "q": 1, "k": 1, "v": 1, "pattern": 2, "z": 3, "attn_out": 4, "resid_mid": 5,
+          "mlp_out": 6, "resid_post": 7}
+
+
+def _component_of(hook: str) -> str | None:
+    """The component ("z", "resid_pre", ...) of a block hook name, or None if it is not one the engine patches."""
+    layer = layer_of(hook)
+    if layer is None:
+        return None
+    for component in _STAGE:
+        if hook == act_name(component, layer):
+            return component
+    return None
+
+
+# activation functions computed by one fused kernel (equal to TransformerLens's to float precision)
+_FUSED_ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class _SuffixEngine:
+    """The fast engine of `run_patches`: a forward pass over HookedTransformer's weights that starts at a hook of
+    block l, at position p, reusing the target run's activations (and keys and values) of everything earlier.
+
+    It reproduces TransformerBlock's arithmetic for the standard pre-norm GPT-2-style block (LayerNorm or
+    RMSNorm, or their weightless "Pre" forms, causal attention with absolute position embeddings, any MLP
+    TransformerLens builds) and reports the rest as unsupported, which `run_patches` hands to the hooked engine.
+    """
+
+    @staticmethod
+    def unsupported(model, patches) -> str | None:
+        """Why the engine cannot run these patches on this model, or None if it can."""
+        from transformer_lens.components import Attention, TransformerBlock  # the exact classes it reimplements
+
+        cfg = model.cfg
+        checks = [
+            (cfg.positional_embedding_type == "standard", f"position embeddings {cfg.positional_embedding_type!r}"),
+            (not cfg.attn_only and not cfg.parallel_attn_mlp, "attention-only or parallel attention/MLP blocks"),
+            (cfg.n_key_value_heads in (None, cfg.n_heads), "grouped-query attention"),
+            (not (cfg.use_attn_in or cfg.use_split_qkv_input or cfg.use_attn_result), "split attention inputs"),
+            (not cfg.use_local_attn and cfg.attention_dir == "causal", "local or bidirectional attention"),
+            (not getattr(cfg, "use_normalization_before_and_after", False), "normalisation after each sublayer"),
+            (not (getattr(cfg, "use_qk_norm", False) or getattr(cfg, "use_logn_attn", False)
+                  or getattr(cfg, "use_attention_sinks", False) or getattr(cfg, "clip_qkv", None)
+                  or getattr(cfg, "load_in_4bit", False)), "a non-standard attention variant"),
+            (getattr(cfg, "attn_scores_soft_cap", -1.0) in (None, -1.0)
+             and getattr(cfg, "output_logits_soft_cap", -1.0) in (None, -1.0), "soft-capped scores or logits"),
+            (all(type(b) is TransformerBlock and type(b.attn) is Attention for b in model.blocks),
+             "blocks other than TransformerLens's standard TransformerBlock"),
+            (not any(h._forward_hooks or h._forward_pre_hooks for h in model.hook_dict.values()),
+             "hooks are attached to the model"),
+            (all(_component_of(name) is not None for name, _ in patches), "a patch outside the blocks' components"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                return what
+        return None
+
+    def __init__(self, model, target_tokens: Tensor, metric: Metric):
+        self.model, self.metric, self.cfg = model, metric, model.cfg
+        self.tokens = target_tokens.to(model.cfg.device)
+        self.batch, self.n_pos = self.tokens.shape
+        reads = getattr(metric, "read_positions", None)
+        self.reads = None if reads is None else [p % self.n_pos for p in reads]
+        if self.reads is not None and any(not -self.n_pos <= p < self.n_pos for p in reads):
+            raise ValueError(f"the metric reads positions {reads}, outside prompts of {self.n_pos} positions")
+        self.target: dict[str, Tensor] = {}
+        self._weights = []
+        for block in model.blocks:
+            a = block.attn
+            w_qkv = torch.cat([w.permute(0, 2, 1).reshape(-1, self.cfg.d_model) for w in (a.W_Q, a.W_K, a.W_V)])
+            b_qkv = torch.cat([a.b_Q.reshape(-1), a.b_K.reshape(-1), a.b_V.reshape(-1)])
+            w_o = a.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1).contiguous()
+            self._weights.append((w_qkv.detach(), b_qkv.detach(), w_o.detach(), a.b_O.detach()))
+        self._w_u = model.unembed.W_U.detach().T.contiguous()
+        self.flops = 0  # multiply-adds x 2 of the matrix products the patched passes compute (the caches excluded)
+        self._b_u = model.unembed.b_U.detach()
+
+    # -- the target run ---------------------------------------------------------------------------
+
+    def cache_runs(self, source_tokens: Tensor | None = None, source_names=()) -> dict[str, Tensor]:
+        """Cache the target run's activations the engine needs (and, in the same forward pass, the source
+        run's activations `source_names` on `source_tokens`, which it returns)."""
+        components = {_component_of(name) for name in source_names}
+        needed = components | {"resid_pre", "q", "k", "v", "resid_post"}  # block inputs, unchanged q, k, v
+        needed |= {"resid_mid"} if "mlp_out" in components else set()
+        names = {act_name(c, layer) for c in needed for layer in range(self.cfg.n_layers)} | set(source_names)
+        tokens = self.tokens if source_tokens is None else torch.cat([self.tokens, source_tokens.to(self.tokens.device)])
+        with torch.no_grad():
+            logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        b = self.batch
+        self.target = {n: cache[n][:b] for n in names}
+        logits = logits[:b]
+        if self.reads is not None:  # the metric's declaration is checked once, on the target run
+            full = self.metric(logits)
+            try:
+                narrow = self.metric(logits[:, self.reads])
+            except (IndexError, RuntimeError) as e:
+                raise ValueError(f"the metric declares that it reads positions {self.metric.read_positions}, but it "
+                                 f"fails on logits[:, {list(self.metric.read_positions)}] ({e}); fix its "
+                                 f"read_positions or remove the attribute") from e
+            if not torch.allclose(torch.as_tensor(full).float(), torch.as_tensor(narrow).float(), atol=1e-6, rtol=1e-5):
+                raise ValueError(
+                    f"the metric declares that it reads positions {self.metric.read_positions}, but its value on "
+                    f"logits[:, {list(self.metric.read_positions)}] ({float(narrow):.6g}) differs from its value on "
+                    f"the full logits ({float(full):.6g}); fix its read_positions or remove the attribute")
+        return {n: cache[n][b:] for n in source_names}
+
+    def _changed(self, name: str, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Per element of hook `name`'s activation: its position if the source differs from the target there,
+        else n_pos (resp. -1): the minimum (maximum) over a patch's index is the first (last) position it changes."""
+        target = self.target[name]
+        axis = 2 if _component_of(name) == "pattern" else 1  # the pattern's query axis
+        shape = [1] * target.dim()
+        shape[axis] = self.n_pos
+        pos = torch.arange(self.n_pos, device=target.device).view(shape).expand(target.shape)
+        differs = source != target
+        return torch.where(differs, pos, self.n_pos), torch.where(differs, pos, -1)
+
+    # -- the suffix forward pass ---------------------------------------------------------------------
+
+    def _rep(self, x: Tensor, n: int) -> Tensor:
+        return x.repeat(n, *([1] * (x.dim() - 1)))
+
+    def _block(self, layer: int, p: int, n: int, x: Tensor, component: str, keep, suffix: bool,
+               single: bool) -> tuple[Tensor, bool]:
+        """Block `layer` from its hook `component` to its resid_post, at positions >= p (only at the suffix indices
+        `keep` in the last block), for n patched copies of the target batch: ([rows, positions, d_model], single).
+
+        `x` is the value at hook `component`: every position (the patched block), or positions >= p (`suffix`,
+        a resid_pre from the block before). `single` says that it differs from the target run's at position p
+        only; from the pattern on (or a query) that stays so through the block, which is then computed at
+        position p only, and the result says so in turn.
+        """
+        if single and (_STAGE[component] >= 2 or component == "q"):
+            only_p = torch.zeros(1, dtype=torch.long, device=x.device)
+            at_p = self._positions(layer, p, n, x, component, only_p, suffix, single)
+            out = torch.cat([at_p, self._rep(self.target[act_name("resid_post", layer)][:, p + 1:], n)], 1)
+            return (out if keep is None else out.index_select(1, keep)), True
+        return self._positions(layer, p, n, x, component, keep, suffix, single), False
+
+    def _positions(self, layer, p, n, entry, component, keep, suffix, single) -> Tensor:
+        """`_block`'s arithmetic (TransformerBlock's, in the same order) at positions >= p, or at the suffix
+        indices `keep` from the queries on; a single changed resid_pre input has its keys and values
+        recomputed at position p only."""
+        cfg, block, t = self.cfg, self.model.blocks[layer], self.target
+        w_qkv, b_qkv, w_o, b_o = self._weights[layer]
+        stage, rows = _STAGE[component], n * self.batch
+        n_heads, d_head = cfg.n_heads, cfg.d_head
+
+        def cached(c, start=p, stop=None):  # the target run's activation, one copy per patch
+            return self._rep(t[act_name(c, layer)][:, start:stop], n)
+
+        def kept(x, axis=1):  # the positions the rest of the block needs
+            return x if keep is None else x.index_select(axis, keep)
+
+        if stage == 0:
+            x = entry if suffix else entry[:, p:]
+        if stage <= 1:
+            if stage == 0:
+                h = block.ln1(x[:, :1] if single else x)
+                self.flops += 2 * h.shape[0] * h.shape[1] * w_qkv.numel()
+                q, k_new, v_new = F.linear(h, w_qkv, b_qkv).view(rows, -1, 3, n_heads, d_head).unbind(2)
+                if single:  # later positions keep the target run's queries, keys and values
+                    q = torch.cat([q, cached("q", p + 1)], 1)
+                    k_new = torch.cat([k_new, cached("k", p + 1)], 1)
+                    v_new = torch.cat([v_new, cached("v", p + 1)], 1)
+                k = torch.cat([cached("k", 0, p), k_new], 1) if p else k_new
+                v = torch.cat([cached("v", 0, p), v_new], 1) if p else v_new
+            else:
+                q = entry[:, p:] if component == "q" else cached("q")
+                k = entry if component == "k" else cached("k", 0)
+                v = entry if component == "v" else cached("v", 0)
+            q = kept(q)
+            q_pos = kept(torch.arange(p, self.n_pos, device=q.device), 0)
+            scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / block.attn.attn_scale  # [rows, head, query, key]
+            self.flops += 4 * rows * q.shape[1] * self.n_pos * n_heads * d_head  # scores and z
+            allowed = torch.arange(self.n_pos, device=q.device)[None, :] <= q_pos[:, None]
+            scores = torch.where(allowed, scores, block.attn.IGNORE)
+            pattern = F.softmax(scores, dim=-1)
+            pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        if stage == 2:
+            pattern = kept(entry[:, :, p:], 2)
+            v = cached("v", 0)
+        if stage <= 2:
+            z = (pattern @ v.transpose(1, 2)).transpose(1, 2)
+        if stage == 3:
+            z = kept(entry[:, p:])
+        if stage == 2:
+            self.flops += 2 * rows * pattern.shape[2] * self.n_pos * n_heads * d_head
+        if stage <= 3:
+            self.flops += 2 * rows * z.shape[1] * w_o.numel()
+            attn_out = F.linear(z.reshape(rows, z.shape[1], n_heads * d_head), w_o, b_o)
+        if stage == 4:
+            attn_out = kept(entry[:, p:])
+        if stage <= 4:
+            resid_mid = (kept(x) if stage == 0 else kept(cached("resid_pre"))) + attn_out
+        if stage == 5:
+            resid_mid = kept(entry[:, p:])
+        if stage <= 5:
+            self.flops += 4 * rows * resid_mid.shape[1] * cfg.d_model * (cfg.d_mlp or 0)
+            mlp_out = self._mlp(layer, block.ln2(resid_mid))
+        if stage == 6:
+            mlp_out = kept(entry[:, p:])
+            resid_mid = kept(cached("resid_mid"))
+        if stage <= 6:
+            return resid_mid + mlp_out
+        return kept(entry[:, p:])
+
+    def _mlp(self, layer: int, x: Tensor) -> Tensor:
+        """The block's MLP: TransformerLens's own, or the plain two-layer one with a fused activation function."""
+        mlp = self.model.blocks[layer].mlp
+        act = _FUSED_ACTIVATIONS.get(self.cfg.act_fn)
+        if type(mlp).__name__ != "MLP" or act is None or self.cfg.is_layer_norm_activation():
+            return self.model.blocks[layer].apply_mlp(x)
+        pre = torch.addmm(mlp.b_in, x.reshape(-1, x.shape[-1]), mlp.W_in)
+        return torch.addmm(mlp.b_out, act(pre), mlp.W_out).view(*x.shape[:-1], -1)
+
+    def _logits(self, layer: int, component: str, p: int, entry: Tensor, n: int, single: bool) -> Tensor:
+        """The logits of `n` patched copies of the target batch, from block `layer` on: at the metric's read
+        positions if it declares them, else at every position (the earlier ones are the target run's)."""
+        last = self.cfg.n_layers - 1
+        keep = None if self.reads is None else torch.tensor([r - p for r in self.reads], device=entry.device)
+        x, single = self._block(layer, p, n, entry, component, keep if layer == last else None, False, single)
+        for later in range(layer + 1, self.cfg.n_layers):
+            x, single = self._block(later, p, n, x, "resid_pre", keep if later == last else None, True, single)
+        if keep is None and p:  # every position: the earlier ones are unchanged
+            x = torch.cat([self._rep(self.target[act_name("resid_post", last)][:, :p], n), x], 1)
+        self.flops += 2 * x.shape[0] * x.shape[1] * self._w_u.numel()
+        return F.linear(self.model.ln_final(x), self._w_u, self._b_u)
+
+    def _per_pass(self, suffix: int) -> int:
+        cfg = self.cfg
+        n_out = len(self.reads) if self.reads is not None else self.n_pos
+        per_row = max(suffix * max(cfg.d_mlp or 0, 3 * cfg.d_model, cfg.n_heads * self.n_pos), n_out * cfg.d_vocab)
+        return max(1, int(6e7 // (self.batch * per_row)))
+
+    def run(self, source: dict[str, Tensor], patches, max_patches_per_pass: int | None = None) -> Tensor:
+        with torch.no_grad():
+            if not self.target:
+                self.cache_runs(None, sorted({name for name, _ in patches}))
+            changed = {name: self._changed(name, source[name]) for name in {name for name, _ in patches}}
+            latest = min(self.reads) if self.reads is not None else self.n_pos - 1
+            groups: dict[tuple, list[int]] = {}
+            for i, (name, index) in enumerate(patches):
+                first, last = (c[(slice(None),) + index] for c in changed[name])
+                # a patch that changes nothing (or only after the first read position) still gets its own value
+                p = min(int(first.min()), latest)
+                single = int(last.max()) <= p  # it changes position p at most
+                groups.setdefault((layer_of(name), name, p, single), []).append(i)
+            results = torch.zeros(len(patches))
+            for (layer, name, p, single), members in sorted(groups.items(), key=lambda g: g[0][:1] + g[0][2:]):
+                per_pass = max_patches_per_pass or self._per_pass(self.n_pos - p)
+                target, src = self.target[name], source[name]
+                for start in range(0, len(members), per_pass):
+                    chunk = members[start:start + per_pass]
+                    entry = self._rep(target, len(chunk))
+                    view = entry.view(len(chunk), *target.shape)
+                    for k, i in enumerate(chunk):
+                        index = (slice(None),) + patches[i][1]
+                        view[(k,) + index] = src[index]
+                    logits = self._logits(layer, _component_of(name), p, entry, len(chunk), single)
+                    for k, i in enumerate(chunk):
+                        results[i] = self.metric(logits[k * self.batch:(k + 1) * self.batch]).detach().float().cpu()
+            return results
+
+
+def forward_flops(cfg, batch: int, n_pos: int) -> int:
+    """FLOPs (2 x multiply-adds) of the matrix products of one full forward pass on [batch, n_pos] tokens: what
+    TransformerLens's sweeps compute per patch (counted as the fast engine counts its own, `last_sweep_flops`)."""
+    d, attn = cfg.d_model, cfg.n_heads * cfg.d_head
+    per_pos_layer = 2 * (3 * d * attn + attn * d + 2 * d * (cfg.d_mlp or 0)) + 4 * n_pos * attn
+    return batch * n_pos * (cfg.n_layers * per_pos_layer + 2 * d * cfg.d_vocab)
+
+
+last_sweep_flops: dict = {}  # the last sweep's count: {"flops": ..., "patches": ...} (the fast engine only)
+
+
+def _sweep(model, source_tokens: Tensor, target_tokens: Tensor, metric: Metric, patches) -> Tensor:
+    """`run_patches` with the source activations taken from a run on `source_tokens`; the fast engine caches the
+    source and the target run in one forward pass."""
+    if source_tokens.shape != target_tokens.shape:
+        raise ValueError(f"source and target tokens must have the same shape, not {tuple(source_tokens.shape)} "
+                         f"and {tuple(target_tokens.shape)}")
+    names = sorted({name for name, _ in patches})
+    if _SuffixEngine.unsupported(model, patches) is None:
+        engine = _SuffixEngine(model, target_tokens, metric)
+        out = engine.run(engine.cache_runs(source_tokens, names), patches)
+        last_sweep_flops.update(flops=engine.flops, patches=len(patches))
+        return out
+    last_sweep_flops.clear()
+    return run_patches(model, target_tokens, cache_activations(model, source_tokens, names), patches, metric)
+
+
 def patch_layer_pos_sweep(
     model,
     source_tokens: Int[Tensor, "batch pos"],
@@ -208,10 +544,9 @@ def patch_layer_pos_sweep(
     if component not in LAYER_POS_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(LAYER_POS_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     n_pos = target_tokens.shape[1]
     patches = [(name, (pos,)) for name in names for pos in range(n_pos)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, n_pos)
 
 
 def patch_head_sweep(
@@ -240,12 +575,11 @@ def patch_head_sweep(
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     if component == "pattern":
         patches = [(name, (head,)) for name in names for head in range(model.cfg.n_heads)]
     else:
         patches = [(name, (slice(None), head)) for name in names for head in range(model.cfg.n_heads)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, model.cfg.n_heads)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, model.cfg.n_heads)
 
 
 def patch_head_pos_sweep(
@@ -275,14 +609,13 @@ def patch_head_pos_sweep(
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = []
     for name in names:
         for pos in range(n_pos):
             for head in range(n_heads):
                 patches.append((name, (head, pos) if component == "pattern" else (pos, head)))
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return _sweep(model, source_tokens, target_tokens, metric, patches).reshape(model.cfg.n_layers, n_pos, n_heads)
 
 
 # --- path patching ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     interplab bench --quick            # within 5 minutes on 2 CPU cores
     interplab bench                    # the full report (within 20 minutes on 2 CPU cores)
     interplab bench --only sae,lens    # some sections
+    interplab bench --busy             # the same with the other core kept busy (BENCHMARKS_BUSY.md)
 
 Every section measures the reference implementation and, where there is one, a peer
 library on the same data in the same process, and reports the ratio:
@@ -45,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import threads
 from ..paths import chapters_dir
 from .table import COLUMNS, row
 
@@ -150,7 +152,7 @@ def machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "threads": threads.settings(),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "processor": platform.processor() or None}
     try:
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
@@ -213,6 +215,35 @@ def run(sections: list[str], quick: bool, overrides: dict[str, dict] | None = No
     return report
 
 
+BUSY_LIMIT_S = 3600  # the busy loop ends by itself after this long, even if the benchmark is killed
+
+
+def start_busy_loop(limit_s: float = BUSY_LIMIT_S):
+    """A subprocess spinning on the last CPU this process may use (bounded by `limit_s`); stop it with .kill()."""
+    import subprocess
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    code = f"import time\nend = time.time() + {float(limit_s)}\nwhile time.time() < end:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    if len(cpus) > 1:
+        try:
+            os.sched_setaffinity(proc.pid, {cpus[-1]})
+        except OSError:
+            pass
+    return proc
+
+
+def add_idle_peers(report: dict, idle: dict | None) -> None:
+    """A busy run's chapter times get the last idle run's as their peer (ratio = time under load / idle)."""
+    old = (idle or {}).get("sections", {}).get(NOTEBOOKS, {})
+    if not old or (idle or {}).get("busy"):
+        return
+    for stem, m in report["sections"].get(NOTEBOOKS, {}).items():
+        if isinstance(m, dict) and isinstance(old.get(stem), dict):
+            m["idle"] = {k: v for k, v in old[stem].items() if k in ("as_shipped", "solutions_injected")}
+            m["idle_date"] = idle.get("date")
+
+
 def carry_over_notebooks(report: dict, previous: dict | None) -> None:
     """Add the chapters a quick run did not execute from a previous full report, marked as carried over."""
     nb = report["sections"].get("notebooks")
@@ -250,6 +281,11 @@ def rows_notebooks(r: dict) -> list[dict]:
                 else "measured in this run"
             if "error" in m:
                 out.append(row(s, f"{stem} ({what})", None, None, f"ERROR: {m['error']}", with_ratio=False))
+                continue
+            idle = chapter.get("idle", {}).get(kind, {}).get("seconds")
+            if idle is not None:
+                out.append(row(s, f"{stem} ({what}): execution time with the other core busy (s)", m["seconds"],
+                               idle, f"peer: the idle run of {chapter.get('idle_date')}; lower is better"))
                 continue
             out.append(row(s, f"{stem} ({what}): execution time (s)", m["seconds"], None, note))
             out.append(row(s, f"{stem} ({what}): kernel peak memory (MB)", m["peak_mb"], None, note))
@@ -312,6 +348,15 @@ def to_markdown(report: dict) -> str:
     if "load_average_at_start" in m:
         lines.append(f"- load average at start: {m['load_average_at_start']} (other work on the machine slows "
                      f"every timing below)")
+    if "threads" in m:
+        t = m["threads"]
+        lines.append(f"- threads: torch {t['torch_threads']} ({t.get('chosen_because') or 'torch default'}); "
+                     f"{t['available_cpus']} CPUs available, {t['physical_cores']} physical cores; "
+                     f"OMP_NUM_THREADS={t.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS={t.get('MKL_NUM_THREADS')}, "
+                     f"INTERPLAB_THREADS={t.get('INTERPLAB_THREADS')}")
+    if report.get("busy"):
+        lines.append("- **busy**: a busy loop kept one core busy for the whole run (`interplab bench --busy`); "
+                     "chapter times are compared with the last idle run's")
     if mode == "quick":
         lines.append("- quick mode: shorter SAE training, fewer documents and one timing repeat (see "
                      "`interplab bench --help`); every chapter is executed as shipped")
@@ -329,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
     p.add_argument("--inject", action="store_true",
                    help="also execute every chapter with the reference solutions injected (about doubles the time)")
+    p.add_argument("--busy", action="store_true",
+                   help="keep the other core busy (a bounded busy loop in a subprocess) for the whole run; writes "
+                        "BENCHMARKS_BUSY.md / benchmarks_busy.json, chapter times next to the last idle run's")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in section_names()]
@@ -341,17 +389,27 @@ def main(argv: list[str] | None = None) -> int:
             previous = json.loads((out / "benchmarks.json").read_text())
         except json.JSONDecodeError:
             previous = None
-    report = run(sections, a.quick, overrides={"notebooks": {"inject": a.inject}} if a.inject else None)
-    if a.quick:
+    busy = start_busy_loop() if a.busy else None
+    try:
+        report = run(sections, a.quick, overrides={"notebooks": {"inject": a.inject}} if a.inject else None)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    if a.busy:
+        report["busy"] = True
+        add_idle_peers(report, previous)
+    elif a.quick:
         carry_over_notebooks(report, previous)
     report["rows"] = table_rows(report)
     out.mkdir(parents=True, exist_ok=True)
     text = to_markdown(report)
-    (out / "benchmarks.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "BENCHMARKS.md").write_text(text)
+    md, js = ("BENCHMARKS_BUSY.md", "benchmarks_busy.json") if a.busy else ("BENCHMARKS.md", "benchmarks.json")
+    (out / js).write_text(json.dumps(report, indent=1) + "\n")
+    (out / md).write_text(text)
     print()
     print(text)
-    print(f"wrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks.json'}")
+    print(f"wrote {out / md} and {out / js}")
     return 0
 
 
