@@ -8,7 +8,9 @@ from torch import Tensor
 from interplab import hooks
 
 
-def per_token_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos-1"]:
+def per_token_loss(
+    logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos-1"]:
     """Cross-entropy of each next-token prediction.
 
     The logits at position p predict the token at position p + 1, so the last position

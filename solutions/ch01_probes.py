@@ -24,7 +24,9 @@ from interplab.tinyworld import NAMES, ROOMS, Doc
 # --- exercise 1: labels from TinyWorld's annotations ----------------------------------------------
 
 
-def room_query_labels(docs: Sequence[Doc]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+def room_query_labels(
+    docs: Sequence[Doc],
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
     """Labelled examples of "the room person X is in", one per question "where is X".
 
     Go through the documents in order; skip every document whose family is not "rooms".
@@ -137,7 +139,9 @@ def train_probe(
 # --- exercise 4: the difference-of-means ("mass-mean") probe ----------------------------------------
 
 
-def mass_mean_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+def mass_mean_probe(
+    x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
     """A probe from class means alone (no training): the nearest-class-mean classifier.
 
     With mu_c the mean of the rows of x whose label is c, the probe is
@@ -157,8 +161,10 @@ def mass_mean_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: in
     counts = torch.bincount(y, minlength=n_classes)
     if len(counts) > n_classes or (counts == 0).any():
         missing = [c for c in range(n_classes) if c >= len(counts) or counts[c] == 0]
-        raise ValueError(f"every class 0 .. {n_classes - 1} needs at least one example; missing or invalid: "
-                         f"{missing or sorted(set(y.tolist()) - set(range(n_classes)))}")
+        raise ValueError(
+            f"every class 0 .. {n_classes - 1} needs at least one example; missing or invalid: "
+            f"{missing or sorted(set(y.tolist()) - set(range(n_classes)))}"
+        )
     sums = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x)
     means = sums / counts[:, None].to(x.dtype)
     return means.T.contiguous(), -0.5 * means.pow(2).sum(-1)

@@ -24,7 +24,10 @@ from interplab import hooks
 
 # --- exercise: the logit lens ---------------------------------------------------------------
 
-def logit_lens(model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False) -> Float[Tensor, "point batch pos d_vocab"]:
+
+def logit_lens(
+    model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False
+) -> Float[Tensor, "point batch pos d_vocab"]:
     """The logit lens: read every layer's residual stream as if it were the last one.
 
     Run the model with a cache, take the residual stream at the embeddings
@@ -55,7 +58,10 @@ def logit_lens(model, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False) 
 
 # --- exercises: comparing a lens with the model's output ---------------------------------------
 
-def kl_to_final(lens_logits: Float[Tensor, "point *batch d_vocab"], final_logits: Float[Tensor, "*batch d_vocab"]) -> Float[Tensor, " point *batch"]:
+
+def kl_to_final(
+    lens_logits: Float[Tensor, "point *batch d_vocab"], final_logits: Float[Tensor, "*batch d_vocab"]
+) -> Float[Tensor, " point *batch"]:
     """KL divergence from each lens distribution to the model's final distribution, in nats.
 
     For every read-out point and position, KL(p || q) = sum_v p_v (log p_v - log q_v),
@@ -92,7 +98,9 @@ def lens_entropy(logits: Float[Tensor, "*batch d_vocab"]) -> Float[Tensor, " *ba
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-def correct_token_rank(logits: Float[Tensor, "*batch d_vocab"], targets: Int[Tensor, " *batch"]) -> Int[Tensor, " *batch"]:
+def correct_token_rank(
+    logits: Float[Tensor, "*batch d_vocab"], targets: Int[Tensor, " *batch"]
+) -> Int[Tensor, " *batch"]:
     """The rank of the correct token under each set of logits: 0 when it is the top-1.
 
     The rank is the number of tokens whose logit is strictly larger than the correct
@@ -131,6 +139,7 @@ def prediction_depth(lens_logits: Float[Tensor, "point *batch d_vocab"]) -> Int[
 
 
 # --- exercises: the tuned lens --------------------------------------------------------------
+
 
 def tuned_lens_logits(
     model,

@@ -250,7 +250,9 @@ def train_sae(
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     n_resampled, t0 = 0, time.time()
     sae.train()
-    bar = tqdm(range(steps), disable=not progress, desc=f"training {cfg.architecture} SAE", leave=False, mininterval=1.0)
+    bar = tqdm(
+        range(steps), disable=not progress, desc=f"training {cfg.architecture} SAE", leave=False, mininterval=1.0
+    )
     for step in bar:
         if cursor + batch_size > len(perm):
             perm, cursor = torch.randperm(acts.shape[0], generator=order), 0
@@ -275,13 +277,22 @@ def train_sae(
                     since_fired[dead] = 0
                     n_resampled += int(dead.sum())
         if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3g}", L0=f"{(out.acts > 0).float().sum(-1).mean():.1f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{out.loss.item():.3g}", L0=f"{(out.acts > 0).float().sum(-1).mean():.1f}", refresh=False
+            )
     bar.close()
     sae.eval()
-    sae.info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "tokens_seen": steps * batch_size,
-                "final_loss": round(out.loss.item(), 5), "final_mse": round(out.mse.item(), 5),
-                "resampled": n_resampled, "seconds": round(time.time() - t0, 1)}
+    sae.info = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "tokens_seen": steps * batch_size,
+        "final_loss": round(out.loss.item(), 5),
+        "final_mse": round(out.mse.item(), 5),
+        "resampled": n_resampled,
+        "seconds": round(time.time() - t0, 1),
+    }
     return sae
 
 
@@ -341,7 +352,9 @@ def feature_density(acts: Float[Tensor, "n d_sae"]) -> Float[Tensor, " d_sae"]:
     return (acts != 0).float().mean(dim=0)
 
 
-def spliced_loss(model, sae: SAE, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]) -> dict[str, float]:
+def spliced_loss(
+    model, sae: SAE, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> dict[str, float]:
     """How much of the model's performance survives when the SAE replaces its activation.
 
     Run the model three times: clean; with the activation at ``sae.cfg.hook_name``
@@ -379,8 +392,10 @@ def spliced_loss(model, sae: SAE, tokens: Int[Tensor, "batch pos"], mask: Bool[T
         zeroed = model.run_with_hooks(tokens, fwd_hooks=[(hook, zero)])
     scored = keep[:, :-1] & keep[:, 1:]
     targets = tokens[:, 1:, None]
-    ce = {name: -lg[:, :-1].log_softmax(-1).gather(-1, targets)[..., 0][scored].mean().item()
-          for name, lg in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed))}
+    ce = {
+        name: -lg[:, :-1].log_softmax(-1).gather(-1, targets)[..., 0][scored].mean().item()
+        for name, lg in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed))
+    }
     log_p = clean[:, :-1].log_softmax(-1)
     log_q = spliced[:, :-1].log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)[scored].mean().item()

@@ -165,8 +165,10 @@ def replacement_loss(
         }
     scored = mask[:, :-1].bool() & mask[:, 1:].bool()
     targets = tokens[:, 1:, None]
-    out = {name: -logits[:, :-1].log_softmax(-1).gather(-1, targets)[..., 0][scored].mean().item()
-           for name, logits in runs.items()}
+    out = {
+        name: -logits[:, :-1].log_softmax(-1).gather(-1, targets)[..., 0][scored].mean().item()
+        for name, logits in runs.items()
+    }
     out["loss_recovered"] = (out["ce_ablated"] - out["ce_replaced"]) / (out["ce_ablated"] - out["ce_clean"])
     return out
 
@@ -210,8 +212,10 @@ def pullback(earlier: Transcoder, later: Transcoder, feature: int) -> Float[Tens
         earlier.W_dec @ later.W_enc[:, feature], one value per feature of the earlier transcoder.
     """
     if earlier.cfg.layer >= later.cfg.layer:
-        raise ValueError(f"the earlier transcoder (layer {earlier.cfg.layer}) must come before the later one "
-                         f"(layer {later.cfg.layer}): a feature only reads what earlier layers wrote")
+        raise ValueError(
+            f"the earlier transcoder (layer {earlier.cfg.layer}) must come before the later one "
+            f"(layer {later.cfg.layer}): a feature only reads what earlier layers wrote"
+        )
     if not 0 <= feature < later.cfg.d_sae:
         raise ValueError(f"feature must be between 0 and {later.cfg.d_sae - 1}, got {feature}")
     return earlier.W_dec @ later.W_enc[:, feature]

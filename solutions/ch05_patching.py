@@ -70,14 +70,21 @@ def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dic
         wrong.append(name_token_id(model, p["S"]))
     lengths = {len(t) for t in clean + corrupted}
     if len(lengths) != 1:
-        raise ValueError(f"the prompts tokenize to different lengths {sorted(lengths)}; patching needs aligned "
-                         f"positions: use one template and single-token names")
-    return {"clean": torch.stack(clean), "corrupted": torch.stack(corrupted),
-            "answer": torch.tensor(answer), "wrong": torch.tensor(wrong)}
+        raise ValueError(
+            f"the prompts tokenize to different lengths {sorted(lengths)}; patching needs aligned "
+            f"positions: use one template and single-token names"
+        )
+    return {
+        "clean": torch.stack(clean),
+        "corrupted": torch.stack(corrupted),
+        "answer": torch.tensor(answer),
+        "wrong": torch.tensor(wrong),
+    }
 
 
-def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: list[str],
-                    corruption: str = "answer") -> dict[str, Tensor]:
+def induction_pairs(
+    model, sequences: list[list[str]], cut: int, replacements: list[str], corruption: str = "answer"
+) -> dict[str, Tensor]:
     """Repeated sequences for induction, clean and corrupted.
 
     The clean prompt is <bos>, the sequence x_0 .. x_{n-1}, then its first `cut` words
@@ -117,8 +124,12 @@ def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: l
         corrupted.append([bos] + first + ids[:cut])
         answer.append(ids[cut])
         wrong.append(r_id)
-    return {"clean": torch.tensor(clean), "corrupted": torch.tensor(corrupted),
-            "answer": torch.tensor(answer), "wrong": torch.tensor(wrong)}
+    return {
+        "clean": torch.tensor(clean),
+        "corrupted": torch.tensor(corrupted),
+        "answer": torch.tensor(answer),
+        "wrong": torch.tensor(wrong),
+    }
 
 
 # --- the metric ------------------------------------------------------------------------------
@@ -200,7 +211,7 @@ def _run_patches(
     with torch.no_grad():
         for layer, members in groups.items():
             for start in range(0, len(members), per_pass):
-                chunk = members[start:start + per_pass]
+                chunk = members[start : start + per_pass]
                 by_hook: dict[str, list[tuple[int, tuple]]] = {}
                 for k, i in enumerate(chunk):
                     name, index = patches[i]
@@ -220,7 +231,7 @@ def _run_patches(
                     resid = starts[act_name("resid_pre", layer)].repeat(len(chunk), 1, 1)
                     logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
                 for k, i in enumerate(chunk):
-                    results[i] = metric(logits[k * batch:(k + 1) * batch]).detach().float().cpu()
+                    results[i] = metric(logits[k * batch : (k + 1) * batch]).detach().float().cpu()
     return results
 
 
@@ -388,8 +399,9 @@ def path_patch(
         stored[hook.name] = act.clone()
 
     with torch.no_grad():
-        logits = model.run_with_hooks(target_tokens, fwd_hooks=[(n, freeze) for n in z_names]
-                                      + [(n, store) for n in receiver_names])
+        logits = model.run_with_hooks(
+            target_tokens, fwd_hooks=[(n, freeze) for n in z_names] + [(n, store) for n in receiver_names]
+        )
         if receivers is None:
             return metric(logits).item()
 
@@ -487,8 +499,10 @@ def circuit_faithfulness(
         ld(circuit only) / ld(full model), a Python float (1.0: the circuit does it all).
     """
     if mean_tokens.shape[1] != tokens.shape[1]:
-        raise ValueError(f"mean_tokens has {mean_tokens.shape[1]} positions but tokens has {tokens.shape[1]}: "
-                         f"mean ablation needs aligned positions")
+        raise ValueError(
+            f"mean_tokens has {mean_tokens.shape[1]} positions but tokens has {tokens.shape[1]}: "
+            f"mean ablation needs aligned positions"
+        )
     for layer, head in circuit:
         if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
             raise ValueError(f"({layer}, {head}) is not a head of this model")

@@ -30,7 +30,9 @@ def test_mask_keeps_only_chosen_positions(model, batch):
 
 def test_streaming_yields_batches(model, batch):
     ids, mask = batch
-    sizes = [out["hook_embed"].shape[0] for out in iter_activations(model, ids, "hook_embed", batch_size=16, progress=False)]
+    sizes = [
+        out["hook_embed"].shape[0] for out in iter_activations(model, ids, "hook_embed", batch_size=16, progress=False)
+    ]
     assert sizes == [16, 16, 8]
 
 

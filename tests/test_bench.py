@@ -8,20 +8,54 @@ from interplab import bench
 
 # one made-up result per section, in the shape each section function returns
 FAKE = {
-    "probes": {"torch_seconds": 4.5, "sklearn_seconds": 0.7, "torch_accuracy": [0.1, 0.5], "sklearn_accuracy": [0.1, 0.5],
-               "n_train": 80, "n_test": 20, "hooks": ["a", "b"]},
-    "lenses": {"train_seconds_wall": 30.0, "train_seconds_cpu": 29.0, "threads": 1, "steps": 1000,
-             "labels": ["embed", "layer 0"], "kl_logit": [3.0, 1.0], "kl_tuned": [1.0, 0.2]},
-    "saes": {"setup": {"steps": 10, "batch_size": 8, "d_sae": 32, "k": 4},
-            "interplab": {"tokens_per_second": 2000, "explained_variance": 0.9, "l0": 4.0, "loss_recovered": 0.95},
-            "sae_lens": {"tokens_per_second": 1000, "explained_variance": 0.85, "l0": 4.0, "loss_recovered": 0.9}},
-    "transcoders": {"loss_recovered": 0.85, "ce_clean": 1.0, "ce_replaced": 1.2, "ce_ablated": 2.3, "docs": 40,
-                    "skip": {"loss_recovered": 0.9, "ce_replaced": 1.1}},
-    "patching": {"n_prompts": 4, **{f"{k}_{m}": v for k in ("resid_pre", "head_out_all_pos", "head_out_by_pos")
-                                    for m, v in (("ours_s", 0.1), ("tl_s", 0.5), ("max_abs_diff", 1e-6))},
-                 "attribution_s": 0.01, "head_by_pos_sweep_s": 0.1, "attribution_vs_activation_r": 0.9,
-                 "integrated_attribution_s": 0.05, "integrated_attribution_vs_activation_r": 0.99},
-    "notebooks": {"all_chapters": ["00_orientation", "01_probes"], "00_orientation": {"as_shipped": {"seconds": 50.0, "peak_mb": 900}}},
+    "probes": {
+        "torch_seconds": 4.5,
+        "sklearn_seconds": 0.7,
+        "torch_accuracy": [0.1, 0.5],
+        "sklearn_accuracy": [0.1, 0.5],
+        "n_train": 80,
+        "n_test": 20,
+        "hooks": ["a", "b"],
+    },
+    "lenses": {
+        "train_seconds_wall": 30.0,
+        "train_seconds_cpu": 29.0,
+        "threads": 1,
+        "steps": 1000,
+        "labels": ["embed", "layer 0"],
+        "kl_logit": [3.0, 1.0],
+        "kl_tuned": [1.0, 0.2],
+    },
+    "saes": {
+        "setup": {"steps": 10, "batch_size": 8, "d_sae": 32, "k": 4},
+        "interplab": {"tokens_per_second": 2000, "explained_variance": 0.9, "l0": 4.0, "loss_recovered": 0.95},
+        "sae_lens": {"tokens_per_second": 1000, "explained_variance": 0.85, "l0": 4.0, "loss_recovered": 0.9},
+    },
+    "transcoders": {
+        "loss_recovered": 0.85,
+        "ce_clean": 1.0,
+        "ce_replaced": 1.2,
+        "ce_ablated": 2.3,
+        "docs": 40,
+        "skip": {"loss_recovered": 0.9, "ce_replaced": 1.1},
+    },
+    "patching": {
+        "n_prompts": 4,
+        **{
+            f"{k}_{m}": v
+            for k in ("resid_pre", "head_out_all_pos", "head_out_by_pos")
+            for m, v in (("ours_s", 0.1), ("tl_s", 0.5), ("max_abs_diff", 1e-6))
+        },
+        "attribution_s": 0.01,
+        "head_by_pos_sweep_s": 0.1,
+        "attribution_vs_activation_r": 0.9,
+        "integrated_attribution_s": 0.05,
+        "integrated_attribution_vs_activation_r": 0.99,
+    },
+    "notebooks": {
+        "all_chapters": ["00_orientation", "01_probes"],
+        "00_orientation": {"as_shipped": {"seconds": 50.0, "peak_mb": 900}},
+    },
 }
 
 
@@ -62,11 +96,24 @@ def test_a_failing_section_keeps_the_others():
 
 
 def test_quick_mode_carries_over_chapters_from_a_full_run():
-    report = _report({"notebooks": {"all_chapters": ["00_orientation", "01_probes"],
-                                    "00_orientation": {"as_shipped": {"seconds": 40.0, "peak_mb": 800}}}})
-    previous = {"mode": "full", "date": "yesterday", "sections": {"notebooks": {
-        "00_orientation": {"as_shipped": {"seconds": 1.0, "peak_mb": 1}},
-        "01_probes": {"as_shipped": {"seconds": 90.0, "peak_mb": 1200}}}}}
+    report = _report(
+        {
+            "notebooks": {
+                "all_chapters": ["00_orientation", "01_probes"],
+                "00_orientation": {"as_shipped": {"seconds": 40.0, "peak_mb": 800}},
+            }
+        }
+    )
+    previous = {
+        "mode": "full",
+        "date": "yesterday",
+        "sections": {
+            "notebooks": {
+                "00_orientation": {"as_shipped": {"seconds": 1.0, "peak_mb": 1}},
+                "01_probes": {"as_shipped": {"seconds": 90.0, "peak_mb": 1200}},
+            }
+        },
+    }
     bench.carry_over_notebooks(report, previous)
     nb = report["sections"]["notebooks"]
     assert nb["00_orientation"]["as_shipped"]["seconds"] == 40.0  # measured now, not replaced

@@ -190,12 +190,22 @@ def test_metrics_agree_with_saelens(model, equal_length_tokens, name):
     with torch.no_grad():
         f = ours_sae.encode(x)
         x_hat = ours_sae.decode(f)
-    ours = {"explained_variance": metrics.explained_variance(x, x_hat), **metrics.reconstruction_metrics(x, x_hat, f),
-            **metrics.spliced_loss(model, ours_sae, tokens, mask)}
+    ours = {
+        "explained_variance": metrics.explained_variance(x, x_hat),
+        **metrics.reconstruction_metrics(x, x_hat, f),
+        **metrics.spliced_loss(model, ours_sae, tokens, mask),
+    }
 
-    cfg = EvalConfig(batch_size_prompts=len(tokens), n_eval_reconstruction_batches=1, n_eval_sparsity_variance_batches=1,
-                     compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
-                     compute_variance_metrics=True)
+    cfg = EvalConfig(
+        batch_size_prompts=len(tokens),
+        n_eval_reconstruction_batches=1,
+        n_eval_sparsity_variance_batches=1,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+    )
     evals, _ = run_evals(theirs, _TokenStore(tokens), model, ActivationScaler(), cfg)
     pairs = {
         "l0": evals["sparsity"]["l0"],
@@ -212,8 +222,15 @@ def test_metrics_agree_with_saelens(model, equal_length_tokens, name):
     # has no target); ours averages over scored predictions. Compare on the same positions.
     from interplab.tinyworld import token_id
 
-    recons = get_recons_loss(theirs, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=False,
-                             ignore_tokens=[token_id("<bos>")])
+    recons = get_recons_loss(
+        theirs,
+        model,
+        ActivationScaler(),
+        tokens,
+        compute_kl=True,
+        compute_ce_loss=False,
+        ignore_tokens=[token_id("<bos>")],
+    )
     scored = mask[:, :-1] & mask[:, 1:]
     pairs["kl_sae"] = recons["kl_div_with_sae"][:, :-1][scored].mean().item()
     bad = {k: (ours[k], v) for k, v in pairs.items() if not _close(ours[k], v)}
@@ -223,6 +240,7 @@ def test_metrics_agree_with_saelens(model, equal_length_tokens, name):
 # -------------------------------------------------------------------------------------
 # The real-model route: TinyWorld text through a subword tokenizer, memory-bounded splicing
 # -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def standin():
@@ -294,13 +312,19 @@ def test_splice_in_batches_matches_one_pass(standin):
         assert batched[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-5), k
     # a wrong combination (plain mean of the batches' means) would not match: batches differ in length
     assert whole["ce_clean"] != pytest.approx(
-        sum(metrics.spliced_loss(standin, sae, toks.ids[i : i + 5], mask[i : i + 5])["ce_clean"]
-            for i in range(0, 24, 5)) / 5, rel=1e-4)
+        sum(
+            metrics.spliced_loss(standin, sae, toks.ids[i : i + 5], mask[i : i + 5])["ce_clean"]
+            for i in range(0, 24, 5)
+        )
+        / 5,
+        rel=1e-4,
+    )
 
 
 # -------------------------------------------------------------------------------------
 # The library and the answer key agree on every case of the exercises the library implements
 # -------------------------------------------------------------------------------------
+
 
 def _lib_sae_encode(x, W_enc, b_enc, b_dec):
     sae = SAE(SAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1]))
@@ -368,8 +392,13 @@ def test_hooking_a_feature_changes_the_output():
     sae = shipped.load_sae("topk")
     x = torch.randn(5, sae.cfg.d_in, generator=torch.Generator().manual_seed(0)) * 10
     out, cache = sae.run_with_cache(x)
-    assert set(cache.keys()) == {"hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
-                                 "hook_sae_output"}
+    assert set(cache.keys()) == {
+        "hook_sae_input",
+        "hook_sae_acts_pre",
+        "hook_sae_acts_post",
+        "hook_sae_recons",
+        "hook_sae_output",
+    }
     with torch.no_grad():
         acts = sae.encode(x)
         assert torch.equal(cache["hook_sae_acts_post"], acts) and torch.equal(out, sae(x))
@@ -418,8 +447,18 @@ def test_recipes_are_the_shipped_recipes():
     for name, folder in [("sae_topk", "topk"), ("sae_batchtopk", "batchtopk"), ("sae_standard", "standard")]:
         recorded = artifacts.read_provenance(shipped.shipped_folder(folder))["recipe"]
         recipe = artifacts.recipe(name)
-        for key in ("architecture", "d_sae", "k", "l1_coeff", "hook_name", "steps", "batch_size", "lr", "seed",
-                    "n_docs"):
+        for key in (
+            "architecture",
+            "d_sae",
+            "k",
+            "l1_coeff",
+            "hook_name",
+            "steps",
+            "batch_size",
+            "lr",
+            "seed",
+            "n_docs",
+        ):
             assert getattr(recipe, key) == recorded[key], (name, key)
     for name, suffix in [("transcoders", ""), ("skip_transcoders", "_skip"), ("mlp_out_saes", "_sae")]:
         recorded = artifacts.read_provenance(weights.WEIGHTS_DIR / f"transcoder_tinyworld_mlp0{suffix}")["recipe"]

@@ -172,7 +172,9 @@ def test_attribution_graph_draws(model):
 
     tcs = shipped.load_transcoders()
     ids = torch.tensor(tinyworld.encode(circuits.fact_prompt("Bob")))
-    graph = circuits.attribution_graph(model, tcs, ids, tinyworld.token_id(tinyworld.WORLD.value("Bob", "city")), n_nodes=5)
+    graph = circuits.attribution_graph(
+        model, tcs, ids, tinyworld.token_id(tinyworld.WORLD.value("Bob", "city")), n_nodes=5
+    )
     assert len([n for n in graph["nodes"] if n["kind"] == "feature"]) == 5
     fig = circuits.draw_attribution_graph(graph, [circuits.node_label(model, tcs, n) for n in graph["nodes"]])
     assert fig.axes
@@ -190,6 +192,7 @@ def test_bench_quick():
 # The real-model route: memory-bounded losses on a GPT-2-shaped stand-in
 # -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def standin_data():
     """A small random GPT-2-architecture model with a byte-level BPE tokenizer, and TinyWorld text through it."""
@@ -200,8 +203,10 @@ def standin_data():
     toks = tinyworld.tokens_for(m, tinyworld.generate(24, seed=6, split="test"))
     mask = toks.mask.clone()
     mask[:, 0] = False
-    tcs = [Transcoder(TranscoderConfig(d_in=m.cfg.d_model, d_sae=96, architecture="batchtopk", k=8, layer=L))
-           for L in range(m.cfg.n_layers)]
+    tcs = [
+        Transcoder(TranscoderConfig(d_in=m.cfg.d_model, d_sae=96, architecture="batchtopk", k=8, layer=L))
+        for L in range(m.cfg.n_layers)
+    ]
     for tc in tcs:
         tc.eval()
     return m, toks.ids, mask, tcs
@@ -237,9 +242,15 @@ def test_compare_layer_runs_on_a_gpt2_shaped_model(standin_data):
 # The library and the answer key agree on every case of the exercises the library implements
 # -------------------------------------------------------------------------------------
 
+
 def _lib_transcoder_forward(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
-    cfg = TranscoderConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], d_out=W_dec.shape[1], architecture="standard",
-                           skip=W_skip is not None)
+    cfg = TranscoderConfig(
+        d_in=W_enc.shape[0],
+        d_sae=W_enc.shape[1],
+        d_out=W_dec.shape[1],
+        architecture="standard",
+        skip=W_skip is not None,
+    )
     tc = Transcoder(cfg).eval()
     with torch.no_grad():
         for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec), ("W_skip", W_skip)):
@@ -292,6 +303,7 @@ def test_hooking_a_transcoder_feature_changes_the_prediction(pairs):
         assert torch.equal(cache["hook_sae_acts_post"], acts)
         assert torch.allclose(cache["hook_sae_output"], cache["hook_sae_recons"] + x @ tc.W_skip.T, atol=1e-6)
         feature = int(acts.sum(0).argmax())
-        boosted = tc.run_with_hooks(x, fwd_hooks=[("hook_sae_acts_post", lambda a, hook: a + 5.0 * (
-            torch.arange(a.shape[-1]) == feature))])
+        boosted = tc.run_with_hooks(
+            x, fwd_hooks=[("hook_sae_acts_post", lambda a, hook: a + 5.0 * (torch.arange(a.shape[-1]) == feature))]
+        )
     assert torch.allclose(boosted - out, (5.0 * tc.W_dec[feature]).expand_as(out).detach(), atol=1e-4)

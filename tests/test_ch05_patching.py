@@ -36,8 +36,11 @@ SWEEPS = ("patch_layer_pos_sweep", "patch_head_sweep", "patch_head_pos_sweep")
 
 
 def test_the_answer_key_holds_only_the_chapters_exercises():
-    public = sorted(name for name, fn in vars(sol).items()
-                    if inspect.isfunction(fn) and fn.__module__ == sol.__name__ and not name.startswith("_"))
+    public = sorted(
+        name
+        for name, fn in vars(sol).items()
+        if inspect.isfunction(fn) and fn.__module__ == sol.__name__ and not name.startswith("_")
+    )
     assert public == sorted(e.name for e in exercises.all_exercises() if e.chapter == "05_patching")
     assert set(LIBRARY_VERSION) == set(public)
 
@@ -85,9 +88,14 @@ def _tl(fn, *args):
         return fn(*args).cpu()
 
 
-@pytest.mark.parametrize("component,tl_name", [("resid_pre", "get_act_patch_resid_pre"),
-                                               ("attn_out", "get_act_patch_attn_out"),
-                                               ("mlp_out", "get_act_patch_mlp_out")])
+@pytest.mark.parametrize(
+    "component,tl_name",
+    [
+        ("resid_pre", "get_act_patch_resid_pre"),
+        ("attn_out", "get_act_patch_attn_out"),
+        ("mlp_out", "get_act_patch_mlp_out"),
+    ],
+)
 def test_layer_pos_sweeps_equal_transformer_lens(model, ioi, clean_cache, component, tl_name):
     from transformer_lens import patching as tlp
 
@@ -105,8 +113,9 @@ def test_head_sweeps_equal_transformer_lens(model, ioi, clean_cache, component):
     pairs, metric = ioi
     tl_name = {"z": "out", "q": "q", "k": "k", "v": "v", "pattern": "pattern"}[component]
     ours = P.patch_head_sweep(model, pairs["clean"], pairs["corrupted"], metric, component)
-    theirs = _tl(getattr(tlp, f"get_act_patch_attn_head_{tl_name}_all_pos"), model, pairs["corrupted"], clean_cache,
-                 metric)
+    theirs = _tl(
+        getattr(tlp, f"get_act_patch_attn_head_{tl_name}_all_pos"), model, pairs["corrupted"], clean_cache, metric
+    )
     assert (ours - theirs).abs().max() < 1e-5
 
 
@@ -118,8 +127,9 @@ def test_head_by_position_sweeps_equal_transformer_lens(model, ioi, clean_cache,
     pairs, metric = ioi
     tl_name = {"z": "out", "v": "v", "pattern": "pattern"}[component]
     ours = P.patch_head_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, component)
-    theirs = _tl(getattr(tlp, f"get_act_patch_attn_head_{tl_name}_by_pos"), model, pairs["corrupted"], clean_cache,
-                 metric)
+    theirs = _tl(
+        getattr(tlp, f"get_act_patch_attn_head_{tl_name}_by_pos"), model, pairs["corrupted"], clean_cache, metric
+    )
     if component == "pattern":  # TransformerLens: [layer, head, dest_pos]; ours: [layer, pos, head]
         theirs = theirs.transpose(1, 2)
     assert (ours - theirs).abs().max() < 1e-5
@@ -149,6 +159,7 @@ def test_batching_does_not_change_results(model, ioi):
 
 # --- the fast engine (recompute only what a patch changes) against the hooked one and TransformerLens ---
 
+
 def _all_patches(model, pairs):
     """Every kind of patch the engine takes: each component, one position, all positions, heads, pattern rows."""
     n_pos = pairs["clean"].shape[1]
@@ -157,7 +168,9 @@ def _all_patches(model, pairs):
         for c in P.LAYER_POS_COMPONENTS:
             out += [(act_name(c, layer), (pos,)) for pos in (0, 2, n_pos - 1)] + [(act_name(c, layer), (slice(None),))]
         for c in ("z", "q", "k", "v"):
-            out += [(act_name(c, layer), (pos, 1)) for pos in (1, 3, n_pos - 1)] + [(act_name(c, layer), (slice(None), 0))]
+            out += [(act_name(c, layer), (pos, 1)) for pos in (1, 3, n_pos - 1)] + [
+                (act_name(c, layer), (slice(None), 0))
+            ]
         out += [(act_name("pattern", layer), (1, pos)) for pos in (2, n_pos - 1)] + [(act_name("pattern", layer), (0,))]
     return out
 
@@ -261,14 +274,17 @@ def test_fast_engine_on_the_gpt2_route_equals_transformer_lens(monkeypatch):
 def test_path_patch_sweep_equals_path_patch(model, ioi):
     pairs, metric = ioi
     receivers = [(3, 0), (3, 2)]
-    sweep = P.path_patch_sweep(model, pairs["corrupted"], pairs["clean"], metric, receivers, "q",
-                               max_patches_per_pass=5)
+    sweep = P.path_patch_sweep(
+        model, pairs["corrupted"], pairs["clean"], metric, receivers, "q", max_patches_per_pass=5
+    )
     for sender in [(0, 0), (1, 3), (2, 1)]:
         one = P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, sender, receivers, "q")
         assert abs(sweep[sender].item() - one) < 1e-5
     assert torch.isnan(sweep[3]).all()
     direct = P.path_patch_sweep(model, pairs["corrupted"], pairs["clean"], metric, None)
-    assert abs(direct[2, 1].item() - P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (2, 1), None)) < 1e-5
+    assert (
+        abs(direct[2, 1].item() - P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (2, 1), None)) < 1e-5
+    )
 
 
 def test_path_patching_the_last_layer_direct_path_is_activation_patching(model, ioi):
@@ -303,8 +319,14 @@ def test_attribution_patching_matches_activation_patching_on_heads(model):
         plain[corruption], integrated[corruption] = P.pearson(attr, act), P.pearson(ig, act)
         top = torch.unravel_index(act.abs().argmax(), act.shape)
         missed[corruption] = (act[top].item(), attr[top].item(), ig[top].item())
-    print("attribution vs activation patching, head outputs by position, Pearson r: first order", plain,
-          "integrated", integrated, "largest patch (real, first order, integrated):", missed)
+    print(
+        "attribution vs activation patching, head outputs by position, Pearson r: first order",
+        plain,
+        "integrated",
+        integrated,
+        "largest patch (real, first order, integrated):",
+        missed,
+    )
     assert all(r >= 0.9 for r in integrated.values()), integrated
     assert plain["third_name"] >= 0.85, plain
     # the lesson the chapter draws: the first-order estimate misses the switch-like head, the path average does not
@@ -344,8 +366,9 @@ def test_attribution_patching_of_identical_runs_is_zero_and_has_the_sweep_shapes
 def test_circuit_faithfulness_of_the_whole_model_is_one(model, ioi):
     pairs, _ = ioi
     every = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-    assert C.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], every,
-                                  pairs["corrupted"]) == pytest.approx(1.0, abs=1e-5)
+    assert C.circuit_faithfulness(
+        model, pairs["clean"], pairs["answer"], pairs["wrong"], every, pairs["corrupted"]
+    ) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_clear_errors(model, ioi):
@@ -365,8 +388,10 @@ def test_clear_errors(model, ioi):
 
 def test_datasets_are_minimal_pairs(model):
     prompts = PR.sample_ioi_prompts(6, seed=3, template=0)
-    differ = {c: (PR.ioi_pairs(model, prompts, c)["clean"] != PR.ioi_pairs(model, prompts, c)["corrupted"]).sum(1)
-              for c in PR.IOI_CORRUPTIONS}
+    differ = {
+        c: (PR.ioi_pairs(model, prompts, c)["clean"] != PR.ioi_pairs(model, prompts, c)["corrupted"]).sum(1)
+        for c in PR.IOI_CORRUPTIONS
+    }
     assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
     assert (differ["swap_names"] == 3).all()
     seqs, reps = PR.sample_induction_prompts(4, 8, seed=0)
@@ -387,6 +412,7 @@ def test_benchmark_runs_and_agrees(model):
 
 
 # --- the real-model route, offline: a randomly initialised GPT-2-shaped stand-in (see interplab.standin) ---
+
 
 @pytest.fixture(scope="module")
 def gpt2_shaped():
@@ -418,7 +444,9 @@ def test_ioi_prompts_for_a_gpt2_shaped_model_are_minimal_pairs_of_single_token_n
         differ[c] = (pairs["clean"] != pairs["corrupted"]).sum(1)
         assert (pairs["clean"][:, 0] == gpt2_shaped.tokenizer.bos_token_id).all()
         text = gpt2_shaped.tokenizer.decode(pairs["clean"][0, 1:])
-        assert text == PR.TEXT_IOI_TEMPLATES[template].format(**{k: prompts[0][k] for k in ("A", "B", "S", "place", "obj")})
+        assert text == PR.TEXT_IOI_TEMPLATES[template].format(
+            **{k: prompts[0][k] for k in ("A", "B", "S", "place", "obj")}
+        )
         io = [gpt2_shaped.to_single_token(" " + p["IO"]) for p in prompts]
         assert pairs["answer"].tolist() == io
     assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
@@ -452,5 +480,6 @@ def test_sweeps_and_circuits_are_sized_by_the_model(gpt2_shaped):
     sweep = P.path_patch_sweep(m, pairs["corrupted"], pairs["clean"], metric, [(n_layers - 1, 0)], "v")
     assert sweep[: n_layers - 1].isfinite().all() and sweep[n_layers - 1].isnan().all()
     every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    assert C.circuit_faithfulness(m, pairs["clean"], pairs["answer"], pairs["wrong"], every,
-                                  pairs["corrupted"]) == pytest.approx(1.0, abs=1e-4)
+    assert C.circuit_faithfulness(
+        m, pairs["clean"], pairs["answer"], pairs["wrong"], every, pairs["corrupted"]
+    ) == pytest.approx(1.0, abs=1e-4)

@@ -101,9 +101,8 @@ def test_a_new_chapter_module_is_discovered_without_a_registry_edit(tmp_path, mo
     import importlib
     import sys
 
-    import interplab.exercises as E
-
     import interplab.bench as B
+    import interplab.exercises as E
 
     path = Path(E.__file__).parent / "ch99_throwaway.py"
     bench_path = Path(B.__file__).parent / "ch99_throwaway.py"
@@ -149,7 +148,9 @@ def test_sync_stubs_rewrites_a_drifted_stub_and_nothing_else(repo, tmp_path):
     raw = json.loads(nb_path.read_text())
     before = [c["source"] for c in raw["cells"]]
     i = next(i for i, c in enumerate(raw["cells"]) if "def ablate_head(" in "".join(c["source"]))
-    raw["cells"][i]["source"] = "def ablate_head(z, head):\n    \"\"\"old docstring\"\"\"\n    return z\n\n\nablate_head = check(ablate_head)\n"
+    raw["cells"][i]["source"] = (
+        'def ablate_head(z, head):\n    """old docstring"""\n    return z\n\n\nablate_head = check(ablate_head)\n'
+    )
     nb_path.write_text(json.dumps(raw))
     assert sync(tmp_path, write=True) == {"00_orientation.ipynb": ["ablate_head"]}
     after = json.loads(nb_path.read_text())["cells"]

@@ -38,8 +38,9 @@ def test_every_cell_has_a_unique_id(path):
 def test_first_cell_is_the_colab_setup_cell(path):
     first = next(c for c in read_notebook(path)["cells"] if c["cell_type"] == "code")
     src = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
-    assert src.startswith(SETUP_MARKER) and src == setup_cell_source(), \
+    assert src.startswith(SETUP_MARKER) and src == setup_cell_source(), (
         f"{path.name}: run `python -m interplab.grading.notebooks --sync`"
+    )
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
@@ -55,14 +56,21 @@ def _execute(nb, tmp_path, strict):
     old = os.environ.get("INTERPLAB_STRICT")
     os.environ["INTERPLAB_STRICT"] = "1" if strict else "0"
     try:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         if old is None:
             os.environ.pop("INTERPLAB_STRICT", None)
         else:
             os.environ["INTERPLAB_STRICT"] = old
-    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                     if o.get("output_type") == "stream")
+    return "\n".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
 
 
 def _n_checks(nb):

@@ -8,12 +8,10 @@ so a chapter that hard-codes anything about TinyWorld outside its TinyWorld-only
 sections fails here.
 """
 
-import os
 import re
 import warnings
 
 import pytest
-
 from test_notebooks import CHAPTERS, IDS, _execute
 
 MODEL_LINE = re.compile(r'^MODEL_NAME = "tinyworld"', re.M)
@@ -59,8 +57,9 @@ def test_unknown_names_are_refused_even_with_the_flag(standin_env):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=IDS)
 def test_every_chapter_has_one_model_setting(path):
-    source = "\n".join("".join(c["source"]) for c in __import__("nbformat").read(path, as_version=4).cells
-                       if c.cell_type == "code")
+    source = "\n".join(
+        "".join(c["source"]) for c in __import__("nbformat").read(path, as_version=4).cells if c.cell_type == "code"
+    )
     assert len(MODEL_LINE.findall(source)) == 1, f'{path.name} needs exactly one line MODEL_NAME = "tinyworld"'
 
 

@@ -19,7 +19,7 @@ non-padding token), so memory grows with what you keep, not with the model.
 from __future__ import annotations
 
 import re
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -138,8 +138,9 @@ def collect(
             f"Keep fewer positions with `mask`, fewer hooks, or stream with iter_activations(...)."
         )
     chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for out in iter_activations(model, tokens, names, mask=mask, batch_size=batch_size,
-                                out_device=out_device, dtype=dtype, progress=progress):
+    for out in iter_activations(
+        model, tokens, names, mask=mask, batch_size=batch_size, out_device=out_device, dtype=dtype, progress=progress
+    ):
         for n in names:
             chunks[n].append(out[n])
     return {n: torch.cat(chunks[n]) for n in names}

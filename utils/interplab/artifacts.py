@@ -57,26 +57,92 @@ def _mlp_folders(suffix: str) -> tuple[str, ...]:
 
 
 _DICT = "interplab.dictionaries.shipped"
-REGISTRY: dict[str, Artifact] = {a.name: a for a in [
-    Artifact("tinyworld", ("tinyworld",), (), "interplab.tinyworld.train:build_artifact",
-             "interplab.tinyworld.train:TrainConfig", "the bundled TinyWorld model", 55),
-    Artifact("tuned_lens", ("tuned_lens",), ("tinyworld",), "interplab.lenses:build_artifact",
-             "interplab.lenses:TunedLensConfig", "tuned-lens translators (chapter 02)", 1),
-    Artifact("sae_topk", ("sae_tinyworld_resid1_topk",), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:TopKSAERecipe", "TopK SAE on blocks.1.hook_resid_post (chapter 03)", 2),
-    Artifact("sae_batchtopk", ("sae_tinyworld_resid1_batchtopk",), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:BatchTopKSAERecipe", "BatchTopK SAE on blocks.1.hook_resid_post (chapter 03)", 2),
-    Artifact("sae_standard", ("sae_tinyworld_resid1_standard",), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:StandardSAERecipe", "standard (L1) SAE on blocks.1.hook_resid_post (chapter 03)", 2),
-    Artifact("sae_sweep", ("sae_tinyworld_resid1_sweep",), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:SAESweepRecipe", "the sparsity-fidelity sweep of TopK and standard SAEs (chapter 03)", 8),
-    Artifact("transcoders", _mlp_folders(""), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:TranscoderRecipe", "a transcoder for every MLP (chapter 04)", 5),
-    Artifact("skip_transcoders", _mlp_folders("_skip"), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:SkipTranscoderRecipe", "a skip transcoder for every MLP (chapter 04)", 5),
-    Artifact("mlp_out_saes", _mlp_folders("_sae"), ("tinyworld",), f"{_DICT}:build_artifact",
-             f"{_DICT}:MLPOutSAERecipe", "SAE baselines on every MLP's output (chapter 04)", 5),
-]}
+REGISTRY: dict[str, Artifact] = {
+    a.name: a
+    for a in [
+        Artifact(
+            "tinyworld",
+            ("tinyworld",),
+            (),
+            "interplab.tinyworld.train:build_artifact",
+            "interplab.tinyworld.train:TrainConfig",
+            "the bundled TinyWorld model",
+            55,
+        ),
+        Artifact(
+            "tuned_lens",
+            ("tuned_lens",),
+            ("tinyworld",),
+            "interplab.lenses:build_artifact",
+            "interplab.lenses:TunedLensConfig",
+            "tuned-lens translators (chapter 02)",
+            1,
+        ),
+        Artifact(
+            "sae_topk",
+            ("sae_tinyworld_resid1_topk",),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:TopKSAERecipe",
+            "TopK SAE on blocks.1.hook_resid_post (chapter 03)",
+            2,
+        ),
+        Artifact(
+            "sae_batchtopk",
+            ("sae_tinyworld_resid1_batchtopk",),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:BatchTopKSAERecipe",
+            "BatchTopK SAE on blocks.1.hook_resid_post (chapter 03)",
+            2,
+        ),
+        Artifact(
+            "sae_standard",
+            ("sae_tinyworld_resid1_standard",),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:StandardSAERecipe",
+            "standard (L1) SAE on blocks.1.hook_resid_post (chapter 03)",
+            2,
+        ),
+        Artifact(
+            "sae_sweep",
+            ("sae_tinyworld_resid1_sweep",),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:SAESweepRecipe",
+            "the sparsity-fidelity sweep of TopK and standard SAEs (chapter 03)",
+            8,
+        ),
+        Artifact(
+            "transcoders",
+            _mlp_folders(""),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:TranscoderRecipe",
+            "a transcoder for every MLP (chapter 04)",
+            5,
+        ),
+        Artifact(
+            "skip_transcoders",
+            _mlp_folders("_skip"),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:SkipTranscoderRecipe",
+            "a skip transcoder for every MLP (chapter 04)",
+            5,
+        ),
+        Artifact(
+            "mlp_out_saes",
+            _mlp_folders("_sae"),
+            ("tinyworld",),
+            f"{_DICT}:build_artifact",
+            f"{_DICT}:MLPOutSAERecipe",
+            "SAE baselines on every MLP's output (chapter 04)",
+            5,
+        ),
+    ]
+}
 
 
 class ArtifactModelMismatch(RuntimeError):
@@ -117,8 +183,7 @@ def _plain(recipe_obj) -> dict:
     return dict(recipe_obj)
 
 
-def write_provenance(folder: str | Path, artifact: str, recipe_obj, weights_dir: Path | None = None,
-                     **extra) -> Path:
+def write_provenance(folder: str | Path, artifact: str, recipe_obj, weights_dir: Path | None = None, **extra) -> Path:
     """Write ``provenance.json`` into ``folder``: the model hash, the recipe and the package version.
 
     Call it after the artifact's files are written and before `weights.write_checksums`.
@@ -143,15 +208,19 @@ def read_provenance(folder: str | Path) -> dict:
     if not path.is_file():
         raise CorruptedFileError(
             f"{path} is missing, so nothing says which model {Path(folder).name} was trained on. Rebuild it with "
-            f"`interplab rebuild --only {_name_for(folder)}`.")
+            f"`interplab rebuild --only {_name_for(folder)}`."
+        )
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CorruptedFileError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Rebuild it with "
-                                 f"`interplab rebuild --only {_name_for(folder)}`.") from e
+        raise CorruptedFileError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}). Rebuild it with "
+            f"`interplab rebuild --only {_name_for(folder)}`."
+        ) from e
     if not isinstance(record, dict) or "model_sha256" not in record:
-        raise CorruptedFileError(f"{path} has no model_sha256 entry. Rebuild it with "
-                                 f"`interplab rebuild --only {_name_for(folder)}`.")
+        raise CorruptedFileError(
+            f"{path} has no model_sha256 entry. Rebuild it with `interplab rebuild --only {_name_for(folder)}`."
+        )
     return record
 
 
@@ -176,7 +245,8 @@ def require_model_match(folder: str | Path, weights_dir: Path | None = None) -> 
         raise ArtifactModelMismatch(
             f"{Path(folder).name} was trained on model weights with SHA-256 {record['model_sha256']}, but the "
             f"bundled TinyWorld model's weights have SHA-256 {current}. Its features would not fit this model. "
-            f"Rebuild it for this model with `interplab rebuild --only {name}`.")
+            f"Rebuild it for this model with `interplab rebuild --only {name}`."
+        )
     return record
 
 
@@ -215,8 +285,15 @@ def check(weights_dir: Path | None = None) -> list[tuple[str, str, bool]]:
             except (CorruptedFileError, ArtifactModelMismatch) as e:
                 problems.append(str(e))
         n = len(art.folders)
-        rows.append((art.name, "; ".join(problems) if problems else
-                     f"{n} folder{'s' * (n > 1)} verified, trained on the bundled model", not problems))
+        rows.append(
+            (
+                art.name,
+                "; ".join(problems)
+                if problems
+                else f"{n} folder{'s' * (n > 1)} verified, trained on the bundled model",
+                not problems,
+            )
+        )
     return rows
 
 
@@ -243,8 +320,9 @@ def rebuild(names: list[str] | None = None, progress: bool = True, echo=print) -
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="interplab rebuild", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="interplab rebuild", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", nargs="+", metavar="NAME", help=f"artifacts to rebuild ({', '.join(REGISTRY)})")
     p.add_argument("--check", action="store_true", help="verify checksums and model hashes; train nothing")
     p.add_argument("--list", action="store_true", help="list the artifacts, their dependencies and recipes")
@@ -264,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, what, ok in rows:
             print(f"{'ok ' if ok else 'BAD'} {name:<{width}}  {what}")
         bad = [r[0] for r in rows if not r[2]]
-        print("every artifact verified" if not bad else f"{len(bad)} artifact(s) need attention: "
-              f"interplab rebuild --only {' '.join(bad)}")
+        print(
+            "every artifact verified"
+            if not bad
+            else f"{len(bad)} artifact(s) need attention: interplab rebuild --only {' '.join(bad)}"
+        )
         return 0 if not bad else 1
     t0 = time.perf_counter()
     done = rebuild(a.only)

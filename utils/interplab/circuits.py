@@ -41,8 +41,10 @@ def circuit_faithfulness(
         ld(circuit only) / ld(full model), a Python float (1.0: the circuit does it all).
     """
     if mean_tokens.shape[1] != tokens.shape[1]:
-        raise ValueError(f"mean_tokens has {mean_tokens.shape[1]} positions but tokens has {tokens.shape[1]}: "
-                         f"mean ablation needs aligned positions")
+        raise ValueError(
+            f"mean_tokens has {mean_tokens.shape[1]} positions but tokens has {tokens.shape[1]}: "
+            f"mean ablation needs aligned positions"
+        )
     for layer, head in circuit:
         if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
             raise ValueError(f"({layer}, {head}) is not a head of this model")
@@ -85,7 +87,9 @@ def head_direct_effect(model, tokens: Tensor, answer: Tensor, wrong: Tensor) -> 
     return effect.reshape(model.cfg.n_layers, model.cfg.n_heads).cpu()
 
 
-def top_entries(values: Tensor, k: int = 5, labels: Callable[[tuple[int, ...]], str] | None = None) -> list[tuple[str, float]]:
+def top_entries(
+    values: Tensor, k: int = 5, labels: Callable[[tuple[int, ...]], str] | None = None
+) -> list[tuple[str, float]]:
     """The k entries of `values` with the largest absolute value, as (label, value), largest first."""
     flat = values.flatten()
     order = flat.abs().argsort(descending=True)[:k]
@@ -96,9 +100,14 @@ def top_entries(values: Tensor, k: int = 5, labels: Callable[[tuple[int, ...]], 
     return out
 
 
-def draw_circuit(roles: dict[tuple[int, int], str], n_layers: int, n_heads: int,
-                 edges: Sequence[tuple[tuple[int, int] | str, tuple[int, int] | str, float]] = (),
-                 notes: dict[tuple[int, int] | str, str] | None = None, title: str = ""):
+def draw_circuit(
+    roles: dict[tuple[int, int], str],
+    n_layers: int,
+    n_heads: int,
+    edges: Sequence[tuple[tuple[int, int] | str, tuple[int, int] | str, float]] = (),
+    notes: dict[tuple[int, int] | str, str] | None = None,
+    title: str = "",
+):
     """A circuit diagram: every head as a node (layer upwards, head across), the circuit's heads
     coloured by role, and arrows (sender, receiver, strength) between heads or to "MLP0".. "logits".
 
@@ -127,25 +136,49 @@ def draw_circuit(roles: dict[tuple[int, int], str], n_layers: int, n_heads: int,
     for layer in range(n_layers):
         for head in range(n_heads):
             role = roles.get((layer, head))
-            ax.scatter([head], [layer], s=900, color=colour[role] if role else "#eeeeee",
-                       edgecolors="black" if role else "#bbbbbb", zorder=3)
+            ax.scatter(
+                [head],
+                [layer],
+                s=900,
+                color=colour[role] if role else "#eeeeee",
+                edgecolors="black" if role else "#bbbbbb",
+                zorder=3,
+            )
             ax.text(head, layer, f"L{layer}H{head}", ha="center", va="center", fontsize=7, zorder=4)
             if (layer, head) in notes:
                 ax.text(head, layer - 0.38, notes[(layer, head)], ha="center", va="top", fontsize=6.5, zorder=4)
-        ax.text(n_heads + 0.3, layer + 0.35, f"MLP{layer}", ha="center", va="center", fontsize=7,
-                bbox=dict(boxstyle="round", fc="#fff7dd" if f"MLP{layer}" in notes else "#f6f6f6", ec="#999999"))
+        ax.text(
+            n_heads + 0.3,
+            layer + 0.35,
+            f"MLP{layer}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            bbox=dict(boxstyle="round", fc="#fff7dd" if f"MLP{layer}" in notes else "#f6f6f6", ec="#999999"),
+        )
         if f"MLP{layer}" in notes:
             ax.text(n_heads + 0.3, layer + 0.05, notes[f"MLP{layer}"], ha="center", va="top", fontsize=6.5)
     for node in ("embed", "logits"):
         x, y = where(node)
-        ax.text(x, y, node, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc="#e8f0ff", ec="#6688cc"))
+        ax.text(
+            x, y, node, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc="#e8f0ff", ec="#6688cc")
+        )
     biggest = max([abs(w) for _, _, w in edges] + [1e-9])
     for sender, receiver, weight in edges:
         (x0, y0), (x1, y1) = where(sender), where(receiver)
-        ax.annotate("", xy=(x1, y1 - 0.18), xytext=(x0, y0 + 0.18),
-                    arrowprops=dict(arrowstyle="-|>", lw=0.8 + 3.5 * abs(weight) / biggest,
-                                    color="#cc3311" if weight < 0 else "#225588", alpha=0.8,
-                                    connectionstyle="arc3,rad=0.12"), zorder=2)
+        ax.annotate(
+            "",
+            xy=(x1, y1 - 0.18),
+            xytext=(x0, y0 + 0.18),
+            arrowprops=dict(
+                arrowstyle="-|>",
+                lw=0.8 + 3.5 * abs(weight) / biggest,
+                color="#cc3311" if weight < 0 else "#225588",
+                alpha=0.8,
+                connectionstyle="arc3,rad=0.12",
+            ),
+            zorder=2,
+        )
     for role in role_names:
         ax.scatter([], [], s=120, color=colour[role], edgecolors="black", label=role)
     if role_names:

@@ -28,8 +28,10 @@ def name_token_id(model, name: str) -> int:
     try:
         return int(model.to_single_token(" " + name))
     except Exception:
-        raise ValueError(f"{name!r} is not a single token for this model's tokenizer; use names that are "
-                         f"(sample_ioi_prompts(..., model=model) picks only such names)") from None
+        raise ValueError(
+            f"{name!r} is not a single token for this model's tokenizer; use names that are "
+            f"(sample_ioi_prompts(..., model=model) picks only such names)"
+        ) from None
 
 
 def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dict[str, Tensor]:
@@ -82,14 +84,21 @@ def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dic
         wrong.append(name_token_id(model, p["S"]))
     lengths = {len(t) for t in clean + corrupted}
     if len(lengths) != 1:
-        raise ValueError(f"the prompts tokenize to different lengths {sorted(lengths)}; patching needs aligned "
-                         f"positions: use one template and single-token names")
-    return {"clean": torch.stack(clean), "corrupted": torch.stack(corrupted),
-            "answer": torch.tensor(answer), "wrong": torch.tensor(wrong)}
+        raise ValueError(
+            f"the prompts tokenize to different lengths {sorted(lengths)}; patching needs aligned "
+            f"positions: use one template and single-token names"
+        )
+    return {
+        "clean": torch.stack(clean),
+        "corrupted": torch.stack(corrupted),
+        "answer": torch.tensor(answer),
+        "wrong": torch.tensor(wrong),
+    }
 
 
-def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: list[str],
-                    corruption: str = "answer") -> dict[str, Tensor]:
+def induction_pairs(
+    model, sequences: list[list[str]], cut: int, replacements: list[str], corruption: str = "answer"
+) -> dict[str, Tensor]:
     """Repeated sequences for induction, clean and corrupted.
 
     The clean prompt is <bos>, the sequence x_0 .. x_{n-1}, then its first `cut` words
@@ -129,8 +138,12 @@ def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: l
         corrupted.append([bos] + first + ids[:cut])
         answer.append(ids[cut])
         wrong.append(r_id)
-    return {"clean": torch.tensor(clean), "corrupted": torch.tensor(corrupted),
-            "answer": torch.tensor(answer), "wrong": torch.tensor(wrong)}
+    return {
+        "clean": torch.tensor(clean),
+        "corrupted": torch.tensor(corrupted),
+        "answer": torch.tensor(answer),
+        "wrong": torch.tensor(wrong),
+    }
 
 
 def _single_token_names(model, names: Sequence[str]) -> list[str]:
@@ -194,8 +207,10 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
         pool = _single_token_names(model, pool)
         places, objects = _single_token_names(model, places), _single_token_names(model, objects)
     if len(pool) < 3 or not places or not objects:
-        raise ValueError(f"too few single-token names ({len(pool)}), places ({len(places)}) or objects "
-                         f"({len(objects)}) for this tokenizer")
+        raise ValueError(
+            f"too few single-token names ({len(pool)}), places ({len(places)}) or objects "
+            f"({len(objects)}) for this tokenizer"
+        )
     text = ioi_templates(model)[template]
     rng = random.Random(f"ioi-third-{seed}")
     out: list[dict] = []
@@ -203,8 +218,19 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
         while len(out) < n:
             a, b, c = rng.sample(pool, 3)
             s = rng.choice([a, b])
-            out.append(dict(template=text, A=a, B=b, S=s, IO=b if s == a else a, C=c, place=rng.choice(places),
-                            obj=rng.choice(objects), order="ABBA" if s == b else "BABA"))
+            out.append(
+                dict(
+                    template=text,
+                    A=a,
+                    B=b,
+                    S=s,
+                    IO=b if s == a else a,
+                    C=c,
+                    place=rng.choice(places),
+                    obj=rng.choice(objects),
+                    order="ABBA" if s == b else "BABA",
+                )
+            )
         return out
     chunk = 0
     while len(out) < n:
@@ -217,8 +243,11 @@ def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "t
             if place not in places or obj not in objects:
                 continue
             c = rng.choice([x for x in pool if x not in (m["A"], m["B"])])
-            out.append(dict(template=text, A=m["A"], B=m["B"], S=m["S"], IO=m["IO"], C=c, place=place,
-                            obj=obj, order=m["order"]))
+            out.append(
+                dict(
+                    template=text, A=m["A"], B=m["B"], S=m["S"], IO=m["IO"], C=c, place=place, obj=obj, order=m["order"]
+                )
+            )
             if len(out) == n:
                 break
         chunk += 1

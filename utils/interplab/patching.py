@@ -45,8 +45,9 @@ HEAD_COMPONENTS = ("z", "q", "k", "v", "pattern")  # [batch, pos, head, d_head];
 # --- the metric -------------------------------------------------------------------------
 
 
-def logit_diff(logits: Float[Tensor, "batch pos vocab"], answer: Int[Tensor, " batch"],
-               wrong: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+def logit_diff(
+    logits: Float[Tensor, "batch pos vocab"], answer: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"]
+) -> Float[Tensor, " batch"]:
     """Logit of the right answer minus logit of the wrong one, at the final position, for each prompt."""
     final = logits[:, -1]
     return final.gather(-1, answer[:, None])[:, 0] - final.gather(-1, wrong[:, None])[:, 0]
@@ -79,8 +80,9 @@ def normalised_logit_diff(
     return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
-def mean_logit_diff(model, tokens: Int[Tensor, "batch pos"], answer: Int[Tensor, " batch"],
-                    wrong: Int[Tensor, " batch"]) -> float:
+def mean_logit_diff(
+    model, tokens: Int[Tensor, "batch pos"], answer: Int[Tensor, " batch"], wrong: Int[Tensor, " batch"]
+) -> float:
     """The mean logit difference (answer minus wrong, at the final position) of the model on `tokens`."""
     with torch.no_grad():
         return logit_diff(model(tokens), answer, wrong).mean().item()
@@ -105,7 +107,9 @@ def logit_diff_metric(model, pairs: dict[str, Tensor]) -> Metric:
 def hook_name(component: str, layer: int) -> str:
     """The TransformerLens hook name of `component` ("resid_pre", "z", "pattern", ...) in block `layer`."""
     if component not in LAYER_POS_COMPONENTS + HEAD_COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; choose one of {sorted(LAYER_POS_COMPONENTS + HEAD_COMPONENTS)}")
+        raise ValueError(
+            f"unknown component {component!r}; choose one of {sorted(LAYER_POS_COMPONENTS + HEAD_COMPONENTS)}"
+        )
     return act_name(component, layer)
 
 
@@ -196,7 +200,7 @@ def _run_patches_hooked(model, target_tokens, source, patches, metric, max_patch
     with torch.no_grad():
         for layer, members in groups.items():
             for start in range(0, len(members), per_pass):
-                chunk = members[start:start + per_pass]
+                chunk = members[start : start + per_pass]
                 by_hook: dict[str, list[tuple[int, tuple]]] = {}
                 for k, i in enumerate(chunk):
                     name, index = patches[i]
@@ -216,13 +220,23 @@ def _run_patches_hooked(model, target_tokens, source, patches, metric, max_patch
                     resid = starts[act_name("resid_pre", layer)].repeat(len(chunk), 1, 1)
                     logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
                 for k, i in enumerate(chunk):
-                    results[i] = metric(logits[k * batch:(k + 1) * batch]).detach().float().cpu()
+                    results[i] = metric(logits[k * batch : (k + 1) * batch]).detach().float().cpu()
     return results
 
 
 # Where each patchable component sits in a block, in the order the block computes them.
-_STAGE = {"resid_pre": 0, "q": 1, "k": 1, "v": 1, "pattern": 2, "z": 3, "attn_out": 4, "resid_mid": 5,
-          "mlp_out": 6, "resid_post": 7}
+_STAGE = {
+    "resid_pre": 0,
+    "q": 1,
+    "k": 1,
+    "v": 1,
+    "pattern": 2,
+    "z": 3,
+    "attn_out": 4,
+    "resid_mid": 5,
+    "mlp_out": 6,
+    "resid_post": 7,
+}
 
 
 def _component_of(hook: str) -> str | None:
@@ -237,9 +251,13 @@ def _component_of(hook: str) -> str | None:
 
 
 # activation functions computed by one fused kernel (equal to TransformerLens's to float precision)
-_FUSED_ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                      "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_FUSED_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 class _SuffixEngine:
@@ -264,15 +282,29 @@ class _SuffixEngine:
             (not (cfg.use_attn_in or cfg.use_split_qkv_input or cfg.use_attn_result), "split attention inputs"),
             (not cfg.use_local_attn and cfg.attention_dir == "causal", "local or bidirectional attention"),
             (not getattr(cfg, "use_normalization_before_and_after", False), "normalisation after each sublayer"),
-            (not (getattr(cfg, "use_qk_norm", False) or getattr(cfg, "use_logn_attn", False)
-                  or getattr(cfg, "use_attention_sinks", False) or getattr(cfg, "clip_qkv", None)
-                  or getattr(cfg, "load_in_4bit", False)), "a non-standard attention variant"),
-            (getattr(cfg, "attn_scores_soft_cap", -1.0) in (None, -1.0)
-             and getattr(cfg, "output_logits_soft_cap", -1.0) in (None, -1.0), "soft-capped scores or logits"),
-            (all(type(b) is TransformerBlock and type(b.attn) is Attention for b in model.blocks),
-             "blocks other than TransformerLens's standard TransformerBlock"),
-            (not any(h._forward_hooks or h._forward_pre_hooks for h in model.hook_dict.values()),
-             "hooks are attached to the model"),
+            (
+                not (
+                    getattr(cfg, "use_qk_norm", False)
+                    or getattr(cfg, "use_logn_attn", False)
+                    or getattr(cfg, "use_attention_sinks", False)
+                    or getattr(cfg, "clip_qkv", None)
+                    or getattr(cfg, "load_in_4bit", False)
+                ),
+                "a non-standard attention variant",
+            ),
+            (
+                getattr(cfg, "attn_scores_soft_cap", -1.0) in (None, -1.0)
+                and getattr(cfg, "output_logits_soft_cap", -1.0) in (None, -1.0),
+                "soft-capped scores or logits",
+            ),
+            (
+                all(type(b) is TransformerBlock and type(b.attn) is Attention for b in model.blocks),
+                "blocks other than TransformerLens's standard TransformerBlock",
+            ),
+            (
+                not any(h._forward_hooks or h._forward_pre_hooks for h in model.hook_dict.values()),
+                "hooks are attached to the model",
+            ),
             (all(_component_of(name) is not None for name, _ in patches), "a patch outside the blocks' components"),
         ]
         for ok, what in checks:
@@ -309,7 +341,9 @@ class _SuffixEngine:
         needed = components | {"resid_pre", "q", "k", "v", "resid_post"}  # block inputs, unchanged q, k, v
         needed |= {"resid_mid"} if "mlp_out" in components else set()
         names = {act_name(c, layer) for c in needed for layer in range(self.cfg.n_layers)} | set(source_names)
-        tokens = self.tokens if source_tokens is None else torch.cat([self.tokens, source_tokens.to(self.tokens.device)])
+        tokens = (
+            self.tokens if source_tokens is None else torch.cat([self.tokens, source_tokens.to(self.tokens.device)])
+        )
         with torch.no_grad():
             logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
         b = self.batch
@@ -320,14 +354,17 @@ class _SuffixEngine:
             try:
                 narrow = self.metric(logits[:, self.reads])
             except (IndexError, RuntimeError) as e:
-                raise ValueError(f"the metric declares that it reads positions {self.metric.read_positions}, but it "
-                                 f"fails on logits[:, {list(self.metric.read_positions)}] ({e}); fix its "
-                                 f"read_positions or remove the attribute") from e
+                raise ValueError(
+                    f"the metric declares that it reads positions {self.metric.read_positions}, but it "
+                    f"fails on logits[:, {list(self.metric.read_positions)}] ({e}); fix its "
+                    f"read_positions or remove the attribute"
+                ) from e
             if not torch.allclose(torch.as_tensor(full).float(), torch.as_tensor(narrow).float(), atol=1e-6, rtol=1e-5):
                 raise ValueError(
                     f"the metric declares that it reads positions {self.metric.read_positions}, but its value on "
                     f"logits[:, {list(self.metric.read_positions)}] ({float(narrow):.6g}) differs from its value on "
-                    f"the full logits ({float(full):.6g}); fix its read_positions or remove the attribute")
+                    f"the full logits ({float(full):.6g}); fix its read_positions or remove the attribute"
+                )
         return {n: cache[n][b:] for n in source_names}
 
     def _changed(self, name: str, source: Tensor) -> tuple[Tensor, Tensor]:
@@ -346,8 +383,9 @@ class _SuffixEngine:
     def _rep(self, x: Tensor, n: int) -> Tensor:
         return x.repeat(n, *([1] * (x.dim() - 1)))
 
-    def _block(self, layer: int, p: int, n: int, x: Tensor, component: str, keep, suffix: bool,
-               single: bool) -> tuple[Tensor, bool]:
+    def _block(
+        self, layer: int, p: int, n: int, x: Tensor, component: str, keep, suffix: bool, single: bool
+    ) -> tuple[Tensor, bool]:
         """Block `layer` from its hook `component` to its resid_post, at positions >= p (only at the suffix indices
         `keep` in the last block), for n patched copies of the target batch: ([rows, positions, d_model], single).
 
@@ -359,7 +397,7 @@ class _SuffixEngine:
         if single and (_STAGE[component] >= 2 or component == "q"):
             only_p = torch.zeros(1, dtype=torch.long, device=x.device)
             at_p = self._positions(layer, p, n, x, component, only_p, suffix, single)
-            out = torch.cat([at_p, self._rep(self.target[act_name("resid_post", layer)][:, p + 1:], n)], 1)
+            out = torch.cat([at_p, self._rep(self.target[act_name("resid_post", layer)][:, p + 1 :], n)], 1)
             return (out if keep is None else out.index_select(1, keep)), True
         return self._positions(layer, p, n, x, component, keep, suffix, single), False
 
@@ -477,7 +515,7 @@ class _SuffixEngine:
                 per_pass = max_patches_per_pass or self._per_pass(self.n_pos - p)
                 target, src = self.target[name], source[name]
                 for start in range(0, len(members), per_pass):
-                    chunk = members[start:start + per_pass]
+                    chunk = members[start : start + per_pass]
                     entry = self._rep(target, len(chunk))
                     view = entry.view(len(chunk), *target.shape)
                     for k, i in enumerate(chunk):
@@ -485,7 +523,7 @@ class _SuffixEngine:
                         view[(k,) + index] = src[index]
                     logits = self._logits(layer, _component_of(name), p, entry, len(chunk), single)
                     for k, i in enumerate(chunk):
-                        results[i] = self.metric(logits[k * self.batch:(k + 1) * self.batch]).detach().float().cpu()
+                        results[i] = self.metric(logits[k * self.batch : (k + 1) * self.batch]).detach().float().cpu()
             return results
 
 
@@ -504,8 +542,10 @@ def _sweep(model, source_tokens: Tensor, target_tokens: Tensor, metric: Metric, 
     """`run_patches` with the source activations taken from a run on `source_tokens`; the fast engine caches the
     source and the target run in one forward pass."""
     if source_tokens.shape != target_tokens.shape:
-        raise ValueError(f"source and target tokens must have the same shape, not {tuple(source_tokens.shape)} "
-                         f"and {tuple(target_tokens.shape)}")
+        raise ValueError(
+            f"source and target tokens must have the same shape, not {tuple(source_tokens.shape)} "
+            f"and {tuple(target_tokens.shape)}"
+        )
     names = sorted({name for name, _ in patches})
     if _SuffixEngine.unsupported(model, patches) is None:
         engine = _SuffixEngine(model, target_tokens, metric)
@@ -631,8 +671,10 @@ def validate_path(model, sender: tuple[int, int], receivers, receiver_input: str
             raise ValueError(f"receiver_input must be 'q', 'k' or 'v', not {receiver_input!r}")
         for r_layer, r_head in receivers:
             if r_layer <= layer:
-                raise ValueError(f"receiver L{r_layer}H{r_head} is not after the sender L{layer}H{head}: "
-                                 f"a head can only send to heads of later layers")
+                raise ValueError(
+                    f"receiver L{r_layer}H{r_head} is not after the sender L{layer}H{head}: "
+                    f"a head can only send to heads of later layers"
+                )
 
 
 def path_patch(
@@ -691,8 +733,9 @@ def path_patch(
         stored[hook.name] = act.clone()
 
     with torch.no_grad():
-        logits = model.run_with_hooks(target_tokens, fwd_hooks=[(n, freeze) for n in z_names]
-                                      + [(n, store) for n in receiver_names])
+        logits = model.run_with_hooks(
+            target_tokens, fwd_hooks=[(n, freeze) for n in z_names] + [(n, store) for n in receiver_names]
+        )
         if receivers is None:
             return metric(logits).item()
 
@@ -738,7 +781,7 @@ def path_patch_sweep(
     out = torch.full((n_layers, n_heads), float("nan"))
     with torch.no_grad():
         for start in range(0, len(senders), per_pass):
-            chunk = senders[start:start + per_pass]
+            chunk = senders[start : start + per_pass]
             n = len(chunk)
             tokens = target_tokens.repeat(n, 1)
 
@@ -755,9 +798,11 @@ def path_patch_sweep(
             def store(act, hook, stored=stored):
                 stored[hook.name] = act.clone()
 
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, freeze) for nm in z_names]
-                                          + [(nm, store) for nm in receiver_names])
+            logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(nm, freeze) for nm in z_names] + [(nm, store) for nm in receiver_names]
+            )
             if receivers is not None:
+
                 def patch_receivers(act, hook, stored=stored):
                     layer = hook.layer()
                     act = act.clone()
@@ -768,7 +813,7 @@ def path_patch_sweep(
 
                 logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, patch_receivers) for nm in receiver_names])
             for k, (s_layer, s_head) in enumerate(chunk):
-                out[s_layer, s_head] = metric(logits[k * batch:(k + 1) * batch]).item()
+                out[s_layer, s_head] = metric(logits[k * batch : (k + 1) * batch]).item()
     return out
 
 
@@ -858,8 +903,10 @@ def integrated_attribution_patch(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, not {steps!r}")
     if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"clean and corrupted tokens must have the same shape, not {tuple(clean_tokens.shape)} "
-                         f"and {tuple(corrupted_tokens.shape)}")
+        raise ValueError(
+            f"clean and corrupted tokens must have the same shape, not {tuple(clean_tokens.shape)} "
+            f"and {tuple(corrupted_tokens.shape)}"
+        )
     names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
     inputs = [act_name("embed"), act_name("pos_embed")]
     clean = cache_activations(model, clean_tokens, names + inputs)
@@ -877,8 +924,9 @@ def integrated_attribution_patch(
             acts[hook.name] = act
 
         with torch.enable_grad():
-            logits = model.run_with_hooks(corrupted_tokens.to(model.cfg.device),
-                                          fwd_hooks=[(n, mix) for n in inputs] + [(n, keep) for n in names])
+            logits = model.run_with_hooks(
+                corrupted_tokens.to(model.cfg.device), fwd_hooks=[(n, mix) for n in inputs] + [(n, keep) for n in names]
+            )
             grads = torch.autograd.grad(metric(logits), [acts[n] for n in names])
         for name, grad in zip(names, grads):
             mean_grad[name] += grad / steps

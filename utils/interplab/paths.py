@@ -36,8 +36,10 @@ def chapters_dir() -> Path | None:
 def module_name(chapter: str) -> str:
     """The module name of a chapter id: ``03_saes`` -> ``ch03_saes``."""
     if not CHAPTER_ID.fullmatch(chapter):
-        raise ValueError(f"{chapter!r} is not a chapter id: chapter ids look like '03_saes' (two digits, an "
-                         f"underscore, a lower-case slug)")
+        raise ValueError(
+            f"{chapter!r} is not a chapter id: chapter ids look like '03_saes' (two digits, an "
+            f"underscore, a lower-case slug)"
+        )
     return f"ch{chapter}"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,16 +59,19 @@ class AttentionView:
             self.pattern = self.pattern[None]
         self.tokens = [str(t) for t in tokens]
         if self.pattern.shape[-1] != len(self.tokens) or self.pattern.shape[-2] != len(self.tokens):
-            raise ValueError(f"pattern is {tuple(self.pattern.shape)} but there are {len(self.tokens)} tokens; "
-                             f"pass one layer's pattern for one prompt: [head, query, key]")
+            raise ValueError(
+                f"pattern is {tuple(self.pattern.shape)} but there are {len(self.tokens)} tokens; "
+                f"pass one layer's pattern for one prompt: [head, query, key]"
+            )
         self.head_names = list(head_names) if head_names else [f"head {i}" for i in range(self.pattern.shape[0])]
 
     def html(self) -> str:
         """circuitsvis's attention_heads view with its bundled JavaScript inlined (no network)."""
         from circuitsvis.utils.render import render_local
 
-        return render_local("AttentionHeads", attention=self.pattern.tolist(), tokens=self.tokens,
-                            attentionHeadNames=self.head_names)
+        return render_local(
+            "AttentionHeads", attention=self.pattern.tolist(), tokens=self.tokens, attentionHeadNames=self.head_names
+        )
 
     def png(self) -> bytes:
         import matplotlib.pyplot as plt
@@ -89,8 +92,7 @@ class AttentionView:
         return bundle
 
 
-def attention_heads(pattern, tokens: Sequence[str], head_names: Sequence[str] | None = None,
-                    backend: str = "auto"):
+def attention_heads(pattern, tokens: Sequence[str], head_names: Sequence[str] | None = None, backend: str = "auto"):
     """Show attention patterns [head, query, key] of one prompt.
 
     backend: "auto" (interactive HTML, with a picture as fallback), "html", or "matplotlib".
@@ -107,8 +109,17 @@ def attention_heads(pattern, tokens: Sequence[str], head_names: Sequence[str] | 
     return view
 
 
-def heatmap(values, xlabels: Sequence[str], ylabels: Sequence[str], title: str = "", cmap: str = "RdBu",
-            center: bool = True, xlabel: str = "", ylabel: str = "", fmt: str | None = None):
+def heatmap(
+    values,
+    xlabels: Sequence[str],
+    ylabels: Sequence[str],
+    title: str = "",
+    cmap: str = "RdBu",
+    center: bool = True,
+    xlabel: str = "",
+    ylabel: str = "",
+    fmt: str | None = None,
+):
     """A labelled heat map (e.g. patching results by layer and position, or by layer and head)."""
     import matplotlib.pyplot as plt
 

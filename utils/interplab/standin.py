@@ -43,15 +43,19 @@ def _corpus() -> list[str]:
     return docs + [" ".join(words), " ".join(w.capitalize() for w in words)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_object(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return tok
 
@@ -64,14 +68,29 @@ def standin_tokenizer(vocab_size: int = 700):
     """
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=_tokenizer_object(vocab_size), bos_token=BOS, eos_token=BOS,
-                                  pad_token=BOS, unk_token=BOS, add_bos_token=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_tokenizer_object(vocab_size),
+        bos_token=BOS,
+        eos_token=BOS,
+        pad_token=BOS,
+        unk_token=BOS,
+        add_bos_token=True,
+    )
     tok.init_kwargs["name_or_path"] = "interplab-standin"
     return tok
 
 
-def standin_model(name: str = "gpt2-small", device: str | None = None, *, n_layers: int = 3, d_model: int = 64,
-                  n_heads: int = 4, n_ctx: int = 256, d_vocab: int | None = None, seed: int = 0):
+def standin_model(
+    name: str = "gpt2-small",
+    device: str | None = None,
+    *,
+    n_layers: int = 3,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_ctx: int = 256,
+    d_vocab: int | None = None,
+    seed: int = 0,
+):
     """A randomly initialised HookedTransformer of GPT-2's architecture, processed like ``from_pretrained`` does.
 
     ``cfg.model_name`` is ``name``, so code that branches on the model name takes the
@@ -87,10 +106,22 @@ def standin_model(name: str = "gpt2-small", device: str | None = None, *, n_laye
 
     tokenizer = standin_tokenizer()
     cfg = HookedTransformerConfig(
-        model_name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
-        d_mlp=4 * d_model, n_ctx=n_ctx, d_vocab=max(d_vocab or 0, len(tokenizer)), act_fn="gelu_new", normalization_type="LN",
-        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel", default_prepend_bos=True,
-        seed=seed, device="cpu", init_weights=True,
+        model_name=name,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=4 * d_model,
+        n_ctx=n_ctx,
+        d_vocab=max(d_vocab or 0, len(tokenizer)),
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=True,
+        seed=seed,
+        device="cpu",
+        init_weights=True,
     )
     with quiet_transformer_lens():
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)

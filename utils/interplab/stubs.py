@@ -31,11 +31,19 @@ def stub_source(reference) -> str:
     node = tree.body[0]
     if not isinstance(node, ast.FunctionDef):
         raise TypeError(f"the reference of {reference.__name__} is not a plain function")
-    doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) and \
-        isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str) else None
+    doc = (
+        node.body[0]
+        if node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+        else None
+    )
     if doc is None:
-        raise ValueError(f"the reference of {reference.__name__} has no docstring: the docstring is the exercise's "
-                         f"contract, so write one")
+        raise ValueError(
+            f"the reference of {reference.__name__} has no docstring: the docstring is the exercise's "
+            f"contract, so write one"
+        )
     lines = source.splitlines()
     head = lines[node.lineno - 1 : doc.end_lineno]
     indent = " " * doc.col_offset
@@ -55,8 +63,14 @@ def _exercise_in_cell(text: str, names: set[str]) -> str | None:
     except SyntaxError:
         return None
     defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    checked = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "check"
-               and n.args and isinstance(n.args[0], ast.Name)}
+    checked = {
+        n.args[0].id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and getattr(n.func, "id", "") == "check"
+        and n.args
+        and isinstance(n.args[0], ast.Name)
+    }
     hits = [d for d in defined if d in checked]
     return hits[0] if hits else None
 
@@ -91,8 +105,9 @@ def sync(folder: Path | None = None, write: bool = True) -> dict[str, list[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="interplab sync-stubs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="interplab sync-stubs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="only report cells that differ (exit 1 if any)")
     p.add_argument("--dir", type=Path, default=None, help="the chapters folder (default: the clone's chapters/)")
     a = p.parse_args(argv)

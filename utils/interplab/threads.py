@@ -71,8 +71,9 @@ def _from_environment() -> tuple[int, str] | None:
             try:
                 n = int(value)
             except ValueError:
-                raise ValueError(f"{var}={value!r} is not a number of threads; set it to a positive integer "
-                                 f"(or unset it)") from None
+                raise ValueError(
+                    f"{var}={value!r} is not a number of threads; set it to a positive integer (or unset it)"
+                ) from None
             if n < 1:
                 raise ValueError(f"{var}={value!r}: the number of threads must be at least 1")
             return n, var
@@ -128,14 +129,21 @@ def announce(force: bool = False) -> None:
         return
     _state["announced"] = True
     n = _state["threads"]
-    print(f"interplab: torch uses {n} thread{'s' * (n != 1)} ({_state['why']}; "
-          f"interplab.threads.configure(n) changes it)", file=sys.stderr)
+    print(
+        f"interplab: torch uses {n} thread{'s' * (n != 1)} ({_state['why']}; "
+        f"interplab.threads.configure(n) changes it)",
+        file=sys.stderr,
+    )
 
 
 def settings() -> dict:
     """The thread settings, for reports: torch's count, why, and the environment variables that matter."""
     import torch
 
-    return {"torch_threads": torch.get_num_threads(), "chosen_because": _state.get("why"),
-            "available_cpus": available_cpus(), "physical_cores": physical_cores(),
-            **{var: os.environ.get(var) for var in (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "chosen_because": _state.get("why"),
+        "available_cpus": available_cpus(),
+        "physical_cores": physical_cores(),
+        **{var: os.environ.get(var) for var in (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+    }

@@ -77,6 +77,7 @@ QUICK_CHAPTERS = ("00_orientation",)
 # Notebooks
 # =====================================================================================
 
+
 def _run_notebook_subprocess(path: Path, inject: bool) -> dict:
     """Execute one notebook in a fresh process; return seconds and the kernel's peak memory."""
     import subprocess
@@ -96,8 +97,7 @@ def _run_notebook_subprocess(path: Path, inject: bool) -> dict:
     )
     env = {**os.environ, "INTERPLAB_STRICT": "1" if inject else "0", "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as tmp:  # files a chapter writes land here, not in the clone
-        proc = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, env=env,
-                              timeout=1800)
+        proc = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     secs, peak = proc.stdout.strip().splitlines()[-1].split()
@@ -138,6 +138,7 @@ def bench_notebooks(quick: bool = False, chapters: list[str] | None = None, inje
 # Running the sections
 # =====================================================================================
 
+
 def _section(name: str):
     """The section's module (None for the built-in notebooks section or a module that fails to import)."""
     if name == NOTEBOOKS:
@@ -151,9 +152,16 @@ def _section(name: str):
 def machine() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "threads": threads.settings(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "processor": platform.processor() or None}
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "threads": threads.settings(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "processor": platform.processor() or None,
+    }
     try:
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):  # pragma: no cover - Windows
@@ -180,8 +188,12 @@ def _cpu_seconds() -> float:
 
 def run(sections: list[str], quick: bool, overrides: dict[str, dict] | None = None) -> dict:
     """Run the sections one after the other in this process; a failing section records its error."""
-    report = {"machine": machine(), "mode": "quick" if quick else "full",
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+    report = {
+        "machine": machine(),
+        "mode": "quick" if quick else "full",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sections": {},
+    }
     t_all, c_all = time.perf_counter(), _cpu_seconds()
     for name in sections:
         module = _section(name)
@@ -277,15 +289,25 @@ def rows_notebooks(r: dict) -> list[dict]:
             if m is None:
                 continue
             what = "as shipped" if kind == "as_shipped" else "solutions injected"
-            note = f"carried over from the full run of {chapter['carried_over_from']}" if "carried_over_from" in chapter \
+            note = (
+                f"carried over from the full run of {chapter['carried_over_from']}"
+                if "carried_over_from" in chapter
                 else "measured in this run"
+            )
             if "error" in m:
                 out.append(row(s, f"{stem} ({what})", None, None, f"ERROR: {m['error']}", with_ratio=False))
                 continue
             idle = chapter.get("idle", {}).get(kind, {}).get("seconds")
             if idle is not None:
-                out.append(row(s, f"{stem} ({what}): execution time with the other core busy (s)", m["seconds"],
-                               idle, f"peer: the idle run of {chapter.get('idle_date')}; lower is better"))
+                out.append(
+                    row(
+                        s,
+                        f"{stem} ({what}): execution time with the other core busy (s)",
+                        m["seconds"],
+                        idle,
+                        f"peer: the idle run of {chapter.get('idle_date')}; lower is better",
+                    )
+                )
                 continue
             out.append(row(s, f"{stem} ({what}): execution time (s)", m["seconds"], None, note))
             out.append(row(s, f"{stem} ({what}): kernel peak memory (MB)", m["peak_mb"], None, note))
@@ -297,8 +319,16 @@ def table_rows(report: dict) -> list[dict]:
     rows = []
     for name, result in report["sections"].items():
         if "error" in result or "skipped" in result:
-            rows.append(row(name, "(section failed)" if "error" in result else "(skipped)", None, None,
-                             result.get("error") or result.get("skipped"), with_ratio=False))
+            rows.append(
+                row(
+                    name,
+                    "(section failed)" if "error" in result else "(skipped)",
+                    None,
+                    None,
+                    result.get("error") or result.get("skipped"),
+                    with_ratio=False,
+                )
+            )
             continue
         try:
             rows.extend(rows_notebooks(result) if name == NOTEBOOKS else _section(name).rows(result))
@@ -326,8 +356,14 @@ def _fmt(x) -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 3 + ["---"]) + "|"]
     for r in rows:
-        cells = [r["section"], r["measurement"], _fmt(r["interplab"]), _fmt(r["peer"]), _fmt(r["ratio"]),
-                 r["note"].replace("|", "/")]
+        cells = [
+            r["section"],
+            r["measurement"],
+            _fmt(r["interplab"]),
+            _fmt(r["peer"]),
+            _fmt(r["ratio"]),
+            r["note"].replace("|", "/"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -336,47 +372,70 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     mode = report["mode"]
     lines = [
-        "# interplab benchmarks", "",
+        "# interplab benchmarks",
+        "",
         "Generated by `interplab bench` (this file is overwritten on every run; `interplab bench --quick`",
         "for the short version). The ratio column is interplab / peer, measured in the same process on the",
-        "same data: the ratios are the headline, absolute times depend on the machine and its load.", "",
+        "same data: the ratios are the headline, absolute times depend on the machine and its load.",
+        "",
         f"- mode: **{mode}**, {report['date']}, {report.get('total_seconds', '?')} s wall in all "
         f"({report.get('total_cpu_seconds', '?')} s of CPU time, notebook kernels included)",
         f"- machine: {m.get('processor') or '?'}, {m['cpus']} CPUs, torch {m['torch']} with "
         f"{m['torch_threads']} threads on {m['device']}, Python {m['python']}, {m['platform']}",
     ]
     if "load_average_at_start" in m:
-        lines.append(f"- load average at start: {m['load_average_at_start']} (other work on the machine slows "
-                     f"every timing below)")
+        lines.append(
+            f"- load average at start: {m['load_average_at_start']} (other work on the machine slows "
+            f"every timing below)"
+        )
     if "threads" in m:
         t = m["threads"]
-        lines.append(f"- threads: torch {t['torch_threads']} ({t.get('chosen_because') or 'torch default'}); "
-                     f"{t['available_cpus']} CPUs available, {t['physical_cores']} physical cores; "
-                     f"OMP_NUM_THREADS={t.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS={t.get('MKL_NUM_THREADS')}, "
-                     f"INTERPLAB_THREADS={t.get('INTERPLAB_THREADS')}")
+        lines.append(
+            f"- threads: torch {t['torch_threads']} ({t.get('chosen_because') or 'torch default'}); "
+            f"{t['available_cpus']} CPUs available, {t['physical_cores']} physical cores; "
+            f"OMP_NUM_THREADS={t.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS={t.get('MKL_NUM_THREADS')}, "
+            f"INTERPLAB_THREADS={t.get('INTERPLAB_THREADS')}"
+        )
     if report.get("busy"):
-        lines.append("- **busy**: a busy loop kept one core busy for the whole run (`interplab bench --busy`); "
-                     "chapter times are compared with the last idle run's")
+        lines.append(
+            "- **busy**: a busy loop kept one core busy for the whole run (`interplab bench --busy`); "
+            "chapter times are compared with the last idle run's"
+        )
     if mode == "quick":
-        lines.append("- quick mode: shorter SAE training, fewer documents and one timing repeat (see "
-                     "`interplab bench --help`); every chapter is executed as shipped")
-    lines += ["", markdown_table(table_rows(report)), "",
-              "Raw figures (per-depth accuracies, every setting): benchmarks.json.", ""]
+        lines.append(
+            "- quick mode: shorter SAE training, fewer documents and one timing repeat (see "
+            "`interplab bench --help`); every chapter is executed as shipped"
+        )
+    lines += [
+        "",
+        markdown_table(table_rows(report)),
+        "",
+        "Raw figures (per-depth accuracies, every setting): benchmarks.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="interplab bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="interplab bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="shorter runs: within 5 minutes on 2 CPU cores")
-    p.add_argument("--only", default=",".join(section_names()),
-                   help=f"comma-separated sections ({', '.join(section_names())})")
+    p.add_argument(
+        "--only", default=",".join(section_names()), help=f"comma-separated sections ({', '.join(section_names())})"
+    )
     p.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json (default: here)")
-    p.add_argument("--inject", action="store_true",
-                   help="also execute every chapter with the reference solutions injected (about doubles the time)")
-    p.add_argument("--busy", action="store_true",
-                   help="keep the other core busy (a bounded busy loop in a subprocess) for the whole run; writes "
-                        "BENCHMARKS_BUSY.md / benchmarks_busy.json, chapter times next to the last idle run's")
+    p.add_argument(
+        "--inject",
+        action="store_true",
+        help="also execute every chapter with the reference solutions injected (about doubles the time)",
+    )
+    p.add_argument(
+        "--busy",
+        action="store_true",
+        help="keep the other core busy (a bounded busy loop in a subprocess) for the whole run; writes "
+        "BENCHMARKS_BUSY.md / benchmarks_busy.json, chapter times next to the last idle run's",
+    )
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in section_names()]

@@ -27,8 +27,9 @@ SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 
 
 # keyword arguments of run() in quick and in full mode
-QUICK = {'quick': True}
+QUICK = {"quick": True}
 FULL = {}
+
 
 def run(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> dict:
     """The replacement model's loss against clean and ablated, for the shipped transcoders and skip transcoders.
@@ -46,30 +47,46 @@ def run(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> 
     n = model.cfg.n_layers
     plain = replacement_loss(model, load_transcoders(n_layers=n), ids, mask)
     skip = replacement_loss(model, load_transcoders(skip=True, n_layers=n), ids, mask)
-    out = {**{k: round(v, 4) for k, v in plain.items()}, "skip": {k: round(v, 4) for k, v in skip.items()},
-           "docs": n_docs, "seconds": round(time.time() - t0, 1)}
+    out = {
+        **{k: round(v, 4) for k, v in plain.items()},
+        "skip": {k: round(v, 4) for k, v in skip.items()},
+        "docs": n_docs,
+        "seconds": round(time.time() - t0, 1),
+    }
     if verbose:
         print(json.dumps(out, indent=1))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch04_transcoders", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.bench.ch04_transcoders",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     run(quick=a.quick, verbose=True)
 
 
-
 def rows(r: dict) -> list[dict]:
     s = SECTION
     return [
-        row(s, "replacement model: loss recovered (transcoders)", r["loss_recovered"], None,
-             f"every MLP replaced at once; target >= 0.80; CE clean {r['ce_clean']}, replaced {r['ce_replaced']}, "
-             f"MLPs ablated {r['ce_ablated']}; {r['docs']} docs"),
-        row(s, "replacement model: loss recovered (skip transcoders)", r["skip"]["loss_recovered"], None,
-             f"CE replaced {r['skip']['ce_replaced']}"),
+        row(
+            s,
+            "replacement model: loss recovered (transcoders)",
+            r["loss_recovered"],
+            None,
+            f"every MLP replaced at once; target >= 0.80; CE clean {r['ce_clean']}, replaced {r['ce_replaced']}, "
+            f"MLPs ablated {r['ce_ablated']}; {r['docs']} docs",
+        ),
+        row(
+            s,
+            "replacement model: loss recovered (skip transcoders)",
+            r["skip"]["loss_recovered"],
+            None,
+            f"CE replaced {r['skip']['ce_replaced']}",
+        ),
     ]
 
 

@@ -34,6 +34,7 @@ SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 QUICK = {"repeat": 1}
 FULL = {"repeat": 3, "gpt2_sizes": True}
 
+
 def _timed(fn, repeat: int = 1):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -43,8 +44,15 @@ def _timed(fn, repeat: int = 1):
     return out, best
 
 
-def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: int = 0,
-        repeat: int = 1, gpt2_sizes: bool = False, gpt2_prompts: int = 4) -> dict:
+def run(
+    model=None,
+    n_prompts: int = 16,
+    corruption: str = "swap_names",
+    seed: int = 0,
+    repeat: int = 1,
+    gpt2_sizes: bool = False,
+    gpt2_prompts: int = 4,
+) -> dict:
     """Time the library's batched sweeps against TransformerLens's, on the same IOI prompts.
 
     Returns a dict: for each sweep ("resid_pre", "head_out_all_pos", "head_out_by_pos"),
@@ -94,20 +102,32 @@ def _sweeps(model, pairs, metric, repeat: int, by_pos_tl: bool) -> dict:
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
     sweeps = {
-        "resid_pre": (lambda: P.patch_layer_pos_sweep(model, clean, corrupted, metric, "resid_pre"),
-                      lambda: tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)),
-        "head_out_all_pos": (lambda: P.patch_head_sweep(model, clean, corrupted, metric, "z"),
-                             lambda: tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)),
-        "head_out_by_pos": (lambda: P.patch_head_pos_sweep(model, clean, corrupted, metric, "z"),
-                            lambda: tlp.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)),
+        "resid_pre": (
+            lambda: P.patch_layer_pos_sweep(model, clean, corrupted, metric, "resid_pre"),
+            lambda: tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric),
+        ),
+        "head_out_all_pos": (
+            lambda: P.patch_head_sweep(model, clean, corrupted, metric, "z"),
+            lambda: tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric),
+        ),
+        "head_out_by_pos": (
+            lambda: P.patch_head_pos_sweep(model, clean, corrupted, metric, "z"),
+            lambda: tlp.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric),
+        ),
     }
     batch, n_pos = clean.shape
     cfg = model.cfg
-    out: dict = {"n_positions": n_pos, "threads": torch.get_num_threads(), "model_sizes": {
-        k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")}}
+    out: dict = {
+        "n_positions": n_pos,
+        "threads": torch.get_num_threads(),
+        "model_sizes": {k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")},
+    }
     results = {}
-    passes = {"resid_pre": cfg.n_layers * n_pos, "head_out_all_pos": cfg.n_layers * cfg.n_heads,
-              "head_out_by_pos": cfg.n_layers * n_pos * cfg.n_heads}
+    passes = {
+        "resid_pre": cfg.n_layers * n_pos,
+        "head_out_all_pos": cfg.n_layers * cfg.n_heads,
+        "head_out_by_pos": cfg.n_layers * n_pos * cfg.n_heads,
+    }
     for name, (ours, theirs) in sweeps.items():
         a, t_ours = _timed(ours, repeat)
         out[f"{name}_flops_ours"] = P.last_sweep_flops.get("flops")
@@ -128,8 +148,11 @@ def _sweeps(model, pairs, metric, repeat: int, by_pos_tl: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch05_patching", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.bench.ch05_patching",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-n", type=int, default=16, help="prompts")
     p.add_argument("--corruption", default="swap_names")
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
@@ -137,13 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(run(n_prompts=a.n, corruption=a.corruption, repeat=a.repeat), indent=1))
 
 
-
 def rows(r: dict) -> list[dict]:
     """The table's rows: each sweep's time and FLOPs against TransformerLens's, attribution against the sweep."""
     s = SECTION
     out = []
-    names = {"resid_pre": "residual stream (layer x position)", "head_out_all_pos": "head outputs (layer x head)",
-             "head_out_by_pos": "head outputs (layer x position x head)"}
+    names = {
+        "resid_pre": "residual stream (layer x position)",
+        "head_out_all_pos": "head outputs (layer x head)",
+        "head_out_by_pos": "head outputs (layer x position x head)",
+    }
     for sizes, res in (("TinyWorld", r), ("gpt2-small sizes", r.get("gpt2_sizes"))):
         if not res:
             continue
@@ -151,27 +176,61 @@ def rows(r: dict) -> list[dict]:
             if f"{key}_ours_s" not in res:
                 continue
             diff = res.get(f"{key}_max_abs_diff")
-            note = ("peer: transformer_lens.patching; lower is better; " + (
-                f"largest absolute difference of the results {diff:.1e}" if diff is not None else
-                "peer time estimated: its passes x its time per pass in the residual sweep"))
+            note = "peer: transformer_lens.patching; lower is better; " + (
+                f"largest absolute difference of the results {diff:.1e}"
+                if diff is not None
+                else "peer time estimated: its passes x its time per pass in the residual sweep"
+            )
             out.append(row(s, f"sweep time, {label}, {sizes} (s)", res[f"{key}_ours_s"], res[f"{key}_tl_s"], note))
             if res.get(f"{key}_flops_ours"):
-                out.append(row(s, f"sweep FLOPs, {label}, {sizes}", float(res[f"{key}_flops_ours"]),
-                               float(res[f"{key}_flops_tl"]),
-                               "matrix products computed; interplab's: only what the patches change (blocks >= l, "
-                               "positions >= p, the read position in the last block); peer: a full pass per patch"))
-    out.append(row(s, "attribution patching vs the full head x position sweep (s)", r["attribution_s"],
-                    r["head_by_pos_sweep_s"], "peer: interplab's activation-patching sweep; lower is better"))
-    out.append(row(s, "attribution vs activation patching, Pearson r", r["attribution_vs_activation_r"], None,
-                    f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
-                    f"({r.get('corruption', 'swap_names')})"))
+                out.append(
+                    row(
+                        s,
+                        f"sweep FLOPs, {label}, {sizes}",
+                        float(res[f"{key}_flops_ours"]),
+                        float(res[f"{key}_flops_tl"]),
+                        "matrix products computed; interplab's: only what the patches change (blocks >= l, "
+                        "positions >= p, the read position in the last block); peer: a full pass per patch",
+                    )
+                )
+    out.append(
+        row(
+            s,
+            "attribution patching vs the full head x position sweep (s)",
+            r["attribution_s"],
+            r["head_by_pos_sweep_s"],
+            "peer: interplab's activation-patching sweep; lower is better",
+        )
+    )
+    out.append(
+        row(
+            s,
+            "attribution vs activation patching, Pearson r",
+            r["attribution_vs_activation_r"],
+            None,
+            f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
+            f"({r.get('corruption', 'swap_names')})",
+        )
+    )
     if "integrated_attribution_s" in r:
-        out.append(row(s, "integrated attribution patching (5 steps) vs the full sweep (s)",
-                        r["integrated_attribution_s"], r["head_by_pos_sweep_s"],
-                        "peer: interplab's activation-patching sweep; lower is better"))
-        out.append(row(s, "integrated attribution vs activation patching, Pearson r",
-                        r["integrated_attribution_vs_activation_r"], None,
-                        "gradient averaged along the embedding path; same prompts and heads"))
+        out.append(
+            row(
+                s,
+                "integrated attribution patching (5 steps) vs the full sweep (s)",
+                r["integrated_attribution_s"],
+                r["head_by_pos_sweep_s"],
+                "peer: interplab's activation-patching sweep; lower is better",
+            )
+        )
+        out.append(
+            row(
+                s,
+                "integrated attribution vs activation patching, Pearson r",
+                r["integrated_attribution_vs_activation_r"],
+                None,
+                "gradient averaged along the embedding path; same prompts and heads",
+            )
+        )
     return out
 
 

@@ -14,8 +14,14 @@ def ratio(a, b) -> float | None:
 
 def row(section, measurement, ours, peer=None, note="", with_ratio: bool = True) -> dict:
     """One measurement: interplab's figure, the peer's (if any) and their ratio."""
-    return {"section": section, "measurement": measurement, "interplab": ours, "peer": peer,
-            "ratio": ratio(ours, peer) if with_ratio and peer is not None else None, "note": note}
+    return {
+        "section": section,
+        "measurement": measurement,
+        "interplab": ours,
+        "peer": peer,
+        "ratio": ratio(ours, peer) if with_ratio and peer is not None else None,
+        "note": note,
+    }
 
 
 def mean(xs) -> float:

@@ -17,15 +17,15 @@ from .modules import SAE, SAEOutput, SparseDictionary, Transcoder
 from .training import train_dictionary, train_transcoder
 
 __all__ = [
-           "DEFAULT_HOOK",
-           "SAE",
-           "SAEConfig",
-           "SAEOutput",
-           "SparseDictionary",
-           "Transcoder",
-           "TranscoderConfig",
-           "mlp_in_hook",
-           "mlp_out_hook",
-           "train_dictionary",
-           "train_transcoder",
+    "DEFAULT_HOOK",
+    "SAE",
+    "SAEConfig",
+    "SAEOutput",
+    "SparseDictionary",
+    "Transcoder",
+    "TranscoderConfig",
+    "mlp_in_hook",
+    "mlp_out_hook",
+    "train_dictionary",
+    "train_transcoder",
 ]

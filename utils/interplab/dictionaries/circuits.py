@@ -44,8 +44,12 @@ def fact_prompt(person: str, relation: str = "city") -> list[str]:
 
 
 def feature_attribution_to(
-    model, transcoders: Sequence[SparseDictionary], tokens: Tensor, target: tuple[int, int, int] | None = None,
-    answer_id: int | None = None, logit_weights: Tensor | None = None,
+    model,
+    transcoders: Sequence[SparseDictionary],
+    tokens: Tensor,
+    target: tuple[int, int, int] | None = None,
+    answer_id: int | None = None,
+    logit_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`answer_attribution` for other targets: an answer logit, a weighted sum of logits, or one feature.
 
@@ -93,8 +97,9 @@ def feature_attribution_to(
             upstream = [i for i in range(n) if transcoders[i].cfg.layer < transcoders[ti].cfg.layer]
         if not upstream:
             return feat, err
-        grads = torch.autograd.grad(value, [acts[i] for i in upstream] + [errors[i] for i in upstream],
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            value, [acts[i] for i in upstream] + [errors[i] for i in upstream], allow_unused=True
+        )
     for j, i in enumerate(upstream):
         ga, ge = grads[j], grads[len(upstream) + j]
         if ga is not None:
@@ -113,9 +118,17 @@ def contrast_weights(answer: str, competitors: Sequence[str], d_vocab: int) -> T
     return w
 
 
-def attribution_graph(model, transcoders: Sequence[SparseDictionary], tokens: Tensor, answer_id: int | None = None,
-                      logit_weights: Tensor | None = None, n_nodes: int = 8, max_error_nodes: int = 3,
-                      edge_threshold: float = 0.05, answer_label: str | None = None) -> dict:
+def attribution_graph(
+    model,
+    transcoders: Sequence[SparseDictionary],
+    tokens: Tensor,
+    answer_id: int | None = None,
+    logit_weights: Tensor | None = None,
+    n_nodes: int = 8,
+    max_error_nodes: int = 3,
+    edge_threshold: float = 0.05,
+    answer_label: str | None = None,
+) -> dict:
     """A small attribution graph: the features that drive the answer most, and the edges between them.
 
     Nodes: the ``n_nodes`` (transcoder, position, feature) triples with the largest
@@ -135,14 +148,34 @@ def attribution_graph(model, transcoders: Sequence[SparseDictionary], tokens: Te
     for idx in top.tolist():
         i, rem = divmod(idx, n_pos * d_sae)
         p, f = divmod(rem, d_sae)
-        nodes.append({"kind": "feature", "index": i, "layer": transcoders[i].cfg.layer, "pos": p, "feature": f,
-                      "attr": float(feat[i, p, f])})
+        nodes.append(
+            {
+                "kind": "feature",
+                "index": i,
+                "layer": transcoders[i].cfg.layer,
+                "pos": p,
+                "feature": f,
+                "attr": float(feat[i, p, f]),
+            }
+        )
     smallest = min(abs(nd["attr"]) for nd in nodes)
-    big = [(abs(float(err[i, p])), i, p) for i in range(err.shape[0]) for p in range(err.shape[1])
-           if abs(float(err[i, p])) >= smallest]
+    big = [
+        (abs(float(err[i, p])), i, p)
+        for i in range(err.shape[0])
+        for p in range(err.shape[1])
+        if abs(float(err[i, p])) >= smallest
+    ]
     for _, i, p in sorted(big, reverse=True)[:max_error_nodes]:
-        nodes.append({"kind": "error", "index": i, "layer": transcoders[i].cfg.layer, "pos": p, "feature": None,
-                      "attr": float(err[i, p])})
+        nodes.append(
+            {
+                "kind": "error",
+                "index": i,
+                "layer": transcoders[i].cfg.layer,
+                "pos": p,
+                "feature": None,
+                "attr": float(err[i, p]),
+            }
+        )
     edges = []
     for t in nodes:
         if t["kind"] != "feature":
@@ -151,15 +184,25 @@ def attribution_graph(model, transcoders: Sequence[SparseDictionary], tokens: Te
         for s in nodes:
             if s["layer"] >= t["layer"]:
                 continue
-            w = float(f_in[s["index"], s["pos"], s["feature"]]) if s["kind"] == "feature" else float(e_in[s["index"], s["pos"]])
+            w = (
+                float(f_in[s["index"], s["pos"], s["feature"]])
+                if s["kind"] == "feature"
+                else float(e_in[s["index"], s["pos"]])
+            )
             edges.append({"source": nodes.index(s), "target": nodes.index(t), "weight": w})
     if edges:
         biggest = max(abs(e["weight"]) for e in edges)
         edges = [e for e in edges if abs(e["weight"]) >= edge_threshold * biggest]
     if answer_label is None:
         answer_label = f"logit({model.tokenizer.decode([answer_id])})" if answer_id is not None else "target"
-    return {"tokens": [model.tokenizer.decode([int(t)]) for t in tokens], "answer": answer_label,
-            "nodes": nodes, "edges": edges, "feature_total": float(feat.sum()), "error_total": float(err.sum())}
+    return {
+        "tokens": [model.tokenizer.decode([int(t)]) for t in tokens],
+        "answer": answer_label,
+        "nodes": nodes,
+        "edges": edges,
+        "feature_total": float(feat.sum()),
+        "error_total": float(err.sum()),
+    }
 
 
 def node_label(model, transcoders: Sequence[SparseDictionary], node: dict) -> str:
@@ -199,21 +242,54 @@ def draw_attribution_graph(graph: dict, labels: Sequence[str] | None = None, tit
     biggest = max([abs(e["weight"]) for e in edges] + [abs(nd["attr"]) for nd in nodes] + [1e-9])
     for e in edges:
         (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={
-            "arrowstyle": "->", "lw": 0.5 + 4 * abs(e["weight"]) / biggest, "alpha": 0.6,
-            "color": "tab:blue" if e["weight"] > 0 else "tab:red"})
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops={
+                "arrowstyle": "->",
+                "lw": 0.5 + 4 * abs(e["weight"]) / biggest,
+                "alpha": 0.6,
+                "color": "tab:blue" if e["weight"] > 0 else "tab:red",
+            },
+        )
     for k, nd in enumerate(nodes):
         x, y = pos[k]
-        ax.annotate("", xy=answer_xy, xytext=(x, y), arrowprops={
-            "arrowstyle": "->", "lw": 0.5 + 4 * abs(nd["attr"]) / biggest, "alpha": 0.25, "linestyle": "--",
-            "color": "tab:blue" if nd["attr"] > 0 else "tab:red"})
+        ax.annotate(
+            "",
+            xy=answer_xy,
+            xytext=(x, y),
+            arrowprops={
+                "arrowstyle": "->",
+                "lw": 0.5 + 4 * abs(nd["attr"]) / biggest,
+                "alpha": 0.25,
+                "linestyle": "--",
+                "color": "tab:blue" if nd["attr"] > 0 else "tab:red",
+            },
+        )
         face = "lightgrey" if nd["kind"] == "error" else "moccasin"
-        text = labels[k] if labels is not None else (f"L{nd['layer']} err" if nd["kind"] == "error"
-                                                     else f"L{nd['layer']}/{nd['feature']}")
-        ax.text(x, y, f"{text}\n{nd['attr']:+.2f}", ha="center", va="center", fontsize=7,
-                bbox={"boxstyle": "round", "fc": face, "ec": "grey"})
-    ax.text(*answer_xy, graph["answer"], ha="center", va="center", fontsize=9,
-            bbox={"boxstyle": "round", "fc": "lightgreen", "ec": "grey"})
+        text = (
+            labels[k]
+            if labels is not None
+            else (f"L{nd['layer']} err" if nd["kind"] == "error" else f"L{nd['layer']}/{nd['feature']}")
+        )
+        ax.text(
+            x,
+            y,
+            f"{text}\n{nd['attr']:+.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            bbox={"boxstyle": "round", "fc": face, "ec": "grey"},
+        )
+    ax.text(
+        *answer_xy,
+        graph["answer"],
+        ha="center",
+        va="center",
+        fontsize=9,
+        bbox={"boxstyle": "round", "fc": "lightgreen", "ec": "grey"},
+    )
     ax.set_xticks([start[p] + (width[p] - 1) / 2 for p in columns])
     ax.set_xticklabels([f"'{tokens[p]}' (position {p})" for p in columns])
     ax.set_yticks(range(n_layers))
@@ -226,8 +302,13 @@ def draw_attribution_graph(graph: dict, labels: Sequence[str] | None = None, tit
 
 
 @torch.no_grad()
-def fact_recall_check(model, transcoders: Sequence[SparseDictionary], relation: str = "city", people: Sequence[str] | None = None,
-                      top: int = 3) -> dict:
+def fact_recall_check(
+    model,
+    transcoders: Sequence[SparseDictionary],
+    relation: str = "city",
+    people: Sequence[str] | None = None,
+    top: int = 3,
+) -> dict:
     """Score the fact-recall circuit against TinyWorld's known facts, person by person.
 
     For every person, prompt "where does P live ?" (or the relation's question) and
@@ -267,7 +348,10 @@ def fact_recall_check(model, transcoders: Sequence[SparseDictionary], relation: 
         feat[:, 0], err[:, 0] = 0.0, 0.0
         person_pos = words.index(person)
         first = min(range(len(transcoders)), key=lambda j: transcoders[j].cfg.layer)
-        i, f = first, int(transcoders[first].encode(cache[mlp_in_hook(transcoders[first].cfg.layer)][k, person_pos]).argmax())
+        i, f = (
+            first,
+            int(transcoders[first].encode(cache[mlp_in_hook(transcoders[first].cfg.layer)][k, person_pos]).argmax()),
+        )
         de = de_embedding(model, transcoders[i], f)
         person_feature = model.tokenizer.decode([int(de.argmax())]) == person
         flat = feat.flatten()
@@ -276,8 +360,16 @@ def fact_recall_check(model, transcoders: Sequence[SparseDictionary], relation: 
             li, rem = divmod(idx, feat.shape[1] * feat.shape[2])
             p, ff = divmod(rem, feat.shape[2])
             effect = feature_logit_effect(model, transcoders[li], ff)[value_ids.to(device)]
-            writes.append({"layer": transcoders[li].cfg.layer, "pos": p, "token": words[p], "feature": ff,
-                           "attr": round(float(flat[idx]), 3), "writes": values[int(effect.argmax())]})
+            writes.append(
+                {
+                    "layer": transcoders[li].cfg.layer,
+                    "pos": p,
+                    "token": words[p],
+                    "feature": ff,
+                    "attr": round(float(flat[idx]), 3),
+                    "writes": values[int(effect.argmax())],
+                }
+            )
             if writes[-1]["writes"] == truth:
                 where[(writes[-1]["layer"], "name" if p == person_pos else words[p])] += 1
         logits = model(ids[None])[0, -1]
@@ -288,18 +380,31 @@ def fact_recall_check(model, transcoders: Sequence[SparseDictionary], relation: 
             j = next(j for j, tc in enumerate(transcoders) if tc.cfg.layer == hit["layer"])
             scores = last[j][:, hit["feature"]].cpu()
             selectivity = round(float(feature_aurocs(scores[:, None], same)[0]), 3)
-        rows.append({"person": person, "truth": truth, "person_layer": transcoders[i].cfg.layer, "person_feature_id": f,
-                     "person_feature": person_feature, "top_features": writes, "selectivity": selectivity,
-                     "value_feature": hit is not None,
-                     "model_correct": model.tokenizer.decode([int(logits.argmax())]) == truth,
-                     "lead": round(float(logits @ weights.to(logits)), 3),
-                     "error_share": round(float(err.abs().sum() / (feat.abs().sum() + err.abs().sum())), 3)})
+        rows.append(
+            {
+                "person": person,
+                "truth": truth,
+                "person_layer": transcoders[i].cfg.layer,
+                "person_feature_id": f,
+                "person_feature": person_feature,
+                "top_features": writes,
+                "selectivity": selectivity,
+                "value_feature": hit is not None,
+                "model_correct": model.tokenizer.decode([int(logits.argmax())]) == truth,
+                "lead": round(float(logits @ weights.to(logits)), 3),
+                "error_share": round(float(err.abs().sum() / (feat.abs().sum() + err.abs().sum())), 3),
+            }
+        )
     n = len(rows)
-    return {"rows": rows, "person_feature": sum(r["person_feature"] for r in rows) / n,
-            "value_feature": sum(r["value_feature"] for r in rows) / n,
-            "model_correct": sum(r["model_correct"] for r in rows) / n,
-            "mean_error_share": round(sum(r["error_share"] for r in rows) / n, 4),
-            "mean_selectivity": round(sum(sel) / len(sel), 4) if (sel := [r["selectivity"] for r in rows
-                                                                          if r["selectivity"] is not None]) else None,
-            "selective": sum(x >= 0.9 for x in sel) / n if sel else 0.0,
-            "value_features_at": {f"MLP {L} at {tok}": c for (L, tok), c in where.most_common()}}
+    return {
+        "rows": rows,
+        "person_feature": sum(r["person_feature"] for r in rows) / n,
+        "value_feature": sum(r["value_feature"] for r in rows) / n,
+        "model_correct": sum(r["model_correct"] for r in rows) / n,
+        "mean_error_share": round(sum(r["error_share"] for r in rows) / n, 4),
+        "mean_selectivity": round(sum(sel) / len(sel), 4)
+        if (sel := [r["selectivity"] for r in rows if r["selectivity"] is not None])
+        else None,
+        "selective": sum(x >= 0.9 for x in sel) / n if sel else 0.0,
+        "value_features_at": {f"MLP {L} at {tok}": c for (L, tok), c in where.most_common()},
+    }

@@ -74,8 +74,9 @@ class SAEConfig:
         raw = dict(raw)
         d_out, hook_out = raw.pop("d_out", None), raw.pop("hook_name_out", None)
         if (d_out is not None and d_out != raw.get("d_in")) or hook_out is not None:
-            raise ValueError(f"this folder holds a transcoder (output {hook_out or d_out}), not an SAE: load it "
-                             f"with Transcoder.load")
+            raise ValueError(
+                f"this folder holds a transcoder (output {hook_out or d_out}), not an SAE: load it with Transcoder.load"
+            )
         return cls(**raw)
 
 
@@ -116,8 +117,10 @@ class TranscoderConfig(SAEConfig):
             if getattr(self, attr) is None:
                 setattr(self, attr, hook)
             elif getattr(self, attr) != hook:
-                raise ValueError(f"a transcoder of layer {self.layer} has {attr}={hook!r} (it follows from layer), "
-                                 f"got {getattr(self, attr)!r}")
+                raise ValueError(
+                    f"a transcoder of layer {self.layer} has {attr}={hook!r} (it follows from layer), "
+                    f"got {getattr(self, attr)!r}"
+                )
 
     @property
     def is_transcoder(self) -> bool:

@@ -52,8 +52,9 @@ def training_activations(model, n_docs: int, seed: int = 0, hook: str = DEFAULT_
 
 
 @torch.no_grad()
-def mlp_io_pairs(model, tokens: Int[Tensor, "batch pos"], layer: int, mask: Bool[Tensor, "batch pos"] | None = None
-                 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
+def mlp_io_pairs(
+    model, tokens: Int[Tensor, "batch pos"], layer: int, mask: Bool[Tensor, "batch pos"] | None = None
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
     """(x, y): the input and output of the MLP of ``layer`` at every kept token, in row-major order."""
     if not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer must be between 0 and {model.cfg.n_layers - 1}, got {layer}")
@@ -66,8 +67,9 @@ def mlp_io_pairs(model, tokens: Int[Tensor, "batch pos"], layer: int, mask: Bool
     return x[keep], y[keep]
 
 
-def collect_pairs(model, ids: Tensor, mask: Tensor, layers: Sequence[int] | None = None,
-                  progress: bool = False) -> dict[int, tuple[Tensor, Tensor]]:
+def collect_pairs(
+    model, ids: Tensor, mask: Tensor, layers: Sequence[int] | None = None, progress: bool = False
+) -> dict[int, tuple[Tensor, Tensor]]:
     """{layer: (x, y)}: the MLP input/output pairs of several layers from one batched pass."""
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     hooks = [h for L in layers for h in (mlp_in_hook(L), mlp_out_hook(L))]

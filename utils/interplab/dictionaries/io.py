@@ -30,8 +30,10 @@ def saelens_architecture(cfg) -> str:
     if not cfg.is_transcoder:
         return {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu"}[cfg.architecture]
     if cfg.architecture == "topk":
-        raise NotImplementedError("SAELens 6 has no TopK transcoder class; use 'batchtopk' (a JumpReLU at "
-                                  "inference) or 'standard' to share a transcoder with SAELens")
+        raise NotImplementedError(
+            "SAELens 6 has no TopK transcoder class; use 'batchtopk' (a JumpReLU at "
+            "inference) or 'standard' to share a transcoder with SAELens"
+        )
     base = "jumprelu_" if cfg.architecture == "batchtopk" else ""
     return base + ("skip_transcoder" if cfg.skip else "transcoder")
 
@@ -40,8 +42,13 @@ def _metadata(cfg) -> dict:
     meta = {"sae_lens_version": SAELENS_LAYOUT, "model_name": cfg.model_name, "hook_name": cfg.hook_name}
     if cfg.is_transcoder:
         meta["hook_name_out"] = cfg.hook_name_out
-    return {**meta, "hook_head_index": None, "prepend_bos": True, "context_size": 128,
-            "dataset_path": "interplab.tinyworld"}
+    return {
+        **meta,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "context_size": 128,
+        "dataset_path": "interplab.tinyworld",
+    }
 
 
 def config_dict(cfg) -> dict:
@@ -49,9 +56,17 @@ def config_dict(cfg) -> dict:
     d = {"architecture": None, "d_in": cfg.d_in, "d_sae": cfg.d_sae}
     if cfg.is_transcoder:
         d["d_out"] = cfg.d_out
-    d.update({"dtype": "float32", "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-              "normalize_activations": "none", "reshape_activations": "none", "metadata": _metadata(cfg),
-              "interplab": asdict(cfg)})
+    d.update(
+        {
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": _metadata(cfg),
+            "interplab": asdict(cfg),
+        }
+    )
     try:
         d["architecture"] = saelens_architecture(cfg)
     except NotImplementedError:
@@ -94,8 +109,10 @@ def read(folder: str | Path, kind: str = "a sparse dictionary", check: bool = Tr
         verify(folder, [CONFIG_FILE, WEIGHTS_FILE])
     raw = json.loads((folder / CONFIG_FILE).read_text())
     if "interplab" not in raw:
-        raise ValueError(f"{folder / CONFIG_FILE} has no 'interplab' entry: it was not written by interplab. Load "
-                         f"it with SAELens's SAE.load_from_disk instead")
+        raise ValueError(
+            f"{folder / CONFIG_FILE} has no 'interplab' entry: it was not written by interplab. Load "
+            f"it with SAELens's SAE.load_from_disk instead"
+        )
     return raw, load_file(str(folder / WEIGHTS_FILE))
 
 
@@ -127,8 +144,14 @@ def to_saelens(module):
         "jumprelu_skip_transcoder": (sae_lens.JumpReLUSkipTranscoder, sae_lens.JumpReLUSkipTranscoderConfig),
     }
     sae_cls, cfg_cls = classes[arch]
-    kwargs = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": str(module.W_enc.device),
-                  "apply_b_dec_to_input": cfg.apply_b_dec_to_input, "metadata": SAEMetadata(**_metadata(cfg))}
+    kwargs = {
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": str(module.W_enc.device),
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "metadata": SAEMetadata(**_metadata(cfg)),
+    }
     if cfg.is_transcoder:
         kwargs["d_out"] = cfg.d_out
     if arch == "topk":
@@ -142,4 +165,3 @@ def threshold_from_state(state: dict[str, Tensor], default: Tensor) -> Tensor:
     """Interplab keeps one BatchTopK threshold; SAELens stores it once per feature."""
     threshold = state.pop("threshold", None)
     return default if threshold is None else threshold[0]
-

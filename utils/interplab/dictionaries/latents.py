@@ -35,8 +35,12 @@ def tinyworld_latents(docs, min_count: int = 5) -> tuple[list[str], Bool[Tensor,
 
     Latents with fewer than ``min_count`` positive tokens are left out.
     """
-    names = ([f"family:{f}" for f in FAMILIES] + [f"entity:{n}" for n in NAMES] + [f"room:{r}" for r in ROOMS]
-             + ["sentiment:positive", "sentiment:negative", "truth:true", "truth:false", "induction:repeat"])
+    names = (
+        [f"family:{f}" for f in FAMILIES]
+        + [f"entity:{n}" for n in NAMES]
+        + [f"room:{r}" for r in ROOMS]
+        + ["sentiment:positive", "sentiment:negative", "truth:true", "truth:false", "induction:repeat"]
+    )
     col = {n: i for i, n in enumerate(names)}
     rows = []
     adjectives = set(POSITIVE_ADJ + NEGATIVE_ADJ)
@@ -58,7 +62,7 @@ def tinyworld_latents(docs, min_count: int = 5) -> tuple[list[str], Bool[Tensor,
             start = d.tokens.index(d.meta["value"], 3)
             lab[start:, col["truth:true" if d.meta["truth"] else "truth:false"]] = True
         elif d.family == "induction":
-            lab[d.meta["repeat_start"]:, col["induction:repeat"]] = True
+            lab[d.meta["repeat_start"] :, col["induction:repeat"]] = True
         rows.append(lab[1:])
     labels = torch.cat(rows)
     keep = [i for i in range(len(names)) if labels[:, i].sum() >= min_count]
@@ -86,7 +90,9 @@ def feature_aurocs(acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, " n"]) -
 
 
 @torch.no_grad()
-def auroc_matrix(acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, "n n_latents"]) -> Float[Tensor, "d_sae n_latents"]:
+def auroc_matrix(
+    acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, "n n_latents"]
+) -> Float[Tensor, "d_sae n_latents"]:
     """The AUROC of every feature for every latent at once (`feature_aurocs`, with the ranks computed once)."""
     ranks = average_ranks(acts)  # [d_sae, n]
     lab = labels.to(ranks.device).double()
@@ -113,8 +119,13 @@ def max_f1(scores: Float[Tensor, " n"], labels: Bool[Tensor, " n"]) -> float:
 
 
 @torch.no_grad()
-def recovery_table(acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, "n n_latents"], names: Sequence[str],
-                   threshold: float = 0.9, top_n: int = 20) -> list[dict]:
+def recovery_table(
+    acts: Float[Tensor, "n d_sae"],
+    labels: Bool[Tensor, "n n_latents"],
+    names: Sequence[str],
+    threshold: float = 0.9,
+    top_n: int = 20,
+) -> list[dict]:
     """For every latent: the best-matching feature and how well it detects the latent.
 
     Each row has the feature with the highest AUROC ("feature", "auroc", and "f1", its
@@ -131,11 +142,21 @@ def recovery_table(acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, "n n_lat
         f1s = [max_f1(acts[:, i], lab) for i in top]
         spec = max(range(len(top)), key=lambda t: f1s[t])
         best = top[0]
-        rows.append({"latent": name, "kind": name.split(":")[0], "positives": int(lab.sum()), "feature": best,
-                     "auroc": round(float(aucs[best, j]), 4), "f1": round(f1s[0], 4),
-                     "specific_feature": top[spec], "specific_auroc": round(float(aucs[top[spec], j]), 4),
-                     "specific_f1": round(f1s[spec], 4), "recovered": bool(aucs[best, j] >= threshold),
-                     "features_above": int((aucs[:, j] >= threshold).sum())})
+        rows.append(
+            {
+                "latent": name,
+                "kind": name.split(":")[0],
+                "positives": int(lab.sum()),
+                "feature": best,
+                "auroc": round(float(aucs[best, j]), 4),
+                "f1": round(f1s[0], 4),
+                "specific_feature": top[spec],
+                "specific_auroc": round(float(aucs[top[spec], j]), 4),
+                "specific_f1": round(f1s[spec], 4),
+                "recovered": bool(aucs[best, j] >= threshold),
+                "features_above": int((aucs[:, j] >= threshold).sum()),
+            }
+        )
     return rows
 
 
@@ -145,11 +166,14 @@ def recovery_summary(rows: list[dict]) -> dict[str, dict]:
     for kind in ["all"] + sorted({r["kind"] for r in rows}):
         sel = [r for r in rows if kind == "all" or r["kind"] == kind]
         n = len(sel)
-        out[kind] = {"latents": n, "recovered": sum(r["recovered"] for r in sel),
-                     "fraction": round(sum(r["recovered"] for r in sel) / n, 3),
-                     "mean_auroc": round(sum(r["auroc"] for r in sel) / n, 3),
-                     "mean_f1": round(sum(r["f1"] for r in sel) / n, 3),
-                     "mean_specific_f1": round(sum(r["specific_f1"] for r in sel) / n, 3)}
+        out[kind] = {
+            "latents": n,
+            "recovered": sum(r["recovered"] for r in sel),
+            "fraction": round(sum(r["recovered"] for r in sel) / n, 3),
+            "mean_auroc": round(sum(r["auroc"] for r in sel) / n, 3),
+            "mean_f1": round(sum(r["f1"] for r in sel) / n, 3),
+            "mean_specific_f1": round(sum(r["specific_f1"] for r in sel) / n, 3),
+        }
     return out
 
 

@@ -26,8 +26,9 @@ def explained_variance(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> 
     return (1.0 - (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()).item()
 
 
-def reconstruction_metrics(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"], acts: Float[Tensor, "n d_sae"]
-                           ) -> dict[str, float]:
+def reconstruction_metrics(
+    x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"], acts: Float[Tensor, "n d_sae"]
+) -> dict[str, float]:
     """Per-token l0, mse (summed over dimensions), cosine_sim and l2_ratio, averaged over tokens."""
     return {
         "l0": (acts != 0).float().sum(dim=-1).mean().item(),
@@ -62,8 +63,10 @@ def spliced_loss(model, sae, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor
     spliced = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.hook_name, splice)])
     zeroed = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.hook_name, lambda act, hook: torch.zeros_like(act))])
     scored = keep[:, :-1] & keep[:, 1:]
-    ce = {name: _mean_ce(lg, tokens, scored) for name, lg in (("ce_clean", clean), ("ce_sae", spliced),
-                                                               ("ce_zero", zeroed))}
+    ce = {
+        name: _mean_ce(lg, tokens, scored)
+        for name, lg in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed))
+    }
     log_p = clean[:, :-1].log_softmax(-1)
     log_q = spliced[:, :-1].log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)[scored].mean().item()
@@ -72,8 +75,9 @@ def spliced_loss(model, sae, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor
 
 
 @torch.no_grad()
-def replacement_loss(model, transcoders: Sequence, tokens: Int[Tensor, "batch pos"],
-                     mask: Bool[Tensor, "batch pos"]) -> dict[str, float]:
+def replacement_loss(
+    model, transcoders: Sequence, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> dict[str, float]:
     """The model's loss clean, with every transcoder replacing its MLP at once (at the mask), and with those MLPs zeroed.
 
     A later transcoder reads the residual stream already changed by the earlier ones. Returns
@@ -95,16 +99,20 @@ def replacement_loss(model, transcoders: Sequence, tokens: Int[Tensor, "batch po
         return torch.where(keep, torch.zeros_like(y), y)
 
     hooks = [(mlp_in_hook(L), save_input) for L in by_layer] + [(mlp_out_hook(L), replace) for L in by_layer]
-    runs = {"ce_clean": model(tokens), "ce_replaced": model.run_with_hooks(tokens, fwd_hooks=hooks),
-            "ce_ablated": model.run_with_hooks(tokens, fwd_hooks=[(mlp_out_hook(L), ablate) for L in by_layer])}
+    runs = {
+        "ce_clean": model(tokens),
+        "ce_replaced": model.run_with_hooks(tokens, fwd_hooks=hooks),
+        "ce_ablated": model.run_with_hooks(tokens, fwd_hooks=[(mlp_out_hook(L), ablate) for L in by_layer]),
+    }
     scored = mask[:, :-1].bool() & mask[:, 1:].bool()
     out = {name: _mean_ce(logits, tokens, scored) for name, logits in runs.items()}
     out["loss_recovered"] = (out["ce_ablated"] - out["ce_replaced"]) / (out["ce_ablated"] - out["ce_clean"])
     return out
 
 
-def splice_in_batches(fn, model, module, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
-                      max_logits_gb: float = 0.25) -> dict[str, float]:
+def splice_in_batches(
+    fn, model, module, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"], max_logits_gb: float = 0.25
+) -> dict[str, float]:
     """Run ``fn(model, module, tokens, mask)`` (e.g. `spliced_loss`) on batches of sequences, and combine.
 
     Splicing functions hold several runs' logits, [batch, pos, d_vocab] each: a few MB
@@ -140,8 +148,13 @@ def splice_in_batches(fn, model, module, tokens: Int[Tensor, "batch pos"], mask:
     return out
 
 
-def splice_ce(model, tokens: Tensor, mask: Tensor, replace: Mapping[int, Callable[[Tensor, Tensor], Tensor]],
-              max_logits_gb: float = 0.25) -> float:
+def splice_ce(
+    model,
+    tokens: Tensor,
+    mask: Tensor,
+    replace: Mapping[int, Callable[[Tensor, Tensor], Tensor]],
+    max_logits_gb: float = 0.25,
+) -> float:
     """Mean CE with MLP outputs of some layers replaced by fn(mlp_input, mlp_output) at the mask positions.
 
     Runs in batches of sequences whose logits stay under ``max_logits_gb`` (one batch on
@@ -180,15 +193,27 @@ def evaluate_sae(model, sae, ids: Tensor, mask: Tensor, acts: Tensor | None = No
     f = sae.encode(x)
     x_hat = sae.decode(f)
     density = feature_density(f)
-    out = {"explained_variance": explained_variance(x, x_hat), **reconstruction_metrics(x, x_hat, f),
-           "dead_features": int((density == 0).sum()), "dense_features": int((density > 0.1).sum())}
+    out = {
+        "explained_variance": explained_variance(x, x_hat),
+        **reconstruction_metrics(x, x_hat, f),
+        "dead_features": int((density == 0).sum()),
+        "dense_features": int((density > 0.1).sum()),
+    }
     out.update(spliced_loss(model, sae, ids, mask))
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
 @torch.no_grad()
-def compare_layer(model, layer: int, transcoder, ids: Tensor, mask: Tensor,
-                  pairs: tuple[Tensor, Tensor] | None = None, skip=None, sae=None) -> list[dict]:
+def compare_layer(
+    model,
+    layer: int,
+    transcoder,
+    ids: Tensor,
+    mask: Tensor,
+    pairs: tuple[Tensor, Tensor] | None = None,
+    skip=None,
+    sae=None,
+) -> list[dict]:
     """One row per method (transcoder, skip transcoder, SAE on mlp_out) for one MLP layer.
 
     Columns: L0, explained variance of the MLP output, CE with that MLP replaced, the
@@ -209,9 +234,17 @@ def compare_layer(model, layer: int, transcoder, ids: Tensor, mask: Tensor,
         acts = module.encode(y if module is sae else x)
         y_hat = fn(x, y)
         ce = splice_ce(model, ids, mask, {layer: fn})
-        rows.append({"layer": layer, "method": name, "l0": round((acts != 0).float().sum(-1).mean().item(), 2),
-                     "explained_variance": round(explained_variance(y, y_hat), 4),
-                     "ce": round(ce, 4), "delta_ce": round(ce - ce_clean, 4),
-                     "loss_recovered": round((ce_zero - ce) / (ce_zero - ce_clean), 4),
-                     "ce_clean": round(ce_clean, 4), "ce_zero": round(ce_zero, 4)})
+        rows.append(
+            {
+                "layer": layer,
+                "method": name,
+                "l0": round((acts != 0).float().sum(-1).mean().item(), 2),
+                "explained_variance": round(explained_variance(y, y_hat), 4),
+                "ce": round(ce, 4),
+                "delta_ce": round(ce - ce_clean, 4),
+                "loss_recovered": round((ce_zero - ce) / (ce_zero - ce_clean), 4),
+                "ce_clean": round(ce_clean, 4),
+                "ce_zero": round(ce_zero, 4),
+            }
+        )
     return rows

@@ -42,6 +42,7 @@ HOOK_NAMES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook
 
 # --- activation functions ------------------------------------------------------------------
 
+
 def topk_activation(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> Float[Tensor, "batch d_sae"]:
     """Keep the k largest pre-activations of each row, ReLU'd; zero the rest."""
     values, indices = pre_acts.topk(k, dim=-1)
@@ -89,8 +90,10 @@ class SparseDictionary(HookedRootModule):
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(cfg, self.CONFIG) or cfg.is_transcoder is not self.IS_TRANSCODER:
-            raise TypeError(f"{type(self).__name__} takes a {self.CONFIG.__name__}, got {type(cfg).__name__} "
-                            f"(build an SAE from an SAEConfig, a Transcoder from a TranscoderConfig)")
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.CONFIG.__name__}, got {type(cfg).__name__} "
+                f"(build an SAE from an SAEConfig, a Transcoder from a TranscoderConfig)"
+            )
         self.cfg = cfg
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
         W_dec = torch.randn(d_sae, d_out, generator=generator)
@@ -117,8 +120,10 @@ class SparseDictionary(HookedRootModule):
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.KIND} takes a tensor of activations, got {type(x).__name__}")
         if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"this {self.KIND.split(' ', 1)[1]} reads vectors of size d_in={self.cfg.d_in} "
-                             f"({self.cfg.hook_name}); got activations of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"this {self.KIND.split(' ', 1)[1]} reads vectors of size d_in={self.cfg.d_in} "
+                f"({self.cfg.hook_name}); got activations of shape {tuple(x.shape)}"
+            )
 
     def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """Encoder outputs before the activation function (not hooked: `encode` hooks them)."""
@@ -264,5 +269,7 @@ class Transcoder(SparseDictionary):
     def extra_repr(self) -> str:
         c = self.cfg
         sparsity = f"l1_coeff={c.l1_coeff:g}" if c.architecture == "standard" else f"k={c.k}"
-        return (f"{c.architecture}{' skip' if c.skip else ''}, layer {c.layer}, d_in={c.d_in}, d_sae={c.d_sae}, "
-                f"d_out={c.d_out}, {sparsity}")
+        return (
+            f"{c.architecture}{' skip' if c.skip else ''}, layer {c.layer}, d_in={c.d_in}, d_sae={c.d_sae}, "
+            f"d_out={c.d_out}, {sparsity}"
+        )

@@ -45,6 +45,7 @@ KINDS = ("transcoder", "skip", "sae")  # the plain transcoders, the skip transco
 # Recipes: the defaults are the shipped artifacts' recipes
 # =====================================================================================
 
+
 @dataclass(frozen=True)
 class SAERecipe:
     """How a shipped SAE on the residual stream is trained (shared by the three architectures).
@@ -73,12 +74,25 @@ class SAERecipe:
     eval_seed: int = 1
 
     def config(self, d_in: int) -> SAEConfig:
-        return SAEConfig(d_in=d_in, d_sae=self.d_sae, architecture=self.architecture, k=self.k,
-                         l1_coeff=self.l1_coeff, hook_name=self.hook_name)
+        return SAEConfig(
+            d_in=d_in,
+            d_sae=self.d_sae,
+            architecture=self.architecture,
+            k=self.k,
+            l1_coeff=self.l1_coeff,
+            hook_name=self.hook_name,
+        )
 
     def train_kwargs(self, progress: bool = True) -> dict:
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                    "dead_after": self.dead_after, "resample_every": self.resample_every, "progress": progress}
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "seed": self.seed,
+            "dead_after": self.dead_after,
+            "resample_every": self.resample_every,
+            "progress": progress,
+        }
 
 
 @dataclass(frozen=True)
@@ -120,10 +134,18 @@ class SAESweepRecipe:
     eval_seed: int = 1
 
     def settings(self) -> list[SAERecipe]:
-        common = {"d_sae": self.d_sae, "hook_name": self.hook_name, "n_docs": self.n_docs, "steps": self.steps,
-                      "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed}
-        return ([SAERecipe(architecture="topk", k=k, **common) for k in self.ks]
-                + [SAERecipe(architecture="standard", l1_coeff=c, **common) for c in self.l1_coeffs])
+        common = {
+            "d_sae": self.d_sae,
+            "hook_name": self.hook_name,
+            "n_docs": self.n_docs,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "seed": self.seed,
+        }
+        return [SAERecipe(architecture="topk", k=k, **common) for k in self.ks] + [
+            SAERecipe(architecture="standard", l1_coeff=c, **common) for c in self.l1_coeffs
+        ]
 
 
 @dataclass(frozen=True)
@@ -156,8 +178,15 @@ class MLPRecipe:
     KIND = ""  # "transcoder", "skip" or "sae": set by the subclasses
 
     def train_kwargs(self, progress: bool = True) -> dict:
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                    "dead_after": self.dead_after, "resample_every": self.resample_every, "progress": progress}
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "seed": self.seed,
+            "dead_after": self.dead_after,
+            "resample_every": self.resample_every,
+            "progress": progress,
+        }
 
     def config(self, layer: int, d_in: int, d_out: int) -> SAEConfig:
         common = {"d_sae": self.d_sae, "architecture": self.architecture, "k": self.k, "l1_coeff": self.l1_coeff}
@@ -187,14 +216,21 @@ class MLPOutSAERecipe(MLPRecipe):
     KIND = "sae"
 
 
-RECIPES = {"sae_topk": TopKSAERecipe, "sae_batchtopk": BatchTopKSAERecipe, "sae_standard": StandardSAERecipe,
-           "sae_sweep": SAESweepRecipe, "transcoders": TranscoderRecipe, "skip_transcoders": SkipTranscoderRecipe,
-           "mlp_out_saes": MLPOutSAERecipe}
+RECIPES = {
+    "sae_topk": TopKSAERecipe,
+    "sae_batchtopk": BatchTopKSAERecipe,
+    "sae_standard": StandardSAERecipe,
+    "sae_sweep": SAESweepRecipe,
+    "transcoders": TranscoderRecipe,
+    "skip_transcoders": SkipTranscoderRecipe,
+    "mlp_out_saes": MLPOutSAERecipe,
+}
 
 
 # =====================================================================================
 # Loading
 # =====================================================================================
+
 
 def shipped_folder(name: str = "topk") -> Path:
     """The folder of a shipped SAE ("topk", "standard", "batchtopk") or of the sweep ("sweep")."""
@@ -238,13 +274,15 @@ def load_sae_baseline(layer: int, device: str | None = None) -> SAE:
 # Building
 # =====================================================================================
 
+
 def _finish(folder: Path, artifact: str, recipe) -> None:
     artifacts.write_provenance(folder, artifact, recipe)
     weights.write_checksums(folder)
 
 
-def build_sae(recipe: SAERecipe, folder: Path, model=None, progress: bool = True, artifact: str | None = None
-              ) -> tuple[SAE, dict]:
+def build_sae(
+    recipe: SAERecipe, folder: Path, model=None, progress: bool = True, artifact: str | None = None
+) -> tuple[SAE, dict]:
     """Train one SAE from ``recipe`` and write it to ``folder`` (with provenance when ``artifact`` is named)."""
     model = model or load_model("tinyworld", device="cpu")
     t0, cpu0 = time.time(), time.process_time()
@@ -254,18 +292,25 @@ def build_sae(recipe: SAERecipe, folder: Path, model=None, progress: bool = True
     seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     _, ids, mask = tinyworld_dataset(recipe.eval_docs, seed=recipe.eval_seed, split="test")
     metrics = evaluate_sae(model, sae, ids, mask)
-    info = {**sae.info, "training_tokens_available": int(acts.shape[0]), "n_docs": recipe.n_docs,
-            "collect_seconds": round(collected, 1), "total_seconds": round(seconds, 1),
-            "cpu_seconds": round(cpu_seconds, 1), "threads": torch.get_num_threads(),
-            "eval": {"docs": recipe.eval_docs, "seed": recipe.eval_seed, "split": "test", **metrics}}
+    info = {
+        **sae.info,
+        "training_tokens_available": int(acts.shape[0]),
+        "n_docs": recipe.n_docs,
+        "collect_seconds": round(collected, 1),
+        "total_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "eval": {"docs": recipe.eval_docs, "seed": recipe.eval_seed, "split": "test", **metrics},
+    }
     sae.save(folder, extra=info)
     if artifact:
         _finish(folder, artifact, recipe)
     return sae, info
 
 
-def build_sweep(recipe: SAESweepRecipe, folder: Path, model=None, progress: bool = False,
-                artifact: str | None = None) -> list[dict]:
+def build_sweep(
+    recipe: SAESweepRecipe, folder: Path, model=None, progress: bool = False, artifact: str | None = None
+) -> list[dict]:
     """Run the sparsity-fidelity sweep and write ``sweep.json`` into ``folder``."""
     model = model or load_model("tinyworld", device="cpu")
     acts = training_activations(model, recipe.n_docs, seed=recipe.seed, hook=recipe.hook_name)
@@ -276,8 +321,13 @@ def build_sweep(recipe: SAESweepRecipe, folder: Path, model=None, progress: bool
         sae = train_dictionary(acts, setting.config(acts.shape[-1]), **setting.train_kwargs(progress))
         m = evaluate_sae(model, sae, ids, mask, acts=x)
         extra = {"k": setting.k} if setting.architecture == "topk" else {"l1_coeff": setting.l1_coeff}
-        rows.append({"architecture": setting.architecture, **extra, **{k: m[k] for k in
-                     ("l0", "explained_variance", "loss_recovered", "kl_sae", "mse", "dead_features")}})
+        rows.append(
+            {
+                "architecture": setting.architecture,
+                **extra,
+                **{k: m[k] for k in ("l0", "explained_variance", "loss_recovered", "kl_sae", "mse", "dead_features")},
+            }
+        )
         if progress:
             print(json.dumps(rows[-1]))
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,8 +339,9 @@ def build_sweep(recipe: SAESweepRecipe, folder: Path, model=None, progress: bool
     return rows
 
 
-def build_mlp_dictionaries(recipe: MLPRecipe, out_dir: Path, model=None, progress: bool = True,
-                           artifact: str | None = None) -> dict:
+def build_mlp_dictionaries(
+    recipe: MLPRecipe, out_dir: Path, model=None, progress: bool = True, artifact: str | None = None
+) -> dict:
     """Train one dictionary of kind ``recipe.KIND`` for every MLP layer; write each into its folder under ``out_dir``.
 
     Every module is trained from its own seed on the same cached pairs, so building the
@@ -304,20 +355,24 @@ def build_mlp_dictionaries(recipe: MLPRecipe, out_dir: Path, model=None, progres
     pairs = collect_pairs(model, ids, mask, layers, progress=progress)
     del ids, mask
     _, eval_ids, eval_mask = tinyworld_dataset(recipe.eval_docs, seed=recipe.eval_seed, split="test")
-    report = {"collect_seconds": round(time.time() - t0, 1), "tokens": int(pairs[layers[0]][0].shape[0]),
-              "layers": {}}
+    report = {"collect_seconds": round(time.time() - t0, 1), "tokens": int(pairs[layers[0]][0].shape[0]), "layers": {}}
     kind = recipe.KIND
     for L in layers:
         x, y = pairs[L]
         cfg = recipe.config(L, x.shape[-1], y.shape[-1])
-        module = train_dictionary(y if kind == "sae" else x, cfg, target=None if kind == "sae" else y,
-                                  **recipe.train_kwargs(progress))
+        module = train_dictionary(
+            y if kind == "sae" else x, cfg, target=None if kind == "sae" else y, **recipe.train_kwargs(progress)
+        )
         made = {"transcoder": None, "skip": None, "sae": None, kind: module}
         ev = compare_layer(model, L, made["transcoder"], eval_ids, eval_mask, skip=made["skip"], sae=made["sae"])
         report["layers"][L] = ev
         row = next(r for r in ev if r["method"] == METHOD_NAMES[kind])
-        info = {**module.info, "n_docs": recipe.n_docs, "training_tokens": int(x.shape[0]),
-                "eval": {"docs": recipe.eval_docs, "seed": recipe.eval_seed, "split": "test", **row}}
+        info = {
+            **module.info,
+            "n_docs": recipe.n_docs,
+            "training_tokens": int(x.shape[0]),
+            "eval": {"docs": recipe.eval_docs, "seed": recipe.eval_seed, "split": "test", **row},
+        }
         folder = Path(out_dir) / transcoder_folder(L, kind).name
         module.save(folder, extra=info)
         if artifact:
@@ -351,6 +406,7 @@ def build_artifact(name: str, *, progress: bool = True, out_dir: Path | None = N
 # Evaluating
 # =====================================================================================
 
+
 @torch.no_grad()
 def evaluate_saes(model=None, n_docs: int = 400, seed: int = 1) -> dict:
     """Metrics and ground-truth recovery of every shipped SAE on ``n_docs`` test documents."""
@@ -361,8 +417,10 @@ def evaluate_saes(model=None, n_docs: int = 400, seed: int = 1) -> dict:
     out = {}
     for name in SHIPPED_SAES:
         sae = load_sae(name)
-        out[name] = {"metrics": evaluate_sae(model, sae, ids, mask, acts=x),
-                     "recovery": recovery_summary(recovery_table(sae.encode(x), labels, names))}
+        out[name] = {
+            "metrics": evaluate_sae(model, sae, ids, mask, acts=x),
+            "recovery": recovery_summary(recovery_table(sae.encode(x), labels, names)),
+        }
     return out
 
 
@@ -374,18 +432,28 @@ def evaluate_transcoders(model=None, n_docs: int = 100, seed: int = 1) -> dict:
     n = model.cfg.n_layers
     table = []
     for L in range(n):
-        table += compare_layer(model, L, load_transcoder(L), ids, mask, skip=load_transcoder(L, skip=True),
-                               sae=load_sae_baseline(L))
-    return {"table": table,
-            "replacement": replacement_loss(model, load_transcoders(n_layers=n), ids, mask),
-            "replacement_skip": replacement_loss(model, load_transcoders(skip=True, n_layers=n), ids, mask)}
+        table += compare_layer(
+            model, L, load_transcoder(L), ids, mask, skip=load_transcoder(L, skip=True), sae=load_sae_baseline(L)
+        )
+    return {
+        "table": table,
+        "replacement": replacement_loss(model, load_transcoders(n_layers=n), ids, mask),
+        "replacement_skip": replacement_loss(model, load_transcoders(skip=True, n_layers=n), ids, mask),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interplab.dictionaries.shipped", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--evaluate", choices=["saes", "transcoders"], required=True,
-                   help="which shipped dictionaries to measure (rebuild them with `interplab rebuild`)")
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.dictionaries.shipped",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--evaluate",
+        choices=["saes", "transcoders"],
+        required=True,
+        help="which shipped dictionaries to measure (rebuild them with `interplab rebuild`)",
+    )
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

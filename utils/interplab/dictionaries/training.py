@@ -32,8 +32,9 @@ def module_for(cfg: SAEConfig, generator: torch.Generator | None = None) -> Spar
 
 
 @torch.no_grad()
-def resample_sae_(sae: SparseDictionary, opt: torch.optim.Optimizer, dead: Tensor, x: Tensor, y: Tensor,
-                  y_hat: Tensor) -> None:
+def resample_sae_(
+    sae: SparseDictionary, opt: torch.optim.Optimizer, dead: Tensor, x: Tensor, y: Tensor, y_hat: Tensor
+) -> None:
     """Resample dead features in place and clear their Adam statistics.
 
     ``x`` is the batch of inputs, ``y`` the targets (x again for an SAE) and ``y_hat`` the
@@ -124,8 +125,9 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
     n_resampled, t0 = 0, time.time()
     module.train()
     what = f"layer-{cfg.layer} transcoder" if cfg.is_transcoder else "SAE"
-    bar = tqdm(range(steps), disable=not progress, desc=f"training {cfg.architecture} {what}", leave=False,
-               mininterval=1.0)
+    bar = tqdm(
+        range(steps), disable=not progress, desc=f"training {cfg.architecture} {what}", leave=False, mininterval=1.0
+    )
     for step in bar:
         if cursor + batch_size > len(perm):
             perm, cursor = torch.randperm(acts.shape[0], generator=order), 0
@@ -150,20 +152,30 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
                     since_fired[dead] = 0
                     n_resampled += int(dead.sum())
         if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3g}", L0=f"{(out.acts > 0).float().sum(-1).mean():.1f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{out.loss.item():.3g}", L0=f"{(out.acts > 0).float().sum(-1).mean():.1f}", refresh=False
+            )
     bar.close()
     module.eval()
-    module.info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                   "tokens_seen": steps * batch_size, "final_loss": round(out.loss.item(), 5),
-                   "final_mse": round(out.mse.item(), 5), "resampled": n_resampled,
-                   "seconds": round(time.time() - t0, 1)}
+    module.info = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "tokens_seen": steps * batch_size,
+        "final_loss": round(out.loss.item(), 5),
+        "final_mse": round(out.mse.item(), 5),
+        "resampled": n_resampled,
+        "seconds": round(time.time() - t0, 1),
+    }
     return module
 
 
 def train_transcoder(x: Float[Tensor, "n d_in"], y: Float[Tensor, "n d_out"], cfg, **kwargs) -> Transcoder:
     """`train_dictionary` for a transcoder: inputs x (the MLP's input), targets y (its output)."""
     if not cfg.is_transcoder:
-        raise TypeError(f"train_transcoder needs a TranscoderConfig, got {type(cfg).__name__}; train an SAE with "
-                        f"train_dictionary(acts, cfg)")
+        raise TypeError(
+            f"train_transcoder needs a TranscoderConfig, got {type(cfg).__name__}; train an SAE with "
+            f"train_dictionary(acts, cfg)"
+        )
     return train_dictionary(x, cfg, target=y, **kwargs)

@@ -21,15 +21,15 @@ import importlib
 import inspect
 import pkgutil
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .. import tinyworld
 from ..models import load_model
-from ..paths import MODULE_NAME, chapter_of
-
+from ..paths import MODULE_NAME
 
 
 @dataclass
@@ -63,8 +63,10 @@ class Mistake:
         source = textwrap.dedent(inspect.getsource(reference))
         found = source.count(old)
         if found != count:
-            raise ValueError(f"known mistake {name!r} of {reference.__name__}: expected {old!r} {count} time(s) in the "
-                             f"reference's source, found it {found} time(s); update the mistake to match the reference")
+            raise ValueError(
+                f"known mistake {name!r} of {reference.__name__}: expected {old!r} {count} time(s) in the "
+                f"reference's source, found it {found} time(s); update the mistake to match the reference"
+            )
         namespace = dict(inspect.getmodule(reference).__dict__)
         exec(compile(source.replace(old, new), f"<mistake {name!r} of {reference.__name__}>", "exec"), namespace)
         return cls(name, namespace[reference.__name__], hint)
@@ -97,15 +99,22 @@ class Exercise:
 REGISTRY: dict[str, Exercise] = {}
 
 
-def register(name: str, chapter: str, reference: Callable, cases: Callable[[], list[Case]],
-             mistakes: list[Mistake] | None = None, **options) -> Exercise:
+def register(
+    name: str,
+    chapter: str,
+    reference: Callable,
+    cases: Callable[[], list[Case]],
+    mistakes: list[Mistake] | None = None,
+    **options,
+) -> Exercise:
     """Register an exercise (called at import time by the chapter modules)."""
     if name in REGISTRY:
         raise ValueError(f"exercise {name!r} is registered twice")
     if reference.__name__ != name:
         raise ValueError(f"exercise {name!r}: the reference is called {reference.__name__!r}; names must match")
-    ex = Exercise(name=name, chapter=chapter, reference=reference, make_cases=cases,
-                  mistakes=list(mistakes or []), **options)
+    ex = Exercise(
+        name=name, chapter=chapter, reference=reference, make_cases=cases, mistakes=list(mistakes or []), **options
+    )
     REGISTRY[name] = ex
     return ex
 
@@ -115,7 +124,7 @@ def chapter_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if MODULE_NAME.fullmatch(m.name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_all() -> None:
     """Import every chapter module so that all exercises are registered."""
     for mod in chapter_modules():
@@ -152,7 +161,7 @@ def model_tokens(n: int = 6, seed: int = 0, split: str = "test"):
     return ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_model():
     """The bundled TinyWorld model on CPU, loaded once for all exercise cases."""
     return load_model("tinyworld", device="cpu")

@@ -45,61 +45,122 @@ def _random_sae(d_in: int, d_sae: int, seed: int, architecture: str = "standard"
 
 # --- sae_encode --------------------------------------------------------------------------
 
+
 def _encode_cases():
     g = gen(0)
     cases = [
-        Case("d_in 2, d_sae 3: the pre-encoder bias matters",
-             (torch.tensor([[1.0, 2.0], [0.5, -1.0]]), torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]),
-              torch.tensor([0.0, -0.5, 0.1]), torch.tensor([1.0, 1.0]))),
-        Case("random: batch 5, d_in 6, d_sae 10",
-             (torch.randn(5, 6, generator=g), torch.randn(6, 10, generator=g), torch.randn(10, generator=g),
-              torch.randn(6, generator=g))),
-        Case("extra leading dimensions: [2, 3, 4] inputs",
-             (torch.randn(2, 3, 4, generator=g), torch.randn(4, 7, generator=g), torch.randn(7, generator=g),
-              torch.randn(4, generator=g))),
+        Case(
+            "d_in 2, d_sae 3: the pre-encoder bias matters",
+            (
+                torch.tensor([[1.0, 2.0], [0.5, -1.0]]),
+                torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]),
+                torch.tensor([0.0, -0.5, 0.1]),
+                torch.tensor([1.0, 1.0]),
+            ),
+        ),
+        Case(
+            "random: batch 5, d_in 6, d_sae 10",
+            (
+                torch.randn(5, 6, generator=g),
+                torch.randn(6, 10, generator=g),
+                torch.randn(10, generator=g),
+                torch.randn(6, generator=g),
+            ),
+        ),
+        Case(
+            "extra leading dimensions: [2, 3, 4] inputs",
+            (
+                torch.randn(2, 3, 4, generator=g),
+                torch.randn(4, 7, generator=g),
+                torch.randn(7, generator=g),
+                torch.randn(4, generator=g),
+            ),
+        ),
     ]
     sae = _shipped("standard")
     x = _model_data()[3][:64]
-    cases.append(Case("the shipped standard SAE on TinyWorld activations",
-                      (x, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach())))
+    cases.append(
+        Case(
+            "the shipped standard SAE on TinyWorld activations",
+            (x, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach()),
+        )
+    )
     return cases
 
 
 register(
-    "sae_encode", CHAPTER, sol.sae_encode, _encode_cases,
+    "sae_encode",
+    CHAPTER,
+    sol.sae_encode,
+    _encode_cases,
     mistakes=[
-        Mistake.edit("no pre-encoder bias", sol.sae_encode, "relu((x - b_dec) @", "relu(x @",
-                     "Subtract the decoder bias from the input before encoding: (x - b_dec) @ W_enc + b_enc."),
-        Mistake.edit("adds b_dec", sol.sae_encode, "relu((x - b_dec) @", "relu((x + b_dec) @",
-                     "The pre-encoder bias is SUBTRACTED: the decoder adds b_dec back, so the encoder removes it."),
-        Mistake.edit("no ReLU", sol.sae_encode, "return torch.relu(", "return (",
-                     "Feature activations are never negative: apply ReLU to the encoder's output."),
+        Mistake.edit(
+            "no pre-encoder bias",
+            sol.sae_encode,
+            "relu((x - b_dec) @",
+            "relu(x @",
+            "Subtract the decoder bias from the input before encoding: (x - b_dec) @ W_enc + b_enc.",
+        ),
+        Mistake.edit(
+            "adds b_dec",
+            sol.sae_encode,
+            "relu((x - b_dec) @",
+            "relu((x + b_dec) @",
+            "The pre-encoder bias is SUBTRACTED: the decoder adds b_dec back, so the encoder removes it.",
+        ),
+        Mistake.edit(
+            "no ReLU",
+            sol.sae_encode,
+            "return torch.relu(",
+            "return (",
+            "Feature activations are never negative: apply ReLU to the encoder's output.",
+        ),
     ],
-    rtol=1e-4, atol=1e-5,
+    rtol=1e-4,
+    atol=1e-5,
 )
 
 
 # --- sae_loss ------------------------------------------------------------------------------
 
+
 def _loss_cases():
     g = gen(1)
     cases = [
-        Case("batch 2, d 2, d_sae 3, decoder rows of norm 2 and 0.5",
-             (torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.0], [0.0, 1.0]]),
-              torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]),
-              torch.tensor([[2.0, 0.0], [0.0, 0.5], [0.6, 0.8]]), 0.1)),
+        Case(
+            "batch 2, d 2, d_sae 3, decoder rows of norm 2 and 0.5",
+            (
+                torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+                torch.tensor([[0.5, 0.0], [0.0, 1.0]]),
+                torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]),
+                torch.tensor([[2.0, 0.0], [0.0, 0.5], [0.6, 0.8]]),
+                0.1,
+            ),
+        ),
     ]
     x = torch.randn(6, 5, generator=g)
-    cases.append(Case("random: batch 6, d 5, d_sae 8, non-unit decoder",
-                      (x, x + 0.3 * torch.randn(6, 5, generator=g), torch.rand(6, 8, generator=g),
-                       torch.randn(8, 5, generator=g), 0.7)))
+    cases.append(
+        Case(
+            "random: batch 6, d 5, d_sae 8, non-unit decoder",
+            (
+                x,
+                x + 0.3 * torch.randn(6, 5, generator=g),
+                torch.rand(6, 8, generator=g),
+                torch.randn(8, 5, generator=g),
+                0.7,
+            ),
+        )
+    )
     sae = _shipped("standard")
     xr = _model_data()[3][:128]
     with torch.no_grad():
         acts = sae.encode(xr)
         x_hat = sae.decode(acts)
-    cases.append(Case("the shipped standard SAE on TinyWorld activations",
-                      (xr, x_hat, acts, sae.W_dec.detach(), sae.cfg.l1_coeff)))
+    cases.append(
+        Case(
+            "the shipped standard SAE on TinyWorld activations", (xr, x_hat, acts, sae.W_dec.detach(), sae.cfg.l1_coeff)
+        )
+    )
     return cases
 
 
@@ -128,35 +189,56 @@ def _loss_squared(x, x_hat, acts, W_dec, l1_coeff):
 
 
 register(
-    "sae_loss", CHAPTER, sol.sae_loss, _loss_cases,
+    "sae_loss",
+    CHAPTER,
+    sol.sae_loss,
+    _loss_cases,
     mistakes=[
-        Mistake("MSE averaged over dimensions", _loss_mean_mse,
-                "Sum the squared error over the activation dimensions and average over the batch only "
-                "(F.mse_loss also divides by d). That is the convention of SAELens, and it sets the scale of l1_coeff."),
-        Mistake("L1 not weighted by decoder norms", _loss_unweighted,
-                "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)); otherwise "
-                "the SAE can shrink its activations and grow its decoder to dodge the penalty."),
-        Mistake("L1 summed over the batch", _loss_summed_l1,
-                "Average the penalty over the batch (like the MSE): sum over features, mean over tokens."),
-        Mistake("squared penalty", _loss_squared,
-                "The sparsity penalty is an L1 norm (sum of absolute values), not a sum of squares: L1 pushes small "
-                "activations to exactly zero, L2 only shrinks them."),
+        Mistake(
+            "MSE averaged over dimensions",
+            _loss_mean_mse,
+            "Sum the squared error over the activation dimensions and average over the batch only "
+            "(F.mse_loss also divides by d). That is the convention of SAELens, and it sets the scale of l1_coeff.",
+        ),
+        Mistake(
+            "L1 not weighted by decoder norms",
+            _loss_unweighted,
+            "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)); otherwise "
+            "the SAE can shrink its activations and grow its decoder to dodge the penalty.",
+        ),
+        Mistake(
+            "L1 summed over the batch",
+            _loss_summed_l1,
+            "Average the penalty over the batch (like the MSE): sum over features, mean over tokens.",
+        ),
+        Mistake(
+            "squared penalty",
+            _loss_squared,
+            "The sparsity penalty is an L1 norm (sum of absolute values), not a sum of squares: L1 pushes small "
+            "activations to exactly zero, L2 only shrinks them.",
+        ),
     ],
-    rtol=1e-4, atol=1e-5,
+    rtol=1e-4,
+    atol=1e-5,
 )
 
 
 # --- remove_parallel_grad ----------------------------------------------------------------
 
+
 def _parallel_cases():
     g = gen(2)
     w = torch.randn(7, 5, generator=g)
     return [
-        Case("two rows along the axes (norms 2 and 1)",
-             (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [3.0, -2.0]]))),
+        Case(
+            "two rows along the axes (norms 2 and 1)",
+            (torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [3.0, -2.0]])),
+        ),
         Case("random: d_sae 7, d 5, rows not unit norm", (w, torch.randn(7, 5, generator=g))),
-        Case("random: unit-norm rows, d_sae 4, d 9",
-             (torch.nn.functional.normalize(torch.randn(4, 9, generator=g), dim=-1), torch.randn(4, 9, generator=g))),
+        Case(
+            "random: unit-norm rows, d_sae 4, d 9",
+            (torch.nn.functional.normalize(torch.randn(4, 9, generator=g), dim=-1), torch.randn(4, 9, generator=g)),
+        ),
     ]
 
 
@@ -175,26 +257,41 @@ def _parallel_columns(W_dec, grad):
 
 
 register(
-    "remove_parallel_grad", CHAPTER, sol.remove_parallel_grad, _parallel_cases,
+    "remove_parallel_grad",
+    CHAPTER,
+    sol.remove_parallel_grad,
+    _parallel_cases,
     mistakes=[
-        Mistake("direction not normalised", _parallel_not_normalised,
-                "Project onto the UNIT vector u = W_dec[i] / ||W_dec[i]||; with a non-unit row the projection "
-                "(g . w) w is scaled by ||w||^2."),
-        Mistake("returns the parallel part", _parallel_returned,
-                "Return what is left after removing the parallel part: grad - (grad . u) u."),
-        Mistake("normalised over the wrong axis", _parallel_columns,
-                "Each feature's direction is a ROW of W_dec ([d_sae, d]): normalise with dim=-1."),
+        Mistake(
+            "direction not normalised",
+            _parallel_not_normalised,
+            "Project onto the UNIT vector u = W_dec[i] / ||W_dec[i]||; with a non-unit row the projection "
+            "(g . w) w is scaled by ||w||^2.",
+        ),
+        Mistake(
+            "returns the parallel part",
+            _parallel_returned,
+            "Return what is left after removing the parallel part: grad - (grad . u) u.",
+        ),
+        Mistake(
+            "normalised over the wrong axis",
+            _parallel_columns,
+            "Each feature's direction is a ROW of W_dec ([d_sae, d]): normalise with dim=-1.",
+        ),
     ],
 )
 
 
 # --- topk_activation -----------------------------------------------------------------------
 
+
 def _topk_cases():
     g = gen(3)
     return [
-        Case("k=2 with a negative value among the top 2",
-             (torch.tensor([[3.0, -1.0, -2.0, -5.0], [0.5, 2.0, 1.0, -0.1]]), 2)),
+        Case(
+            "k=2 with a negative value among the top 2",
+            (torch.tensor([[3.0, -1.0, -2.0, -5.0], [0.5, 2.0, 1.0, -0.1]]), 2),
+        ),
         Case("random: batch 3 (more rows than k), d_sae 12, k=2", (torch.randn(3, 12, generator=g), 2)),
         Case("random: batch 6, d_sae 10, k=3", (torch.randn(6, 10, generator=g), 3)),
         Case("k=1", (torch.randn(4, 8, generator=g), 1)),
@@ -213,26 +310,38 @@ def _topk_abs(pre_acts, k):
 
 
 register(
-    "topk_activation", CHAPTER, sol.topk_activation, _topk_cases,
+    "topk_activation",
+    CHAPTER,
+    sol.topk_activation,
+    _topk_cases,
     mistakes=[
-        Mistake.edit("no ReLU", sol.topk_activation, "values.relu()", "values",
-                     "Apply ReLU to the kept values: when fewer than k pre-activations are positive, the negative ones "
-                     "among the top k must become 0, not stay negative."),
-        Mistake("top-k over the batch", _topk_batch_axis,
-                "Select the top k within each row (each token), dim=-1, not across the batch (dim=0)."),
-        Mistake("largest magnitude", _topk_abs,
-                "Keep the k LARGEST pre-activations, not the k largest in absolute value."),
+        Mistake.edit(
+            "no ReLU",
+            sol.topk_activation,
+            "values.relu()",
+            "values",
+            "Apply ReLU to the kept values: when fewer than k pre-activations are positive, the negative ones "
+            "among the top k must become 0, not stay negative.",
+        ),
+        Mistake(
+            "top-k over the batch",
+            _topk_batch_axis,
+            "Select the top k within each row (each token), dim=-1, not across the batch (dim=0).",
+        ),
+        Mistake(
+            "largest magnitude", _topk_abs, "Keep the k LARGEST pre-activations, not the k largest in absolute value."
+        ),
     ],
 )
 
 
 # --- batchtopk_activation --------------------------------------------------------------------
 
+
 def _batchtopk_cases():
     g = gen(4)
     return [
-        Case("k=1, one row has both large values",
-             (torch.tensor([[5.0, 4.0, -1.0, 0.0], [1.0, 0.5, 0.2, -2.0]]), 1)),
+        Case("k=1, one row has both large values", (torch.tensor([[5.0, 4.0, -1.0, 0.0], [1.0, 0.5, 0.2, -2.0]]), 1)),
         Case("random: batch 8, d_sae 16, k=3", (torch.randn(8, 16, generator=g), 3)),
         Case("fewer positive values than k * batch", (torch.randn(4, 3, generator=g) - 1.0, 2)),
     ]
@@ -251,21 +360,34 @@ def _batchtopk_no_relu(pre_acts, k):
 
 
 register(
-    "batchtopk_activation", CHAPTER, sol.batchtopk_activation, _batchtopk_cases,
+    "batchtopk_activation",
+    CHAPTER,
+    sol.batchtopk_activation,
+    _batchtopk_cases,
     mistakes=[
-        Mistake("per-row top-k", lambda pre_acts, k: sol.topk_activation(pre_acts, k),
-                "That is TopK: each row keeps exactly k. BatchTopK flattens the whole batch and keeps its "
-                "k * batch largest values, so rows may use more or fewer than k."),
-        Mistake("k in total", _batchtopk_total_k,
-                "k is the budget PER ROW on average: keep k * batch values over the whole batch, not k."),
-        Mistake("no ReLU", _batchtopk_no_relu,
-                "Apply ReLU before selecting: when fewer than k * batch values are positive, negative "
-                "pre-activations must not be kept."),
+        Mistake(
+            "per-row top-k",
+            lambda pre_acts, k: sol.topk_activation(pre_acts, k),
+            "That is TopK: each row keeps exactly k. BatchTopK flattens the whole batch and keeps its "
+            "k * batch largest values, so rows may use more or fewer than k.",
+        ),
+        Mistake(
+            "k in total",
+            _batchtopk_total_k,
+            "k is the budget PER ROW on average: keep k * batch values over the whole batch, not k.",
+        ),
+        Mistake(
+            "no ReLU",
+            _batchtopk_no_relu,
+            "Apply ReLU before selecting: when fewer than k * batch values are positive, negative "
+            "pre-activations must not be kept.",
+        ),
     ],
 )
 
 
 # --- resample_dead_features --------------------------------------------------------------------
+
 
 def _resample_cases():
     g = gen(5)
@@ -307,26 +429,43 @@ def _resample_variant(kind):
         if kind != "bias":
             b_enc[dead] = 0.0
         return W_enc, b_enc, W_dec
+
     return fn
 
 
 register(
-    "resample_dead_features", CHAPTER, sol.resample_dead_features, _resample_cases,
+    "resample_dead_features",
+    CHAPTER,
+    sol.resample_dead_features,
+    _resample_cases,
     mistakes=[
-        Mistake("best-reconstructed rows", _resample_variant("best"),
-                "Use the rows the SAE reconstructs WORST (largest ||x - x_hat||^2): that is where a new feature helps."),
-        Mistake("input instead of residual", _resample_variant("input"),
-                "Point the new feature along the residual x - x_hat (what the SAE misses), not along x itself."),
-        Mistake("unscaled encoder", _resample_variant("unscaled"),
-                "Scale the new encoder columns to encoder_scale times the mean norm of the live features' encoder "
-                "columns, so that a resampled feature does not dominate at once."),
-        Mistake("encoder bias kept", _resample_variant("bias"),
-                "Reset b_enc of the resampled features to 0: their old bias was what kept them from firing."),
+        Mistake(
+            "best-reconstructed rows",
+            _resample_variant("best"),
+            "Use the rows the SAE reconstructs WORST (largest ||x - x_hat||^2): that is where a new feature helps.",
+        ),
+        Mistake(
+            "input instead of residual",
+            _resample_variant("input"),
+            "Point the new feature along the residual x - x_hat (what the SAE misses), not along x itself.",
+        ),
+        Mistake(
+            "unscaled encoder",
+            _resample_variant("unscaled"),
+            "Scale the new encoder columns to encoder_scale times the mean norm of the live features' encoder "
+            "columns, so that a resampled feature does not dominate at once.",
+        ),
+        Mistake(
+            "encoder bias kept",
+            _resample_variant("bias"),
+            "Reset b_enc of the resampled features to 0: their old bias was what kept them from firing.",
+        ),
     ],
 )
 
 
 # --- train_sae ---------------------------------------------------------------------------------
+
 
 def _toy_sparse(d_in: int, n_feats: int, n: int = 4096, p: float = 0.08, seed: int = 0) -> torch.Tensor:
     """Sparse combinations of random unit directions plus an offset (what an SAE should take apart)."""
@@ -357,12 +496,21 @@ _TRAIN_KW = dict(steps=300, batch_size=128, lr=3e-3, seed=1, dead_after=40, resa
 def _train_cases():
     data = _train_data()
     return [
-        Case("standard SAE (L1 0.3), d_in 8, d_sae 32, 300 steps",
-             (data[8], SAEConfig(d_in=8, d_sae=32, architecture="standard", l1_coeff=0.3)), dict(_TRAIN_KW)),
-        Case("TopK SAE (k=1) on one-hot data, d_in 16, d_sae 48: dead features need resampling",
-             (data[16], SAEConfig(d_in=16, d_sae=48, architecture="topk", k=1)), dict(_TRAIN_KW)),
-        Case("BatchTopK SAE (k=2), d_in 12, d_sae 40",
-             (data[12], SAEConfig(d_in=12, d_sae=40, architecture="batchtopk", k=2)), dict(_TRAIN_KW)),
+        Case(
+            "standard SAE (L1 0.3), d_in 8, d_sae 32, 300 steps",
+            (data[8], SAEConfig(d_in=8, d_sae=32, architecture="standard", l1_coeff=0.3)),
+            dict(_TRAIN_KW),
+        ),
+        Case(
+            "TopK SAE (k=1) on one-hot data, d_in 16, d_sae 48: dead features need resampling",
+            (data[16], SAEConfig(d_in=16, d_sae=48, architecture="topk", k=1)),
+            dict(_TRAIN_KW),
+        ),
+        Case(
+            "BatchTopK SAE (k=2), d_in 12, d_sae 40",
+            (data[12], SAEConfig(d_in=12, d_sae=40, architecture="batchtopk", k=2)),
+            dict(_TRAIN_KW),
+        ),
     ]
 
 
@@ -378,31 +526,50 @@ def _compare_trained(expected, got) -> str | None:
     if got.cfg != expected.cfg:
         return f"the returned SAE has config {got.cfg}, expected {expected.cfg}; build it with SAE(cfg)"
     if got.training != expected.training:
-        return ("the returned SAE is still in training mode: call sae.eval() before returning it (a BatchTopK SAE "
-                "selects features per batch while training and with its learned threshold in eval mode)")
+        return (
+            "the returned SAE is still in training mode: call sae.eval() before returning it (a BatchTopK SAE "
+            "selects features per batch while training and with its learned threshold in eval mode)"
+        )
     e_norm = float((expected.W_dec.detach().norm(dim=-1) - 1).abs().max())
     g_norm = float((got.W_dec.detach().norm(dim=-1) - 1).abs().max())
     if (e_norm < 1e-3) != (g_norm < 1e-3):
-        return (f"decoder rows should have unit norm after training; the largest deviation from 1 is {g_norm:.3g} "
-                f"(expected {e_norm:.3g}). Renormalise them after every optimizer step")
+        return (
+            f"decoder rows should have unit norm after training; the largest deviation from 1 is {g_norm:.3g} "
+            f"(expected {e_norm:.3g}). Renormalise them after every optimizer step"
+        )
     e_res, g_res = expected.info.get("resampled", 0), got.info.get("resampled", 0) if isinstance(got.info, dict) else 0
     if (e_res > 0) != (g_res > 0):
-        return (f"sae.info['resampled'] is {g_res}; the reference resampled {e_res} dead features on this data "
-                f"(check every resample_every steps for features that have not fired for dead_after steps)")
+        return (
+            f"sae.info['resampled'] is {g_res}; the reference resampled {e_res} dead features on this data "
+            f"(check every resample_every steps for features that have not fired for dead_after steps)"
+        )
     data = _train_data()[expected.cfg.d_in]
     e_loss, _ = _quality(expected, data)
     g_loss, _ = _quality(got, data)
     if not (e_loss / 1.5 <= g_loss <= e_loss * 1.5):
-        return (f"after training, the loss on the training data is {g_loss:.4g}; following the recipe gives about "
-                f"{e_loss:.4g} (within a factor 1.5)")
+        return (
+            f"after training, the loss on the training data is {g_loss:.4g}; following the recipe gives about "
+            f"{e_loss:.4g} (within a factor 1.5)"
+        )
     return None
 
 
 def _train_variant(zero_grad: bool = True, normalize: bool = True, resample: bool = True, eval_mode: bool = True):
     """The reference training loop with one step of the recipe left out."""
 
-    def fn(acts, cfg, *, target=None, steps=1000, batch_size=1024, lr=1e-3, seed=0, dead_after=200,
-           resample_every=250, progress=True):
+    def fn(
+        acts,
+        cfg,
+        *,
+        target=None,
+        steps=1000,
+        batch_size=1024,
+        lr=1e-3,
+        seed=0,
+        dead_after=200,
+        resample_every=250,
+        progress=True,
+    ):
         target = acts if target is None else target
         torch.manual_seed(seed)
         sae = SAE(cfg)
@@ -418,7 +585,7 @@ def _train_variant(zero_grad: bool = True, normalize: bool = True, resample: boo
         for step in range(steps):
             if cursor + batch_size > len(perm):
                 perm, cursor = torch.randperm(len(acts), generator=order), 0
-            idx = perm[cursor: cursor + batch_size]
+            idx = perm[cursor : cursor + batch_size]
             cursor += batch_size
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (steps - step) / max(1, steps - decay_start))
@@ -448,33 +615,47 @@ def _train_variant(zero_grad: bool = True, normalize: bool = True, resample: boo
 
 
 register(
-    "train_sae", CHAPTER, sol.train_sae, _train_cases,
+    "train_sae",
+    CHAPTER,
+    sol.train_sae,
+    _train_cases,
     mistakes=[
-        Mistake("gradients never zeroed", _train_variant(zero_grad=False),
-                "Zero the gradients every step (opt.zero_grad()); otherwise they accumulate over all past batches."),
-        Mistake("decoder not renormalised", _train_variant(normalize=False),
-                "After each optimizer step, rescale the decoder rows to unit norm (sae.normalize_decoder_()); "
-                "before it, remove the gradient parallel to them (sae.remove_parallel_grad_())."),
-        Mistake("no resampling", _train_variant(resample=False),
-                "Track how many steps each feature has gone without firing, and every resample_every steps "
-                "resample those silent for dead_after steps (and count them in sae.info['resampled'])."),
-        Mistake("left in training mode", _train_variant(eval_mode=False),
-                "Call sae.eval() before returning the SAE."),
+        Mistake(
+            "gradients never zeroed",
+            _train_variant(zero_grad=False),
+            "Zero the gradients every step (opt.zero_grad()); otherwise they accumulate over all past batches.",
+        ),
+        Mistake(
+            "decoder not renormalised",
+            _train_variant(normalize=False),
+            "After each optimizer step, rescale the decoder rows to unit norm (sae.normalize_decoder_()); "
+            "before it, remove the gradient parallel to them (sae.remove_parallel_grad_()).",
+        ),
+        Mistake(
+            "no resampling",
+            _train_variant(resample=False),
+            "Track how many steps each feature has gone without firing, and every resample_every steps "
+            "resample those silent for dead_after steps (and count them in sae.info['resampled']).",
+        ),
+        Mistake("left in training mode", _train_variant(eval_mode=False), "Call sae.eval() before returning the SAE."),
     ],
-    compare=_compare_trained, time_limit=60.0,
+    compare=_compare_trained,
+    time_limit=60.0,
 )
 
 
 # --- explained_variance ----------------------------------------------------------------------
 
+
 def _ev_cases():
     g = gen(6)
     x = torch.randn(50, 6, generator=g) + 5.0
     cases = [
-        Case("three points in 2-D", (torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
-                                     torch.tensor([[0.9, 0.1], [0.0, 0.8], [1.0, 1.2]]))),
-        Case("random: 40 tokens, d 5", (torch.randn(40, 5, generator=g),
-                                        torch.randn(40, 5, generator=g) * 0.5)),
+        Case(
+            "three points in 2-D",
+            (torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.9, 0.1], [0.0, 0.8], [1.0, 1.2]])),
+        ),
+        Case("random: 40 tokens, d 5", (torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g) * 0.5)),
         Case("a large mean offset (as in real residual streams)", (x, x + 0.5 * torch.randn(50, 6, generator=g))),
     ]
     sae = _shipped("topk")
@@ -501,33 +682,56 @@ def _ev_per_dim(x, x_hat):
 
 
 register(
-    "explained_variance", CHAPTER, sol.explained_variance, _ev_cases,
+    "explained_variance",
+    CHAPTER,
+    sol.explained_variance,
+    _ev_cases,
     mistakes=[
-        Mistake("not mean-centred", _ev_uncentred,
-                "Divide by the variance of x around its MEAN, sum ||x - mean(x)||^2, not by sum ||x||^2: the mean "
-                "of the residual stream is large and easy to reconstruct, and would flatter the SAE."),
-        Mistake("average of per-token ratios", _ev_per_token,
-                "Divide the TOTAL squared error by the TOTAL variance; averaging per-token ratios (SAELens's "
-                "'explained_variance_legacy') lets a few small-variance tokens dominate."),
-        Mistake("average of per-dimension R^2", _ev_per_dim,
-                "Sum the errors and the variances over all dimensions before dividing (sklearn's "
-                "r2_score(multioutput='variance_weighted')); averaging per-dimension R^2 weights quiet dimensions too much."),
+        Mistake(
+            "not mean-centred",
+            _ev_uncentred,
+            "Divide by the variance of x around its MEAN, sum ||x - mean(x)||^2, not by sum ||x||^2: the mean "
+            "of the residual stream is large and easy to reconstruct, and would flatter the SAE.",
+        ),
+        Mistake(
+            "average of per-token ratios",
+            _ev_per_token,
+            "Divide the TOTAL squared error by the TOTAL variance; averaging per-token ratios (SAELens's "
+            "'explained_variance_legacy') lets a few small-variance tokens dominate.",
+        ),
+        Mistake(
+            "average of per-dimension R^2",
+            _ev_per_dim,
+            "Sum the errors and the variances over all dimensions before dividing (sklearn's "
+            "r2_score(multioutput='variance_weighted')); averaging per-dimension R^2 weights quiet dimensions too much.",
+        ),
     ],
-    rtol=1e-4, atol=1e-6,
+    rtol=1e-4,
+    atol=1e-6,
 )
 
 
 # --- reconstruction_metrics --------------------------------------------------------------------
 
+
 def _recon_cases():
     g = gen(7)
     cases = [
-        Case("two tokens, d 2, d_sae 3", (torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[3.0, 0.0], [2.0, 0.0]]),
-                                          torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.5]]))),
+        Case(
+            "two tokens, d 2, d_sae 3",
+            (
+                torch.tensor([[3.0, 4.0], [1.0, 0.0]]),
+                torch.tensor([[3.0, 0.0], [2.0, 0.0]]),
+                torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.5]]),
+            ),
+        ),
     ]
     acts = torch.relu(torch.randn(30, 12, generator=g) - 0.5)
-    cases.append(Case("random: 30 tokens, d 5, d_sae 12", (torch.randn(30, 5, generator=g),
-                                                            torch.randn(30, 5, generator=g), acts)))
+    cases.append(
+        Case(
+            "random: 30 tokens, d 5, d_sae 12", (torch.randn(30, 5, generator=g), torch.randn(30, 5, generator=g), acts)
+        )
+    )
     sae = _shipped("standard")
     xr = _model_data()[3]
     with torch.no_grad():
@@ -548,33 +752,53 @@ def _recon_variant(kind):
         elif kind == "cos":
             out["cosine_sim"] = torch.nn.functional.cosine_similarity(x, x_hat, dim=0).mean().item()
         return out
+
     return fn
 
 
 register(
-    "reconstruction_metrics", CHAPTER, sol.reconstruction_metrics, _recon_cases,
+    "reconstruction_metrics",
+    CHAPTER,
+    sol.reconstruction_metrics,
+    _recon_cases,
     mistakes=[
-        Mistake("MSE per element", _recon_variant("mse"),
-                "'mse' is the squared error summed over dimensions, averaged over tokens (F.mse_loss also divides by d)."),
-        Mistake("L0 summed over tokens", _recon_variant("l0"),
-                "L0 is the number of active features PER TOKEN: count non-zeros in each row, then average over rows."),
-        Mistake("ratio of mean norms", _recon_variant("l2"),
-                "'l2_ratio' is the mean of the per-token ratios ||x_hat|| / ||x||, not the ratio of the mean norms."),
-        Mistake("cosine over the batch", _recon_variant("cos"),
-                "Cosine similarity compares each token's x with its own x_hat: use dim=-1 (over the activation "
-                "dimensions), then average over tokens."),
+        Mistake(
+            "MSE per element",
+            _recon_variant("mse"),
+            "'mse' is the squared error summed over dimensions, averaged over tokens (F.mse_loss also divides by d).",
+        ),
+        Mistake(
+            "L0 summed over tokens",
+            _recon_variant("l0"),
+            "L0 is the number of active features PER TOKEN: count non-zeros in each row, then average over rows.",
+        ),
+        Mistake(
+            "ratio of mean norms",
+            _recon_variant("l2"),
+            "'l2_ratio' is the mean of the per-token ratios ||x_hat|| / ||x||, not the ratio of the mean norms.",
+        ),
+        Mistake(
+            "cosine over the batch",
+            _recon_variant("cos"),
+            "Cosine similarity compares each token's x with its own x_hat: use dim=-1 (over the activation "
+            "dimensions), then average over tokens.",
+        ),
     ],
-    rtol=1e-4, atol=1e-5,
+    rtol=1e-4,
+    atol=1e-5,
 )
 
 
 # --- feature_density ---------------------------------------------------------------------------
 
+
 def _density_cases():
     g = gen(8)
     cases = [
-        Case("3 tokens, 4 features (one dead)", (torch.tensor([[0.0, 2.0, 0.0, 0.1], [1.0, 3.0, 0.0, 0.0],
-                                                                 [0.0, 0.5, 0.0, 0.0]]),)),
+        Case(
+            "3 tokens, 4 features (one dead)",
+            (torch.tensor([[0.0, 2.0, 0.0, 0.1], [1.0, 3.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]]),),
+        ),
         Case("random sparse: 50 tokens, 20 features", (torch.relu(torch.randn(50, 20, generator=g) * 2 - 1.5),)),
     ]
     sae = _shipped("topk")
@@ -584,19 +808,32 @@ def _density_cases():
 
 
 register(
-    "feature_density", CHAPTER, sol.feature_density, _density_cases,
+    "feature_density",
+    CHAPTER,
+    sol.feature_density,
+    _density_cases,
     mistakes=[
-        Mistake("mean activation", lambda acts: acts.mean(0),
-                "Density counts how OFTEN a feature fires ((acts != 0).float().mean(0)), not how strongly."),
-        Mistake("counts, not fractions", lambda acts: (acts != 0).float().sum(0),
-                "Divide by the number of tokens: density is a fraction in [0, 1]."),
-        Mistake("over features", lambda acts: (acts != 0).float().mean(-1),
-                "Average over tokens (dim=0) to get one value per feature; dim=-1 gives one value per token (that is L0 / d_sae)."),
+        Mistake(
+            "mean activation",
+            lambda acts: acts.mean(0),
+            "Density counts how OFTEN a feature fires ((acts != 0).float().mean(0)), not how strongly.",
+        ),
+        Mistake(
+            "counts, not fractions",
+            lambda acts: (acts != 0).float().sum(0),
+            "Divide by the number of tokens: density is a fraction in [0, 1].",
+        ),
+        Mistake(
+            "over features",
+            lambda acts: (acts != 0).float().mean(-1),
+            "Average over tokens (dim=0) to get one value per feature; dim=-1 gives one value per token (that is L0 / d_sae).",
+        ),
     ],
 )
 
 
 # --- spliced_loss --------------------------------------------------------------------------------
+
 
 def _spliced_cases():
     model = shared_model()
@@ -623,8 +860,10 @@ def _splice_variant(kind):
         scored = keep[:, :-1] & keep[:, 1:]
         if kind == "all positions":
             scored = torch.ones_like(scored)
-        ce = {n: -lg[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0][scored].mean().item()
-              for n, lg in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed))}
+        ce = {
+            n: -lg[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0][scored].mean().item()
+            for n, lg in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed))
+        }
         log_p, log_q = clean[:, :-1].log_softmax(-1), spliced[:, :-1].log_softmax(-1)
         if kind == "kl reversed":
             log_p, log_q = log_q, log_p
@@ -633,41 +872,68 @@ def _splice_variant(kind):
         if kind == "inverted":
             rec = (ce["ce_sae"] - ce["ce_clean"]) / (ce["ce_zero"] - ce["ce_clean"])
         return {**ce, "loss_recovered": rec, "kl_sae": kl}
+
     return fn
 
 
 register(
-    "spliced_loss", CHAPTER, sol.spliced_loss, _spliced_cases,
+    "spliced_loss",
+    CHAPTER,
+    sol.spliced_loss,
+    _spliced_cases,
     mistakes=[
-        Mistake("spliced everywhere", _splice_variant("everywhere"),
-                "Replace the activation only where mask is True (torch.where(mask[..., None], sae(act), act)): the SAE "
-                "never saw <bos> or padding in training, and reconstructing them badly is not its fault."),
-        Mistake("scored everywhere", _splice_variant("all positions"),
-                "Score only predictions with mask[:, :-1] & mask[:, 1:]: predictions from <bos> or of padding tokens "
-                "are not part of the text."),
-        Mistake("KL reversed", _splice_variant("kl reversed"),
-                "KL(clean || spliced) = sum p_clean * (log p_clean - log p_spliced): the clean distribution is the "
-                "reference and weights the sum."),
-        Mistake("fraction lost, not recovered", _splice_variant("inverted"),
-                "Loss recovered is (ce_zero - ce_sae) / (ce_zero - ce_clean): 1 for a perfect SAE, 0 for one no "
-                "better than zeroing the activation."),
+        Mistake(
+            "spliced everywhere",
+            _splice_variant("everywhere"),
+            "Replace the activation only where mask is True (torch.where(mask[..., None], sae(act), act)): the SAE "
+            "never saw <bos> or padding in training, and reconstructing them badly is not its fault.",
+        ),
+        Mistake(
+            "scored everywhere",
+            _splice_variant("all positions"),
+            "Score only predictions with mask[:, :-1] & mask[:, 1:]: predictions from <bos> or of padding tokens "
+            "are not part of the text.",
+        ),
+        Mistake(
+            "KL reversed",
+            _splice_variant("kl reversed"),
+            "KL(clean || spliced) = sum p_clean * (log p_clean - log p_spliced): the clean distribution is the "
+            "reference and weights the sum.",
+        ),
+        Mistake(
+            "fraction lost, not recovered",
+            _splice_variant("inverted"),
+            "Loss recovered is (ce_zero - ce_sae) / (ce_zero - ce_clean): 1 for a perfect SAE, 0 for one no "
+            "better than zeroing the activation.",
+        ),
     ],
-    rtol=1e-4, atol=1e-5,
+    rtol=1e-4,
+    atol=1e-5,
 )
 
 
 # --- top_activating_contexts -----------------------------------------------------------------------
 
+
 def _contexts_cases():
     g = gen(10)
     cases = [
-        Case("2 sequences, 4 positions, masked maximum",
-             (torch.tensor([[0.1, 9.0, 0.5, 0.2], [0.7, 0.3, 2.0, 0.0]]),
-              torch.tensor([[True, False, True, True], [True, True, True, False]]), 3)),
-        Case("random: 5 sequences, 7 positions, k=4",
-             (torch.rand(5, 7, generator=g), torch.rand(5, 7, generator=g) > 0.3, 4)),
-        Case("k larger than the number of unmasked tokens",
-             (torch.rand(2, 3, generator=g), torch.tensor([[True, False, False], [False, True, False]]), 5)),
+        Case(
+            "2 sequences, 4 positions, masked maximum",
+            (
+                torch.tensor([[0.1, 9.0, 0.5, 0.2], [0.7, 0.3, 2.0, 0.0]]),
+                torch.tensor([[True, False, True, True], [True, True, True, False]]),
+                3,
+            ),
+        ),
+        Case(
+            "random: 5 sequences, 7 positions, k=4",
+            (torch.rand(5, 7, generator=g), torch.rand(5, 7, generator=g) > 0.3, 4),
+        ),
+        Case(
+            "k larger than the number of unmasked tokens",
+            (torch.rand(2, 3, generator=g), torch.tensor([[True, False, False], [False, True, False]]), 5),
+        ),
     ]
     _, ids, mask, acts = _model_data()
     sae = _shipped("topk")
@@ -675,8 +941,9 @@ def _contexts_cases():
         f = torch.zeros(*ids.shape, sae.cfg.d_sae)
         f[mask] = sae.encode(acts)
     busiest = int((f != 0).sum((0, 1)).argmax())
-    cases.append(Case(f"the shipped TopK SAE's feature {busiest} on 12 TinyWorld documents",
-                      (f[..., busiest], mask, 5)))
+    cases.append(
+        Case(f"the shipped TopK SAE's feature {busiest} on 12 TinyWorld documents", (f[..., busiest], mask, 5))
+    )
     return cases
 
 
@@ -690,24 +957,38 @@ def _contexts_variant(kind):
             return values, flat % n_seq, flat // n_seq
         n_pos = feature_acts.shape[1]
         return values, flat // n_pos, flat % n_pos
+
     return fn
 
 
 register(
-    "top_activating_contexts", CHAPTER, sol.top_activating_contexts, _contexts_cases,
+    "top_activating_contexts",
+    CHAPTER,
+    sol.top_activating_contexts,
+    _contexts_cases,
     mistakes=[
-        Mistake("mask ignored", _contexts_variant("nomask"),
-                "Ignore positions outside the mask (e.g. fill them with -inf before taking the top k): <bos> and "
-                "padding are not contexts."),
-        Mistake("smallest first", _contexts_variant("ascending"),
-                "Return the LARGEST activations, largest first (topk, or sort with descending=True)."),
-        Mistake("wrong unravel", _contexts_variant("unravel"),
-                "A flat index i into [n_seq, pos] is sequence i // pos and position i % pos (or use torch.unravel_index)."),
+        Mistake(
+            "mask ignored",
+            _contexts_variant("nomask"),
+            "Ignore positions outside the mask (e.g. fill them with -inf before taking the top k): <bos> and "
+            "padding are not contexts.",
+        ),
+        Mistake(
+            "smallest first",
+            _contexts_variant("ascending"),
+            "Return the LARGEST activations, largest first (topk, or sort with descending=True).",
+        ),
+        Mistake(
+            "wrong unravel",
+            _contexts_variant("unravel"),
+            "A flat index i into [n_seq, pos] is sequence i // pos and position i % pos (or use torch.unravel_index).",
+        ),
     ],
 )
 
 
 # --- feature_logit_weights ---------------------------------------------------------------------------
+
 
 def _logit_cases():
     g = gen(11)
@@ -722,19 +1003,30 @@ def _logit_cases():
 
 
 register(
-    "feature_logit_weights", CHAPTER, sol.feature_logit_weights, _logit_cases,
+    "feature_logit_weights",
+    CHAPTER,
+    sol.feature_logit_weights,
+    _logit_cases,
     mistakes=[
-        Mistake("encoder direction", lambda sae, model, feature: sae.W_enc[:, feature] @ model.W_U,
-                "Use the DECODER direction sae.W_dec[feature]: it is what the feature writes into the residual "
-                "stream; the encoder column is what it reads."),
-        Mistake("embedding instead of unembedding", lambda sae, model, feature: model.W_E @ sae.W_dec[feature],
-                "Logits come from the unembedding model.W_U [d_model, d_vocab]; W_E maps tokens INTO the residual stream."),
+        Mistake(
+            "encoder direction",
+            lambda sae, model, feature: sae.W_enc[:, feature] @ model.W_U,
+            "Use the DECODER direction sae.W_dec[feature]: it is what the feature writes into the residual "
+            "stream; the encoder column is what it reads.",
+        ),
+        Mistake(
+            "embedding instead of unembedding",
+            lambda sae, model, feature: model.W_E @ sae.W_dec[feature],
+            "Logits come from the unembedding model.W_U [d_model, d_vocab]; W_E maps tokens INTO the residual stream.",
+        ),
     ],
-    rtol=1e-4, atol=1e-4,
+    rtol=1e-4,
+    atol=1e-4,
 )
 
 
 # --- steer_with_feature -----------------------------------------------------------------------------
+
 
 def _steer_cases():
     model = shared_model()
@@ -742,14 +1034,19 @@ def _steer_cases():
     return [
         Case("the shipped TopK SAE, feature 3, scale 10", (model, _shipped("topk"), ids[:4], 3, 10.0)),
         Case("the shipped standard SAE, feature 40, scale -5", (model, _shipped("standard"), ids[4:8], 40, -5.0)),
-        Case("a random SAE, feature 5, scale 2.5", (model, _random_sae(model.cfg.d_model, 32, seed=15), ids[8:10], 5, 2.5)),
+        Case(
+            "a random SAE, feature 5, scale 2.5",
+            (model, _random_sae(model.cfg.d_model, 32, seed=15), ids[8:10], 5, 2.5),
+        ),
     ]
 
 
 def _steer_variant(kind):
     def fn(model, sae, tokens, feature, scale):
         direction = sae.W_enc[:, feature] if kind == "encoder" else sae.W_dec[feature]
-        hook_name = sae.cfg.hook_name.replace("hook_resid_post", "hook_resid_pre") if kind == "hook" else sae.cfg.hook_name
+        hook_name = (
+            sae.cfg.hook_name.replace("hook_resid_post", "hook_resid_pre") if kind == "hook" else sae.cfg.hook_name
+        )
 
         def add(act, hook):
             if kind == "last":
@@ -760,34 +1057,53 @@ def _steer_variant(kind):
 
         with torch.no_grad():
             return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, add)])
+
     return fn
 
 
 register(
-    "steer_with_feature", CHAPTER, sol.steer_with_feature, _steer_cases,
+    "steer_with_feature",
+    CHAPTER,
+    sol.steer_with_feature,
+    _steer_cases,
     mistakes=[
-        Mistake("last position only", _steer_variant("last"),
-                "Add the direction at EVERY position (act + scale * direction broadcasts over batch and position)."),
-        Mistake("encoder direction", _steer_variant("encoder"),
-                "Steer along the DECODER direction sae.W_dec[feature]: that is what the feature adds to the residual stream."),
-        Mistake("wrong hook", _steer_variant("hook"),
-                "Add the direction at the SAE's own hook point, sae.cfg.hook_name."),
+        Mistake(
+            "last position only",
+            _steer_variant("last"),
+            "Add the direction at EVERY position (act + scale * direction broadcasts over batch and position).",
+        ),
+        Mistake(
+            "encoder direction",
+            _steer_variant("encoder"),
+            "Steer along the DECODER direction sae.W_dec[feature]: that is what the feature adds to the residual stream.",
+        ),
+        Mistake(
+            "wrong hook", _steer_variant("hook"), "Add the direction at the SAE's own hook point, sae.cfg.hook_name."
+        ),
     ],
-    rtol=1e-4, atol=1e-4,
+    rtol=1e-4,
+    atol=1e-4,
 )
 
 
 # --- feature_aurocs ------------------------------------------------------------------------------------
 
+
 def _auroc_cases():
     g = gen(13)
     cases = [
-        Case("4 tokens, 2 features, with ties", (torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]),
-                                                  torch.tensor([False, True, True, False]))),
-        Case("random continuous: 40 tokens, 6 features", (torch.randn(40, 6, generator=g),
-                                                          torch.rand(40, generator=g) > 0.6)),
-        Case("sparse, mostly zero (ties everywhere)", (torch.relu(torch.randn(60, 8, generator=g) - 1.2),
-                                                        torch.rand(60, generator=g) > 0.7)),
+        Case(
+            "4 tokens, 2 features, with ties",
+            (torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]), torch.tensor([False, True, True, False])),
+        ),
+        Case(
+            "random continuous: 40 tokens, 6 features",
+            (torch.randn(40, 6, generator=g), torch.rand(40, generator=g) > 0.6),
+        ),
+        Case(
+            "sparse, mostly zero (ties everywhere)",
+            (torch.relu(torch.randn(60, 8, generator=g) - 1.2), torch.rand(60, generator=g) > 0.7),
+        ),
     ]
     docs, _, _, acts = _model_data()
     names, labels = tinyworld_latents(docs, min_count=1)
@@ -812,30 +1128,48 @@ def _auroc_ordinal(acts, labels):
 
 
 register(
-    "feature_aurocs", CHAPTER, sol.feature_aurocs, _auroc_cases,
+    "feature_aurocs",
+    CHAPTER,
+    sol.feature_aurocs,
+    _auroc_cases,
     mistakes=[
-        Mistake("ties count as losses", _auroc_strict,
-                "Count a tie (equal activations on a positive and a negative token) as one half: SAE features are "
-                "zero on most tokens, so ties are everywhere."),
-        Mistake("ordinal ranks", _auroc_ordinal,
-                "Tied values must share their AVERAGE rank; argsort().argsort() breaks ties arbitrarily."),
-        Mistake("labels flipped", lambda acts, labels: sol.feature_aurocs(acts, ~labels),
-                "The positives are the tokens where labels is True: AUROC = P(score of a positive > score of a negative)."),
+        Mistake(
+            "ties count as losses",
+            _auroc_strict,
+            "Count a tie (equal activations on a positive and a negative token) as one half: SAE features are "
+            "zero on most tokens, so ties are everywhere.",
+        ),
+        Mistake(
+            "ordinal ranks",
+            _auroc_ordinal,
+            "Tied values must share their AVERAGE rank; argsort().argsort() breaks ties arbitrarily.",
+        ),
+        Mistake(
+            "labels flipped",
+            lambda acts, labels: sol.feature_aurocs(acts, ~labels),
+            "The positives are the tokens where labels is True: AUROC = P(score of a positive > score of a negative).",
+        ),
     ],
-    rtol=1e-4, atol=1e-4,
+    rtol=1e-4,
+    atol=1e-4,
 )
 
 
 # --- max_f1 --------------------------------------------------------------------------------------------
 
+
 def _f1_cases():
     g = gen(14)
     cases = [
-        Case("5 tokens with a tie at the best threshold", (torch.tensor([3.0, 2.0, 2.0, 0.0, 0.0]),
-                                                            torch.tensor([True, True, False, False, True]))),
+        Case(
+            "5 tokens with a tie at the best threshold",
+            (torch.tensor([3.0, 2.0, 2.0, 0.0, 0.0]), torch.tensor([True, True, False, False, True])),
+        ),
         Case("random continuous: 50 tokens", (torch.randn(50, generator=g), torch.rand(50, generator=g) > 0.5)),
-        Case("sparse activations, rare latent", (torch.relu(torch.randn(80, generator=g) - 1.0),
-                                                 torch.rand(80, generator=g) > 0.8)),
+        Case(
+            "sparse activations, rare latent",
+            (torch.relu(torch.randn(80, generator=g) - 1.0), torch.rand(80, generator=g) > 0.8),
+        ),
     ]
     docs, _, _, acts = _model_data()
     names, labels = tinyworld_latents(docs, min_count=1)
@@ -863,19 +1197,32 @@ def _f1_variant(kind):
             p, r = tp / k, tp / n_pos
             return ((p + r) / 2).max().item()
         return (2 * tp / (k + n_pos)).max().item()
+
     return fn
 
 
 register(
-    "max_f1", CHAPTER, sol.max_f1, _f1_cases,
+    "max_f1",
+    CHAPTER,
+    sol.max_f1,
+    _f1_cases,
     mistakes=[
-        Mistake("ties split", _f1_variant("ties"),
-                "Tokens with equal scores must be predicted alike: only cut the sorted list at the end of a run of "
-                "equal scores."),
-        Mistake("threshold fixed at zero", _f1_variant("zero"),
-                "Try every threshold (every distinct score), not only 'fires or not' (> 0); a feature may detect a "
-                "latent best when it fires strongly."),
-        Mistake("arithmetic mean", _f1_variant("mean"),
-                "F1 is the HARMONIC mean of precision and recall, 2PR / (P + R), not (P + R) / 2."),
+        Mistake(
+            "ties split",
+            _f1_variant("ties"),
+            "Tokens with equal scores must be predicted alike: only cut the sorted list at the end of a run of "
+            "equal scores.",
+        ),
+        Mistake(
+            "threshold fixed at zero",
+            _f1_variant("zero"),
+            "Try every threshold (every distinct score), not only 'fires or not' (> 0); a feature may detect a "
+            "latent best when it fires strongly.",
+        ),
+        Mistake(
+            "arithmetic mean",
+            _f1_variant("mean"),
+            "F1 is the HARMONIC mean of precision and recall, 2PR / (P + R), not (P + R) / 2.",
+        ),
     ],
 )

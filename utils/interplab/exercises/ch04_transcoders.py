@@ -43,13 +43,24 @@ def _pairs(layer: int, n: int = 48):
     return x[:n].clone(), y[:n].clone()
 
 
-def _random_tc(d_in: int, d_sae: int, seed: int, *, d_out: int | None = None, architecture: str = "standard",
-               k: int = 2, skip: bool = False, layer: int = 0, l1_coeff: float = 0.7,
-               unit_decoder: bool = False) -> Transcoder:
+def _random_tc(
+    d_in: int,
+    d_sae: int,
+    seed: int,
+    *,
+    d_out: int | None = None,
+    architecture: str = "standard",
+    k: int = 2,
+    skip: bool = False,
+    layer: int = 0,
+    l1_coeff: float = 0.7,
+    unit_decoder: bool = False,
+) -> Transcoder:
     """A transcoder with random weights (non-unit decoder rows unless asked), in eval mode."""
     g = gen(seed)
-    cfg = TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture, k=k, skip=skip,
-                               layer=layer, l1_coeff=l1_coeff)
+    cfg = TranscoderConfig(
+        d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture, k=k, skip=skip, layer=layer, l1_coeff=l1_coeff
+    )
     tc = Transcoder(cfg, generator=g)
     with torch.no_grad():
         tc.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.3)
@@ -70,29 +81,61 @@ def _tc_weights(tc: Transcoder) -> tuple:
 
 # --- transcoder_forward ------------------------------------------------------------------
 
+
 def _forward_cases():
     g = gen(0)
     # Square cases first: a mistake that only fails with an error on a non-square case would get no hint.
     cases = [
-        Case("d_in = d_out = 2, d_sae 3, no skip",
-             (torch.tensor([[1.0, -1.0], [0.5, 2.0]]),
-              torch.tensor([[1.0, -1.0, 0.5], [0.0, 1.0, -0.5]]),
-              torch.tensor([0.0, -0.5, 0.2]),
-              torch.tensor([[1.0, 0.0], [0.5, 0.5], [-1.0, 1.0]]),
-              torch.tensor([0.3, -0.2]))),
-        Case("random square: batch 6, d_in = d_out = 5, d_sae 7, skip",
-             (torch.randn(6, 5, generator=g), torch.randn(5, 7, generator=g), torch.randn(7, generator=g),
-              torch.randn(7, 5, generator=g), torch.randn(5, generator=g), torch.randn(5, 5, generator=g))),
-        Case("d_in 3, d_sae 4, d_out 2, no skip",
-             (torch.randn(4, 3, generator=g), torch.randn(3, 4, generator=g), torch.randn(4, generator=g),
-              torch.randn(4, 2, generator=g), torch.randn(2, generator=g))),
-        Case("d_in 3, d_out 2 with a skip path (W_skip is [d_out, d_in])",
-             (torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g), torch.randn(5, generator=g),
-              torch.randn(5, 2, generator=g), torch.randn(2, generator=g), torch.randn(2, 3, generator=g))),
+        Case(
+            "d_in = d_out = 2, d_sae 3, no skip",
+            (
+                torch.tensor([[1.0, -1.0], [0.5, 2.0]]),
+                torch.tensor([[1.0, -1.0, 0.5], [0.0, 1.0, -0.5]]),
+                torch.tensor([0.0, -0.5, 0.2]),
+                torch.tensor([[1.0, 0.0], [0.5, 0.5], [-1.0, 1.0]]),
+                torch.tensor([0.3, -0.2]),
+            ),
+        ),
+        Case(
+            "random square: batch 6, d_in = d_out = 5, d_sae 7, skip",
+            (
+                torch.randn(6, 5, generator=g),
+                torch.randn(5, 7, generator=g),
+                torch.randn(7, generator=g),
+                torch.randn(7, 5, generator=g),
+                torch.randn(5, generator=g),
+                torch.randn(5, 5, generator=g),
+            ),
+        ),
+        Case(
+            "d_in 3, d_sae 4, d_out 2, no skip",
+            (
+                torch.randn(4, 3, generator=g),
+                torch.randn(3, 4, generator=g),
+                torch.randn(4, generator=g),
+                torch.randn(4, 2, generator=g),
+                torch.randn(2, generator=g),
+            ),
+        ),
+        Case(
+            "d_in 3, d_out 2 with a skip path (W_skip is [d_out, d_in])",
+            (
+                torch.randn(4, 3, generator=g),
+                torch.randn(3, 5, generator=g),
+                torch.randn(5, generator=g),
+                torch.randn(5, 2, generator=g),
+                torch.randn(2, generator=g),
+                torch.randn(2, 3, generator=g),
+            ),
+        ),
     ]
     x, _ = _pairs(1)
-    cases.append(Case("TinyWorld layer-1 MLP inputs, the shipped layer-1 skip transcoder's weights (as ReLU)",
-                      (x,) + _tc_weights(_shipped(1, skip=True))))
+    cases.append(
+        Case(
+            "TinyWorld layer-1 MLP inputs, the shipped layer-1 skip transcoder's weights (as ReLU)",
+            (x,) + _tc_weights(_shipped(1, skip=True)),
+        )
+    )
     return cases
 
 
@@ -119,29 +162,45 @@ def _fwd_no_relu(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
 
 
 register(
-    "transcoder_forward", CHAPTER, sol.transcoder_forward, _forward_cases,
+    "transcoder_forward",
+    CHAPTER,
+    sol.transcoder_forward,
+    _forward_cases,
     mistakes=[
-        Mistake("pre-encoder bias", _fwd_pre_bias,
-                "Don't subtract b_dec from the input. In an SAE input and output are the same activation, so the "
-                "decoder bias can centre the input; a transcoder's b_dec is a bias of the MLP's OUTPUT, in another "
-                "space (SAELens refuses apply_b_dec_to_input for transcoders)."),
-        Mistake("skip not transposed", _fwd_skip_untransposed,
-                "W_skip is stored like an nn.Linear weight, [d_out, d_in]: the skip path is x @ W_skip.T."),
-        Mistake("skip path ignored", _fwd_no_skip,
-                "When W_skip is given, add the skip path x @ W_skip.T to the prediction."),
-        Mistake("no ReLU", _fwd_no_relu,
-                "The features are ReLU(x @ W_enc + b_enc): without the ReLU they are neither sparse nor non-negative."),
+        Mistake(
+            "pre-encoder bias",
+            _fwd_pre_bias,
+            "Don't subtract b_dec from the input. In an SAE input and output are the same activation, so the "
+            "decoder bias can centre the input; a transcoder's b_dec is a bias of the MLP's OUTPUT, in another "
+            "space (SAELens refuses apply_b_dec_to_input for transcoders).",
+        ),
+        Mistake(
+            "skip not transposed",
+            _fwd_skip_untransposed,
+            "W_skip is stored like an nn.Linear weight, [d_out, d_in]: the skip path is x @ W_skip.T.",
+        ),
+        Mistake(
+            "skip path ignored", _fwd_no_skip, "When W_skip is given, add the skip path x @ W_skip.T to the prediction."
+        ),
+        Mistake(
+            "no ReLU",
+            _fwd_no_relu,
+            "The features are ReLU(x @ W_enc + b_enc): without the ReLU they are neither sparse nor non-negative.",
+        ),
     ],
 )
 
 
 # --- mlp_io_pairs --------------------------------------------------------------------------
 
+
 def _pairs_cases():
     model = shared_model()
     ids, mask = _model_data(4, seed=8)
-    cases = [Case(f"TinyWorld, 4 documents, layer {L}, real tokens only", (model, ids, L, mask))
-             for L in range(model.cfg.n_layers)]
+    cases = [
+        Case(f"TinyWorld, 4 documents, layer {L}, real tokens only", (model, ids, L, mask))
+        for L in range(model.cfg.n_layers)
+    ]
     cases.append(Case("TinyWorld, 2 documents, layer 2, no mask (every position)", (model, ids[:2], 2, None)))
     return cases
 
@@ -172,39 +231,69 @@ def _pairs_no_mask(model, tokens, layer, mask=None):
 
 
 register(
-    "mlp_io_pairs", CHAPTER, sol.mlp_io_pairs, _pairs_cases,
+    "mlp_io_pairs",
+    CHAPTER,
+    sol.mlp_io_pairs,
+    _pairs_cases,
     mistakes=[
-        Mistake("residual stream before the layer norm", _pairs_resid_mid,
-                "The MLP reads the residual stream AFTER the layer norm: use blocks.{layer}.ln2.hook_normalized, "
-                "not hook_resid_mid (the transcoder would otherwise have to learn the normalisation too)."),
-        Mistake("neuron activations as the target", _pairs_neurons,
-                "The target is the MLP's output in the residual stream (blocks.{layer}.hook_mlp_out, d_model wide), "
-                "not its hidden neurons (mlp.hook_post)."),
-        Mistake("residual stream as the target", _pairs_resid_post,
-                "The target is what the MLP adds (hook_mlp_out), not the whole residual stream after the layer."),
-        Mistake("mask ignored", _pairs_no_mask,
-                "Keep only the positions where mask is True: x[mask] gives the rows in the right order."),
+        Mistake(
+            "residual stream before the layer norm",
+            _pairs_resid_mid,
+            "The MLP reads the residual stream AFTER the layer norm: use blocks.{layer}.ln2.hook_normalized, "
+            "not hook_resid_mid (the transcoder would otherwise have to learn the normalisation too).",
+        ),
+        Mistake(
+            "neuron activations as the target",
+            _pairs_neurons,
+            "The target is the MLP's output in the residual stream (blocks.{layer}.hook_mlp_out, d_model wide), "
+            "not its hidden neurons (mlp.hook_post).",
+        ),
+        Mistake(
+            "residual stream as the target",
+            _pairs_resid_post,
+            "The target is what the MLP adds (hook_mlp_out), not the whole residual stream after the layer.",
+        ),
+        Mistake(
+            "mask ignored",
+            _pairs_no_mask,
+            "Keep only the positions where mask is True: x[mask] gives the rows in the right order.",
+        ),
     ],
 )
 
 
 # --- transcoder_loss -----------------------------------------------------------------------
 
+
 def _loss_cases():
     g = gen(2)
     cases = []
     tc = _random_tc(5, 8, seed=2, skip=True)
-    cases.append(Case("standard skip transcoder, d_in = d_out = 5, non-unit decoder rows",
-                      (tc, torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g))))
+    cases.append(
+        Case(
+            "standard skip transcoder, d_in = d_out = 5, non-unit decoder rows",
+            (tc, torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)),
+        )
+    )
     tc = _random_tc(4, 6, seed=1, d_out=3)
-    cases.append(Case("standard, d_in 4, d_out 3", (tc, torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g))))
+    cases.append(
+        Case("standard, d_in 4, d_out 3", (tc, torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)))
+    )
     tc = _random_tc(4, 7, seed=3, architecture="topk", k=2)
-    cases.append(Case("TopK (k = 2), d_in = d_out = 4: no penalty", (tc, torch.randn(5, 4, generator=g),
-                                                                     torch.randn(5, 4, generator=g))))
+    cases.append(
+        Case(
+            "TopK (k = 2), d_in = d_out = 4: no penalty",
+            (tc, torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)),
+        )
+    )
     for L, skip in ((2, False), (0, True)):
         x, y = _pairs(L)
-        cases.append(Case(f"the shipped layer-{L} {'skip ' if skip else ''}transcoder on TinyWorld MLP pairs",
-                          (_shipped(L, skip), x, y)))
+        cases.append(
+            Case(
+                f"the shipped layer-{L} {'skip ' if skip else ''}transcoder on TinyWorld MLP pairs",
+                (_shipped(L, skip), x, y),
+            )
+        )
     return cases
 
 
@@ -220,25 +309,44 @@ def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=
 
 
 register(
-    "transcoder_loss", CHAPTER, sol.transcoder_loss, _loss_cases,
+    "transcoder_loss",
+    CHAPTER,
+    sol.transcoder_loss,
+    _loss_cases,
     mistakes=[
-        Mistake("reconstructs the input", lambda tc, x, y: _loss_parts(tc, x, x),
-                "A transcoder predicts the MLP's OUTPUT y from its input x: compare the prediction with y. "
-                "Reconstructing x is what an SAE does."),
-        Mistake("L1 without decoder norms", lambda tc, x, y: _loss_parts(tc, x, y, weighted=False),
-                "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)), as in "
-                "chapter 3; otherwise the penalty can be dodged by shrinking activations and growing the decoder."),
-        Mistake("penalty for every architecture", lambda tc, x, y: _loss_parts(tc, x, y, penalty=True),
-                "TopK and BatchTopK transcoders have no L1 penalty: the loss is the MSE alone (l1 is only reported)."),
-        Mistake("skip path forgotten", lambda tc, x, y: _loss_parts(tc, x, y, skip=False),
-                "A skip transcoder's prediction includes the skip path: use transcoder(x), or decode(acts) + skip_out(x)."),
-        Mistake("mean over every element", lambda tc, x, y: _loss_parts(tc, x, y, mean_all=True),
-                "Sum the squared error over d_out, then average over the batch (not a mean over every element)."),
+        Mistake(
+            "reconstructs the input",
+            lambda tc, x, y: _loss_parts(tc, x, x),
+            "A transcoder predicts the MLP's OUTPUT y from its input x: compare the prediction with y. "
+            "Reconstructing x is what an SAE does.",
+        ),
+        Mistake(
+            "L1 without decoder norms",
+            lambda tc, x, y: _loss_parts(tc, x, y, weighted=False),
+            "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)), as in "
+            "chapter 3; otherwise the penalty can be dodged by shrinking activations and growing the decoder.",
+        ),
+        Mistake(
+            "penalty for every architecture",
+            lambda tc, x, y: _loss_parts(tc, x, y, penalty=True),
+            "TopK and BatchTopK transcoders have no L1 penalty: the loss is the MSE alone (l1 is only reported).",
+        ),
+        Mistake(
+            "skip path forgotten",
+            lambda tc, x, y: _loss_parts(tc, x, y, skip=False),
+            "A skip transcoder's prediction includes the skip path: use transcoder(x), or decode(acts) + skip_out(x).",
+        ),
+        Mistake(
+            "mean over every element",
+            lambda tc, x, y: _loss_parts(tc, x, y, mean_all=True),
+            "Sum the squared error over d_out, then average over the batch (not a mean over every element).",
+        ),
     ],
 )
 
 
 # --- replacement_loss ------------------------------------------------------------------------
+
 
 def _replacement_cases():
     model = shared_model()
@@ -260,17 +368,22 @@ def _ce(model, tokens, mask, hooks):
 
 
 def _summary(ce_clean, ce_replaced, ce_ablated):
-    return {"ce_clean": ce_clean, "ce_replaced": ce_replaced, "ce_ablated": ce_ablated,
-            "loss_recovered": (ce_ablated - ce_replaced) / (ce_ablated - ce_clean)}
+    return {
+        "ce_clean": ce_clean,
+        "ce_replaced": ce_replaced,
+        "ce_ablated": ce_ablated,
+        "loss_recovered": (ce_ablated - ce_replaced) / (ce_ablated - ce_clean),
+    }
 
 
 def _repl_clean_inputs(model, transcoders, tokens, mask):
     keep = mask.bool()[..., None]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("ln2.hook_normalized"))
-    hooks = [(mlp_out_hook(tc.cfg.layer),
-              lambda y, hook, tc=tc: torch.where(keep, tc(cache[mlp_in_hook(tc.cfg.layer)]), y))
-             for tc in transcoders]
+    hooks = [
+        (mlp_out_hook(tc.cfg.layer), lambda y, hook, tc=tc: torch.where(keep, tc(cache[mlp_in_hook(tc.cfg.layer)]), y))
+        for tc in transcoders
+    ]
     zero = [(mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.where(keep, 0.0 * y, y)) for tc in transcoders]
     return _summary(_ce(model, tokens, mask, []), _ce(model, tokens, mask, hooks), _ce(model, tokens, mask, zero))
 
@@ -302,30 +415,50 @@ def _repl_fraction_lost(model, transcoders, tokens, mask):
 
 
 register(
-    "replacement_loss", CHAPTER, sol.replacement_loss, _replacement_cases,
+    "replacement_loss",
+    CHAPTER,
+    sol.replacement_loss,
+    _replacement_cases,
     mistakes=[
-        Mistake("clean inputs", _repl_clean_inputs,
-                "In a replacement model each transcoder reads the MLP input of the SAME (replaced) run: hook "
-                "ln2.hook_normalized in the run you are changing, not a cache of the clean run. Later transcoders "
-                "must see what earlier transcoders wrote, errors included."),
-        Mistake("one at a time", _repl_one_at_a_time,
-                "Replace every MLP in ONE forward pass, not each layer separately and then average: errors of "
-                "different layers compound, which is what this measurement is about."),
-        Mistake("mask ignored", _repl_everywhere_scored,
-                "Replace only at the positions where mask is True (torch.where(mask[..., None], new, old)): the "
-                "transcoders were not trained on <bos> or padding."),
-        Mistake("ablated everywhere", _repl_zero_everywhere,
-                "Zero the MLPs at the same positions you replace (the mask), so that the ablated run differs from "
-                "the replaced one in one thing only: what the MLPs output there."),
-        Mistake("fraction lost", _repl_fraction_lost,
-                "loss_recovered is (ce_ablated - ce_replaced) / (ce_ablated - ce_clean): 1 when the replacement is "
-                "perfect, 0 when it is no better than zeroing the MLPs."),
+        Mistake(
+            "clean inputs",
+            _repl_clean_inputs,
+            "In a replacement model each transcoder reads the MLP input of the SAME (replaced) run: hook "
+            "ln2.hook_normalized in the run you are changing, not a cache of the clean run. Later transcoders "
+            "must see what earlier transcoders wrote, errors included.",
+        ),
+        Mistake(
+            "one at a time",
+            _repl_one_at_a_time,
+            "Replace every MLP in ONE forward pass, not each layer separately and then average: errors of "
+            "different layers compound, which is what this measurement is about.",
+        ),
+        Mistake(
+            "mask ignored",
+            _repl_everywhere_scored,
+            "Replace only at the positions where mask is True (torch.where(mask[..., None], new, old)): the "
+            "transcoders were not trained on <bos> or padding.",
+        ),
+        Mistake(
+            "ablated everywhere",
+            _repl_zero_everywhere,
+            "Zero the MLPs at the same positions you replace (the mask), so that the ablated run differs from "
+            "the replaced one in one thing only: what the MLPs output there.",
+        ),
+        Mistake(
+            "fraction lost",
+            _repl_fraction_lost,
+            "loss_recovered is (ce_ablated - ce_replaced) / (ce_ablated - ce_clean): 1 when the replacement is "
+            "perfect, 0 when it is no better than zeroing the MLPs.",
+        ),
     ],
-    rtol=1e-3, atol=1e-4,
+    rtol=1e-3,
+    atol=1e-4,
 )
 
 
 # --- de_embedding ----------------------------------------------------------------------------
+
 
 def _de_embedding_cases():
     model = shared_model()
@@ -340,20 +473,33 @@ def _de_embedding_cases():
 
 
 register(
-    "de_embedding", CHAPTER, sol.de_embedding, _de_embedding_cases,
+    "de_embedding",
+    CHAPTER,
+    sol.de_embedding,
+    _de_embedding_cases,
     mistakes=[
-        Mistake("unembedding", lambda model, tc, f: tc.W_enc[:, f] @ model.W_U,
-                "The de-embedding reads the feature's encoder through the token EMBEDDINGS (model.W_E, which tokens "
-                "put what into the residual stream), not the unembedding W_U (which tokens the stream predicts)."),
-        Mistake("decoder", lambda model, tc, f: model.W_E @ tc.W_dec[f],
-                "Use the feature's ENCODER vector W_enc[:, feature] (what turns it on), not its decoder row (what it writes)."),
-        Mistake("positional embeddings", lambda model, tc, f: model.W_pos @ tc.W_enc[:, f],
-                "Use the token embeddings model.W_E ([d_vocab, d_model]); W_pos are the positional embeddings."),
+        Mistake(
+            "unembedding",
+            lambda model, tc, f: tc.W_enc[:, f] @ model.W_U,
+            "The de-embedding reads the feature's encoder through the token EMBEDDINGS (model.W_E, which tokens "
+            "put what into the residual stream), not the unembedding W_U (which tokens the stream predicts).",
+        ),
+        Mistake(
+            "decoder",
+            lambda model, tc, f: model.W_E @ tc.W_dec[f],
+            "Use the feature's ENCODER vector W_enc[:, feature] (what turns it on), not its decoder row (what it writes).",
+        ),
+        Mistake(
+            "positional embeddings",
+            lambda model, tc, f: model.W_pos @ tc.W_enc[:, f],
+            "Use the token embeddings model.W_E ([d_vocab, d_model]); W_pos are the positional embeddings.",
+        ),
     ],
 )
 
 
 # --- pullback --------------------------------------------------------------------------------
+
 
 def _pullback_cases():
     early = _random_tc(4, 6, seed=5, layer=0)
@@ -368,22 +514,35 @@ def _pullback_cases():
 
 
 register(
-    "pullback", CHAPTER, sol.pullback, _pullback_cases,
+    "pullback",
+    CHAPTER,
+    sol.pullback,
+    _pullback_cases,
     mistakes=[
-        Mistake("earlier encoder", lambda e, l, f: e.W_enc.T @ l.W_enc[:, f],
-                "The earlier feature acts on the later one through what it WRITES: use the earlier transcoder's "
-                "decoder (earlier.W_dec), not its encoder."),
-        Mistake("later decoder", lambda e, l, f: e.W_dec @ l.W_dec[f],
-                "The later feature READS the residual stream with its encoder vector later.W_enc[:, feature]; its "
-                "decoder row is what it writes."),
-        Mistake("pushed forward", lambda e, l, f: l.W_dec[f] @ e.W_enc,
-                "That runs the wrong way (the later feature's output read by the earlier encoders). Pull the later "
-                "encoder back through the earlier decoder: earlier.W_dec @ later.W_enc[:, feature]."),
+        Mistake(
+            "earlier encoder",
+            lambda e, l, f: e.W_enc.T @ l.W_enc[:, f],
+            "The earlier feature acts on the later one through what it WRITES: use the earlier transcoder's "
+            "decoder (earlier.W_dec), not its encoder.",
+        ),
+        Mistake(
+            "later decoder",
+            lambda e, l, f: e.W_dec @ l.W_dec[f],
+            "The later feature READS the residual stream with its encoder vector later.W_enc[:, feature]; its "
+            "decoder row is what it writes.",
+        ),
+        Mistake(
+            "pushed forward",
+            lambda e, l, f: l.W_dec[f] @ e.W_enc,
+            "That runs the wrong way (the later feature's output read by the earlier encoders). Pull the later "
+            "encoder back through the earlier decoder: earlier.W_dec @ later.W_enc[:, feature].",
+        ),
     ],
 )
 
 
 # --- answer_attribution ----------------------------------------------------------------------
+
 
 def _attribution_cases():
     model = shared_model()
@@ -395,14 +554,20 @@ def _attribution_cases():
     ioi_ids = torch.tensor(tinyworld.encode(ioi))
     return [
         Case("'where does Alice live ?' -> her city, every MLP replaced", (model, _all_shipped(), fact, city)),
-        Case("'what is the job of Karl ?' -> his job, skip transcoders", (model, _all_shipped(skip=True), job, job_answer)),
-        Case("an indirect-object prompt -> Mia, transcoders of layers 1 and 3 only",
-             (model, [_shipped(1), _shipped(3)], ioi_ids, tinyworld.token_id("Mia"))),
+        Case(
+            "'what is the job of Karl ?' -> his job, skip transcoders",
+            (model, _all_shipped(skip=True), job, job_answer),
+        ),
+        Case(
+            "an indirect-object prompt -> Mia, transcoders of layers 1 and 3 only",
+            (model, [_shipped(1), _shipped(3)], ioi_ids, tinyworld.token_id("Mia")),
+        ),
     ]
 
 
-def _attr_general(model, transcoders, tokens, answer_id, *, times_act=True, errors=True, detach_x=False,
-                  log_prob=False):
+def _attr_general(
+    model, transcoders, tokens, answer_id, *, times_act=True, errors=True, detach_x=False, log_prob=False
+):
     by_layer = {tc.cfg.layer: i for i, tc in enumerate(transcoders)}
     inputs, n = {}, len(transcoders)
     acts, errs = [None] * n, [None] * n
@@ -432,20 +597,36 @@ def _attr_general(model, transcoders, tokens, answer_id, *, times_act=True, erro
 
 
 register(
-    "answer_attribution", CHAPTER, sol.answer_attribution, _attribution_cases,
+    "answer_attribution",
+    CHAPTER,
+    sol.answer_attribution,
+    _attribution_cases,
     mistakes=[
-        Mistake("gradient only", lambda *a: _attr_general(*a, times_act=False),
-                "Attribution is activation TIMES gradient: a feature that is off (activation 0) contributes nothing, "
-                "however steep the gradient."),
-        Mistake("no error terms", lambda *a: _attr_general(*a, errors=False),
-                "Add the error term error = (y - transcoder(x)).detach() to the replaced output, so the replacement "
-                "model computes exactly what the model computes, and report error . gradient for it: what the "
-                "transcoders miss stays visible instead of silently changing the prompt's computation."),
-        Mistake("detached transcoder input", lambda *a: _attr_general(*a, detach_x=True),
-                "Only the error term is detached. The transcoder's input must stay in the graph, so gradients from "
-                "the answer reach earlier features through later transcoders' features too."),
-        Mistake("log-probability", lambda *a: _attr_general(*a, log_prob=True),
-                "Explain the answer's LOGIT (logits[0, -1, answer_id]), not its log-probability."),
+        Mistake(
+            "gradient only",
+            lambda *a: _attr_general(*a, times_act=False),
+            "Attribution is activation TIMES gradient: a feature that is off (activation 0) contributes nothing, "
+            "however steep the gradient.",
+        ),
+        Mistake(
+            "no error terms",
+            lambda *a: _attr_general(*a, errors=False),
+            "Add the error term error = (y - transcoder(x)).detach() to the replaced output, so the replacement "
+            "model computes exactly what the model computes, and report error . gradient for it: what the "
+            "transcoders miss stays visible instead of silently changing the prompt's computation.",
+        ),
+        Mistake(
+            "detached transcoder input",
+            lambda *a: _attr_general(*a, detach_x=True),
+            "Only the error term is detached. The transcoder's input must stay in the graph, so gradients from "
+            "the answer reach earlier features through later transcoders' features too.",
+        ),
+        Mistake(
+            "log-probability",
+            lambda *a: _attr_general(*a, log_prob=True),
+            "Explain the answer's LOGIT (logits[0, -1, answer_id]), not its log-probability.",
+        ),
     ],
-    rtol=1e-3, atol=1e-4,
+    rtol=1e-3,
+    atol=1e-4,
 )

@@ -23,12 +23,24 @@ SWEEP_TOL = dict(rtol=1e-3, atol=1e-4)
 
 # --- shared inputs -------------------------------------------------------------------------
 
+
 @functools.cache
 def _tiny_model(n_layers: int = 2, seed: int = 0):
     """A small random HookedTransformer (3 heads, vocabulary of 11): cheap cases with other shapes."""
-    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, d_head=8, n_heads=3, d_mlp=48, n_ctx=16, d_vocab=11,
-                                  act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.4,
-                                  device="cpu")
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=24,
+        d_head=8,
+        n_heads=3,
+        d_mlp=48,
+        n_ctx=16,
+        d_vocab=11,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        initializer_range=0.4,
+        device="cpu",
+    )
     with quiet_transformer_lens():
         model = HookedTransformer(cfg)
     model.eval()
@@ -73,16 +85,17 @@ def _induction(corruption: str = "answer", n: int = 4, seed: int = 0):
 
 # --- ioi_pairs -------------------------------------------------------------------------------
 
-HAND_PROMPT = dict(template=pairs_lib.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
-                   obj="ball")
-HAND_BABA = dict(template=pairs_lib.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
-                 obj="key")
+HAND_PROMPT = dict(
+    template=pairs_lib.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park", obj="ball"
+)
+HAND_BABA = dict(
+    template=pairs_lib.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo", obj="key"
+)
 
 
 def _ioi_pairs_cases():
     model = shared_model()
-    cases = [Case(f"one hand-made ABBA prompt, {c}", (model, [HAND_PROMPT], c))
-             for c in pairs_lib.IOI_CORRUPTIONS]
+    cases = [Case(f"one hand-made ABBA prompt, {c}", (model, [HAND_PROMPT], c)) for c in pairs_lib.IOI_CORRUPTIONS]
     cases.append(Case("one hand-made BABA prompt of another template, swap_names", (model, [HAND_BABA], "swap_names")))
     for seed, c in [(1, "swap_names"), (2, "swap_template"), (3, "third_name")]:
         prompts = pairs_lib.sample_ioi_prompts(6, seed=seed, template=seed)
@@ -119,20 +132,35 @@ def _ioi_no_bos(model, prompts, corruption="third_name"):
 
 
 register(
-    "ioi_pairs", CHAPTER, sol.ioi_pairs, _ioi_pairs_cases,
+    "ioi_pairs",
+    CHAPTER,
+    sol.ioi_pairs,
+    _ioi_pairs_cases,
     mistakes=[
-        Mistake("answer and wrong swapped", _ioi_swapped_answer,
-                "The right answer is the indirect object (IO, the name said once); the wrong one is the subject "
-                "S (the repeated name). Keep the clean prompt's two names for both runs."),
-        Mistake("first clause only", _ioi_first_clause_only,
-                "Swapping A and B only in the first clause leaves the answer unchanged (an ABBA prompt becomes a "
-                "BABA prompt with the same IO). swap_names exchanges the names everywhere, including the subject "
-                "of the final clause; swap_template makes the final clause's subject the IO."),
-        Mistake("third name replaces the subject", _ioi_replaced_subject,
-                "third_name replaces the indirect object (the name mentioned once, in the first clause) by C; "
-                "the subject S keeps both of its mentions."),
-        Mistake("no <bos>", _ioi_no_bos,
-                "Tokenize with model.to_tokens, which prepends the <bos> token; the model was trained with it."),
+        Mistake(
+            "answer and wrong swapped",
+            _ioi_swapped_answer,
+            "The right answer is the indirect object (IO, the name said once); the wrong one is the subject "
+            "S (the repeated name). Keep the clean prompt's two names for both runs.",
+        ),
+        Mistake(
+            "first clause only",
+            _ioi_first_clause_only,
+            "Swapping A and B only in the first clause leaves the answer unchanged (an ABBA prompt becomes a "
+            "BABA prompt with the same IO). swap_names exchanges the names everywhere, including the subject "
+            "of the final clause; swap_template makes the final clause's subject the IO.",
+        ),
+        Mistake(
+            "third name replaces the subject",
+            _ioi_replaced_subject,
+            "third_name replaces the indirect object (the name mentioned once, in the first clause) by C; "
+            "the subject S keeps both of its mentions.",
+        ),
+        Mistake(
+            "no <bos>",
+            _ioi_no_bos,
+            "Tokenize with model.to_tokens, which prepends the <bos> token; the model was trained with it.",
+        ),
     ],
 )
 
@@ -152,8 +180,11 @@ def _induction_cases():
     ]
     for seed, (length, cut, corruption) in enumerate([(8, 5, "answer"), (12, 3, "match"), (6, 4, "match")]):
         seqs, reps = pairs_lib.sample_induction_prompts(5, length, seed=seed)
-        cases.append(Case(f"5 sampled sequences of {length} words, cut {cut}, {corruption}",
-                          (model, seqs, cut, reps, corruption)))
+        cases.append(
+            Case(
+                f"5 sampled sequences of {length} words, cut {cut}, {corruption}", (model, seqs, cut, reps, corruption)
+            )
+        )
     return cases
 
 
@@ -182,36 +213,61 @@ def _ind_no_bos(model, sequences, cut, replacements, corruption="answer"):
 
 
 register(
-    "induction_pairs", CHAPTER, sol.induction_pairs, _induction_cases,
+    "induction_pairs",
+    CHAPTER,
+    sol.induction_pairs,
+    _induction_cases,
     mistakes=[
-        Mistake("answer off by one", _ind_off_by_one,
-                "The prompt ends with x_{cut-1}; induction predicts the word that FOLLOWED it the first time, "
-                "x_cut (sequences[b][cut])."),
-        Mistake("corruptions mixed up", _ind_mixed_up,
-                "'answer' replaces x_cut in the first copy (so induction copies r instead); 'match' replaces "
-                "x_{cut-1}, the earlier copy of the current word (so there is nothing to match)."),
-        Mistake("corrupted the second copy", _ind_second_copy,
-                "Corrupt the FIRST copy of the sequence: the final word stays x_{cut-1} so both runs ask the "
-                "same question; only what the earlier context says about it changes."),
-        Mistake("no <bos>", _ind_no_bos,
-                "Start every prompt with model.tokenizer.bos_token_id, as model.to_tokens would."),
+        Mistake(
+            "answer off by one",
+            _ind_off_by_one,
+            "The prompt ends with x_{cut-1}; induction predicts the word that FOLLOWED it the first time, "
+            "x_cut (sequences[b][cut]).",
+        ),
+        Mistake(
+            "corruptions mixed up",
+            _ind_mixed_up,
+            "'answer' replaces x_cut in the first copy (so induction copies r instead); 'match' replaces "
+            "x_{cut-1}, the earlier copy of the current word (so there is nothing to match).",
+        ),
+        Mistake(
+            "corrupted the second copy",
+            _ind_second_copy,
+            "Corrupt the FIRST copy of the sequence: the final word stays x_{cut-1} so both runs ask the "
+            "same question; only what the earlier context says about it changes.",
+        ),
+        Mistake(
+            "no <bos>", _ind_no_bos, "Start every prompt with model.tokenizer.bos_token_id, as model.to_tokens would."
+        ),
     ],
 )
 
 
 # --- normalised_logit_diff ------------------------------------------------------------------------
 
+
 def _nld_cases():
     model = shared_model()
     g = gen(5)
     cases = [
-        Case("one prompt, vocabulary 3: clean gives 1", (torch.tensor([[[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]]]),
-                                                       torch.tensor([0]), torch.tensor([1]), 3.0, -1.0)),
-        Case("one prompt, halfway between", (torch.tensor([[[0.0, 1.0, 0.0, 0.0]]]), torch.tensor([1]),
-                                            torch.tensor([3]), 3.0, -1.0)),
-        Case("random: batch 6, 4 positions, vocabulary 9",
-             (torch.randn(6, 4, 9, generator=g) * 3, torch.randint(0, 9, (6,), generator=g),
-              torch.randint(0, 9, (6,), generator=g), 2.5, 0.5)),
+        Case(
+            "one prompt, vocabulary 3: clean gives 1",
+            (torch.tensor([[[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]]]), torch.tensor([0]), torch.tensor([1]), 3.0, -1.0),
+        ),
+        Case(
+            "one prompt, halfway between",
+            (torch.tensor([[[0.0, 1.0, 0.0, 0.0]]]), torch.tensor([1]), torch.tensor([3]), 3.0, -1.0),
+        ),
+        Case(
+            "random: batch 6, 4 positions, vocabulary 9",
+            (
+                torch.randn(6, 4, 9, generator=g) * 3,
+                torch.randint(0, 9, (6,), generator=g),
+                torch.randint(0, 9, (6,), generator=g),
+                2.5,
+                0.5,
+            ),
+        ),
     ]
     for corruption in ("swap_names", "third_name"):
         pairs, metric = _ioi(corruption)
@@ -225,38 +281,65 @@ def _nld_cases():
 
 
 register(
-    "normalised_logit_diff", CHAPTER, sol.normalised_logit_diff, _nld_cases,
+    "normalised_logit_diff",
+    CHAPTER,
+    sol.normalised_logit_diff,
+    _nld_cases,
     mistakes=[
-        Mistake.edit("not normalised", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)", "return ld",
-                "Rescale the mean logit difference: subtract corrupted_ld and divide by (clean_ld - corrupted_ld), "
-                "so the clean run scores 1 and the corrupted run 0."),
-        Mistake.edit("no baseline", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)", "return ld / clean_ld",
-                "Dividing by clean_ld makes the clean run 1 but not the corrupted run 0: subtract corrupted_ld "
-                "first (and divide by clean_ld - corrupted_ld)."),
-        Mistake.edit("upside down", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)",
-                     "return (ld - clean_ld) / (corrupted_ld - clean_ld)",
-                "That is 1 minus the answer: the clean run must give 1 and the corrupted run 0."),
-        Mistake.edit("sum over the batch", sol.normalised_logit_diff, ".mean()", ".sum()",
-                "Average the logit difference over the prompts (mean), don't sum: clean_ld and corrupted_ld are "
-                "means."),
+        Mistake.edit(
+            "not normalised",
+            sol.normalised_logit_diff,
+            "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)",
+            "return ld",
+            "Rescale the mean logit difference: subtract corrupted_ld and divide by (clean_ld - corrupted_ld), "
+            "so the clean run scores 1 and the corrupted run 0.",
+        ),
+        Mistake.edit(
+            "no baseline",
+            sol.normalised_logit_diff,
+            "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)",
+            "return ld / clean_ld",
+            "Dividing by clean_ld makes the clean run 1 but not the corrupted run 0: subtract corrupted_ld "
+            "first (and divide by clean_ld - corrupted_ld).",
+        ),
+        Mistake.edit(
+            "upside down",
+            sol.normalised_logit_diff,
+            "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)",
+            "return (ld - clean_ld) / (corrupted_ld - clean_ld)",
+            "That is 1 minus the answer: the clean run must give 1 and the corrupted run 0.",
+        ),
+        Mistake.edit(
+            "sum over the batch",
+            sol.normalised_logit_diff,
+            ".mean()",
+            ".sum()",
+            "Average the logit difference over the prompts (mean), don't sum: clean_ld and corrupted_ld are means.",
+        ),
     ],
 )
 
 
 # --- patching sweeps --------------------------------------------------------------------------------
 
+
 def _ioi_sweep_case(label: str, corruption: str, direction: str, component: str, n: int = 4):
     pairs, metric = _ioi(corruption, n)
-    source, target = ((pairs["clean"], pairs["corrupted"]) if direction == "denoising"
-                      else (pairs["corrupted"], pairs["clean"]))
-    return Case(f"TinyWorld IOI ({corruption}), {direction}, {component}: {label}",
-                (shared_model(), source, target, metric, component))
+    source, target = (
+        (pairs["clean"], pairs["corrupted"]) if direction == "denoising" else (pairs["corrupted"], pairs["clean"])
+    )
+    return Case(
+        f"TinyWorld IOI ({corruption}), {direction}, {component}: {label}",
+        (shared_model(), source, target, metric, component),
+    )
 
 
 def _tiny_sweep_case(label: str, n_layers: int, batch: int, n_pos: int, seed: int, component: str):
     model, source, target, metric = _tiny_pair(n_layers, batch, n_pos, seed)
-    return Case(f"random {n_layers}-layer model, {batch} prompt(s) x {n_pos} positions, {component}: {label}",
-                (model, source, target, metric, component))
+    return Case(
+        f"random {n_layers}-layer model, {batch} prompt(s) x {n_pos} positions, {component}: {label}",
+        (model, source, target, metric, component),
+    )
 
 
 def _layer_pos_cases():
@@ -285,8 +368,9 @@ def _lp_no_return(model, source_tokens, target_tokens, metric, component="resid_
 
 
 def _lp_post(model, source_tokens, target_tokens, metric, component="resid_pre"):
-    return sol.patch_layer_pos_sweep(model, source_tokens, target_tokens, metric,
-                                     "resid_post" if component == "resid_pre" else component)
+    return sol.patch_layer_pos_sweep(
+        model, source_tokens, target_tokens, metric, "resid_post" if component == "resid_pre" else component
+    )
 
 
 def _lp_all_positions(model, source_tokens, target_tokens, metric, component="resid_pre"):
@@ -297,19 +381,34 @@ def _lp_all_positions(model, source_tokens, target_tokens, metric, component="re
 
 
 register(
-    "patch_layer_pos_sweep", CHAPTER, sol.patch_layer_pos_sweep, _layer_pos_cases,
+    "patch_layer_pos_sweep",
+    CHAPTER,
+    sol.patch_layer_pos_sweep,
+    _layer_pos_cases,
     mistakes=[
-        Mistake("source and target swapped", _lp_swapped,
-                "Run the model on target_tokens and paste in activations cached from source_tokens (denoising: "
-                "source = clean, target = corrupted), not the other way round."),
-        Mistake("hook does not return the patch", _lp_no_return,
-                "Every value equals the unpatched target run: your hook edits a copy and returns nothing. A hook "
-                "must return the edited activation (or edit it in place)."),
-        Mistake("resid_post instead of resid_pre", _lp_post,
-                "Off by one layer: blocks.{l}.hook_resid_pre is the INPUT of block l (for l = 0, the embeddings); "
-                "hook_resid_post is its output."),
-        Mistake("every position at once", _lp_all_positions,
-                "Patch one position at a time: act[:, pos] = source_act[:, pos], not the whole sequence."),
+        Mistake(
+            "source and target swapped",
+            _lp_swapped,
+            "Run the model on target_tokens and paste in activations cached from source_tokens (denoising: "
+            "source = clean, target = corrupted), not the other way round.",
+        ),
+        Mistake(
+            "hook does not return the patch",
+            _lp_no_return,
+            "Every value equals the unpatched target run: your hook edits a copy and returns nothing. A hook "
+            "must return the edited activation (or edit it in place).",
+        ),
+        Mistake(
+            "resid_post instead of resid_pre",
+            _lp_post,
+            "Off by one layer: blocks.{l}.hook_resid_pre is the INPUT of block l (for l = 0, the embeddings); "
+            "hook_resid_post is its output.",
+        ),
+        Mistake(
+            "every position at once",
+            _lp_all_positions,
+            "Patch one position at a time: act[:, pos] = source_act[:, pos], not the whole sequence.",
+        ),
     ],
     **SWEEP_TOL,
 )
@@ -356,20 +455,34 @@ def _heads_no_return(model, source_tokens, target_tokens, metric, component="z")
 
 
 register(
-    "patch_head_sweep", CHAPTER, sol.patch_head_sweep, _head_cases,
+    "patch_head_sweep",
+    CHAPTER,
+    sol.patch_head_sweep,
+    _head_cases,
     mistakes=[
-        Mistake("source and target swapped", _heads_swapped,
-                "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
-                "other way round."),
-        Mistake("head on the wrong axis", _heads_wrong_axis,
-                "Mind the layouts: hook_z, hook_q, hook_k and hook_v are [batch, pos, head, d_head] (head = axis "
-                "2), hook_pattern is [batch, head, query, key] (head = axis 1)."),
-        Mistake("whole layer", _heads_whole_layer,
-                "Patch one head at a time (act[:, :, head] or, for patterns, act[:, head]), not every head of "
-                "the layer."),
-        Mistake("hook does not return the patch", _heads_no_return,
-                "Every value equals the unpatched target run: your hook must return the edited activation (or "
-                "edit it in place)."),
+        Mistake(
+            "source and target swapped",
+            _heads_swapped,
+            "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
+            "other way round.",
+        ),
+        Mistake(
+            "head on the wrong axis",
+            _heads_wrong_axis,
+            "Mind the layouts: hook_z, hook_q, hook_k and hook_v are [batch, pos, head, d_head] (head = axis "
+            "2), hook_pattern is [batch, head, query, key] (head = axis 1).",
+        ),
+        Mistake(
+            "whole layer",
+            _heads_whole_layer,
+            "Patch one head at a time (act[:, :, head] or, for patterns, act[:, head]), not every head of the layer.",
+        ),
+        Mistake(
+            "hook does not return the patch",
+            _heads_no_return,
+            "Every value equals the unpatched target run: your hook must return the edited activation (or "
+            "edit it in place).",
+        ),
     ],
     **SWEEP_TOL,
 )
@@ -397,7 +510,9 @@ def _hp_key_pos(model, source_tokens, target_tokens, metric, component="z"):
     source = patching.cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = [(n, (h, slice(None), p)) for n in names for p in range(n_pos) for h in range(n_heads)]
-    return patching.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return patching.run_patches(model, target_tokens, source, patches, metric).reshape(
+        model.cfg.n_layers, n_pos, n_heads
+    )
 
 
 def _hp_transposed(model, source_tokens, target_tokens, metric, component="z"):
@@ -410,19 +525,34 @@ def _hp_all_positions(model, source_tokens, target_tokens, metric, component="z"
 
 
 register(
-    "patch_head_pos_sweep", CHAPTER, sol.patch_head_pos_sweep, _head_pos_cases,
+    "patch_head_pos_sweep",
+    CHAPTER,
+    sol.patch_head_pos_sweep,
+    _head_pos_cases,
     mistakes=[
-        Mistake("source and target swapped", _hp_swapped,
-                "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
-                "other way round."),
-        Mistake("pattern by key position", _hp_key_pos,
-                "For the pattern, 'position' is the QUERY (destination) position: patch act[:, head, pos, :], "
-                "the row saying where the head looks from pos, not the column act[:, head, :, pos]."),
-        Mistake("[layer, head, pos] layout", _hp_transposed,
-                "Return [layer, pos, head] for every component (TransformerLens's pattern sweep is [layer, head, "
-                "pos]; this exercise uses one layout)."),
-        Mistake("all positions at once", _hp_all_positions,
-                "Patch the head at ONE position per patch (act[:, pos, head]), not at every position."),
+        Mistake(
+            "source and target swapped",
+            _hp_swapped,
+            "Run the model on target_tokens and paste in activations cached from source_tokens, not the "
+            "other way round.",
+        ),
+        Mistake(
+            "pattern by key position",
+            _hp_key_pos,
+            "For the pattern, 'position' is the QUERY (destination) position: patch act[:, head, pos, :], "
+            "the row saying where the head looks from pos, not the column act[:, head, :, pos].",
+        ),
+        Mistake(
+            "[layer, head, pos] layout",
+            _hp_transposed,
+            "Return [layer, pos, head] for every component (TransformerLens's pattern sweep is [layer, head, "
+            "pos]; this exercise uses one layout).",
+        ),
+        Mistake(
+            "all positions at once",
+            _hp_all_positions,
+            "Patch the head at ONE position per patch (act[:, pos, head]), not at every position.",
+        ),
     ],
     **SWEEP_TOL,
 )
@@ -430,19 +560,30 @@ register(
 
 # --- path_patch ------------------------------------------------------------------------------------
 
+
 def _path_cases():
     model = shared_model()
     cases = []
     for seed, (receivers, inp) in enumerate([([(2, 0)], "q"), ([(2, 1), (2, 2)], "k"), ([(2, 2)], "v"), (None, "q")]):
         m, source, target, metric = _tiny_pair(3, 3, 5, 10 + seed)
-        cases.append(Case(f"random 3-layer model, sender L0H{seed % 3}, receivers {receivers} ({inp})",
-                          (m, source, target, metric, (0, seed % 3), receivers, inp)))
+        cases.append(
+            Case(
+                f"random 3-layer model, sender L0H{seed % 3}, receivers {receivers} ({inp})",
+                (m, source, target, metric, (0, seed % 3), receivers, inp),
+            )
+        )
     pairs, metric = _ioi("third_name")
-    for sender, receivers, inp in [((1, 0), [(3, 0), (3, 1), (3, 2), (3, 3)], "q"), ((0, 1), [(2, 0), (2, 1)], "k"),
-                                   ((2, 2), None, "q")]:
-        cases.append(Case(f"TinyWorld IOI (third_name), noising, sender L{sender[0]}H{sender[1]}, receivers "
-                          f"{receivers} ({inp})", (model, pairs["corrupted"], pairs["clean"], metric, sender,
-                                                   receivers, inp)))
+    for sender, receivers, inp in [
+        ((1, 0), [(3, 0), (3, 1), (3, 2), (3, 3)], "q"),
+        ((0, 1), [(2, 0), (2, 1)], "k"),
+        ((2, 2), None, "q"),
+    ]:
+        cases.append(
+            Case(
+                f"TinyWorld IOI (third_name), noising, sender L{sender[0]}H{sender[1]}, receivers {receivers} ({inp})",
+                (model, pairs["corrupted"], pairs["clean"], metric, sender, receivers, inp),
+            )
+        )
     return cases
 
 
@@ -497,40 +638,69 @@ def _pp_swapped(model, source_tokens, target_tokens, metric, sender, receivers, 
 
 
 register(
-    "path_patch", CHAPTER, sol.path_patch, _path_cases,
+    "path_patch",
+    CHAPTER,
+    sol.path_patch,
+    _path_cases,
     mistakes=[
-        Mistake.edit("other heads not frozen", sol.path_patch, "new = target_z[hook.name].clone()", "new = z.clone()",
-                "In the first run, hold every head other than the sender at its value on the target run (patch "
-                "hook_z of every layer). Otherwise the sender's effect also reaches the receivers through the "
-                "heads in between, and you measure more than the direct path."),
-        Mistake("patched q, k and v", _pp_qkv,
-                "Patch only the receivers' input named by receiver_input (hook_q, hook_k or hook_v): asking "
-                "whether the sender acts through the receivers' queries is a different question from keys."),
-        Mistake.edit("every head of the receivers' layer", sol.path_patch,
-                     "act[:, :, r_head] = stored[hook.name][:, :, r_head]", "act[:] = stored[hook.name]",
-                "In the last run patch only the receiver heads' slice, act[:, :, head] for each receiver; the "
-                "other heads of that layer must read their normal input."),
-        Mistake("source and target swapped", _pp_swapped,
-                "The sender's output comes from source_tokens; the model runs on target_tokens."),
+        Mistake.edit(
+            "other heads not frozen",
+            sol.path_patch,
+            "new = target_z[hook.name].clone()",
+            "new = z.clone()",
+            "In the first run, hold every head other than the sender at its value on the target run (patch "
+            "hook_z of every layer). Otherwise the sender's effect also reaches the receivers through the "
+            "heads in between, and you measure more than the direct path.",
+        ),
+        Mistake(
+            "patched q, k and v",
+            _pp_qkv,
+            "Patch only the receivers' input named by receiver_input (hook_q, hook_k or hook_v): asking "
+            "whether the sender acts through the receivers' queries is a different question from keys.",
+        ),
+        Mistake.edit(
+            "every head of the receivers' layer",
+            sol.path_patch,
+            "act[:, :, r_head] = stored[hook.name][:, :, r_head]",
+            "act[:] = stored[hook.name]",
+            "In the last run patch only the receiver heads' slice, act[:, :, head] for each receiver; the "
+            "other heads of that layer must read their normal input.",
+        ),
+        Mistake(
+            "source and target swapped",
+            _pp_swapped,
+            "The sender's output comes from source_tokens; the model runs on target_tokens.",
+        ),
     ],
-    rtol=1e-3, atol=1e-4,
+    rtol=1e-3,
+    atol=1e-4,
 )
 
 
 # --- attribution_patch -------------------------------------------------------------------------
+
 
 def _attr_cases():
     model = shared_model()
     cases = []
     for seed, component in enumerate(["z", "resid_pre"]):
         m, source, target, metric = _tiny_pair(2, 2, 4, 20 + seed)
-        cases.append(Case(f"random 2-layer model, 2 prompts x 4 positions, {component}",
-                          (m, source, target, metric, component)))
-    for corruption, component in [("swap_names", "z"), ("third_name", "resid_pre"), ("swap_template", "mlp_out"),
-                                  ("swap_names", "v")]:
+        cases.append(
+            Case(f"random 2-layer model, 2 prompts x 4 positions, {component}", (m, source, target, metric, component))
+        )
+    for corruption, component in [
+        ("swap_names", "z"),
+        ("third_name", "resid_pre"),
+        ("swap_template", "mlp_out"),
+        ("swap_names", "v"),
+    ]:
         pairs, metric = _ioi(corruption)
-        cases.append(Case(f"TinyWorld IOI ({corruption}), {component}",
-                          (model, pairs["clean"], pairs["corrupted"], metric, component)))
+        cases.append(
+            Case(
+                f"TinyWorld IOI ({corruption}), {component}",
+                (model, pairs["clean"], pairs["corrupted"], metric, component),
+            )
+        )
     pairs, metric = _induction("answer")
     cases.append(Case("TinyWorld induction (answer), z", (model, pairs["clean"], pairs["corrupted"], metric, "z")))
     return cases
@@ -560,25 +730,44 @@ def _attr_over_positions(model, clean_tokens, corrupted_tokens, metric, componen
 
 
 register(
-    "attribution_patch", CHAPTER, sol.attribution_patch, _attr_cases,
+    "attribution_patch",
+    CHAPTER,
+    sol.attribution_patch,
+    _attr_cases,
     mistakes=[
-        Mistake("gradient on the clean run", _attr_clean_grad,
-                "Take the gradient on the CORRUPTED run: the estimate is a Taylor expansion around the run you "
-                "patch into, f(corrupted + delta) ~ f(corrupted) + delta . grad f(corrupted)."),
-        Mistake("sign", _attr_sign,
-                "The activation difference is clean minus corrupted (where you go to, minus where you start)."),
-        Mistake.edit("gradient only", sol.attribution_patch, "(delta * grad).sum(", "grad.sum(",
-                "Multiply the gradient by the activation difference (clean - corrupted) before summing: the "
-                "gradient alone says how sensitive the metric is, not how much this patch would change it."),
-        Mistake("summed over positions", _attr_over_positions,
-                "Keep the position axis: sum the product over the batch and the activation's last axis (d_model "
-                "or d_head) only, giving [layer, pos] or [layer, pos, head]."),
+        Mistake(
+            "gradient on the clean run",
+            _attr_clean_grad,
+            "Take the gradient on the CORRUPTED run: the estimate is a Taylor expansion around the run you "
+            "patch into, f(corrupted + delta) ~ f(corrupted) + delta . grad f(corrupted).",
+        ),
+        Mistake(
+            "sign",
+            _attr_sign,
+            "The activation difference is clean minus corrupted (where you go to, minus where you start).",
+        ),
+        Mistake.edit(
+            "gradient only",
+            sol.attribution_patch,
+            "(delta * grad).sum(",
+            "grad.sum(",
+            "Multiply the gradient by the activation difference (clean - corrupted) before summing: the "
+            "gradient alone says how sensitive the metric is, not how much this patch would change it.",
+        ),
+        Mistake(
+            "summed over positions",
+            _attr_over_positions,
+            "Keep the position axis: sum the product over the batch and the activation's last axis (d_model "
+            "or d_head) only, giving [layer, pos] or [layer, pos, head].",
+        ),
     ],
-    rtol=1e-3, atol=1e-4,
+    rtol=1e-3,
+    atol=1e-4,
 )
 
 
 # --- circuit_faithfulness ---------------------------------------------------------------------
+
 
 def _faith_cases():
     model = shared_model()
@@ -587,16 +776,28 @@ def _faith_cases():
         m, source, target, _ = _tiny_pair(2, 3, 5, 30 + seed)
         with torch.no_grad():
             final = m(target)[:, -1]
-        cases.append(Case(f"random 2-layer model, circuit {circuit}",
-                          (m, target, final.argmax(-1), final.argmin(-1), circuit, source)))
+        cases.append(
+            Case(
+                f"random 2-layer model, circuit {circuit}",
+                (m, target, final.argmax(-1), final.argmin(-1), circuit, source),
+            )
+        )
     pairs, _ = _ioi("third_name")
     for circuit in ([(3, 0), (3, 1), (2, 2)], [(layer, head) for layer in range(4) for head in range(4)], []):
         label = "every head" if len(circuit) == 16 else ("no head" if not circuit else f"{circuit}")
-        cases.append(Case(f"TinyWorld IOI, means over third-name prompts, circuit {label}",
-                          (model, pairs["clean"], pairs["answer"], pairs["wrong"], circuit, pairs["corrupted"])))
+        cases.append(
+            Case(
+                f"TinyWorld IOI, means over third-name prompts, circuit {label}",
+                (model, pairs["clean"], pairs["answer"], pairs["wrong"], circuit, pairs["corrupted"]),
+            )
+        )
     pairs, _ = _induction("answer")
-    cases.append(Case("TinyWorld induction, circuit [(0, 1), (1, 2)]",
-                      (model, pairs["clean"], pairs["answer"], pairs["wrong"], [(0, 1), (1, 2)], pairs["corrupted"])))
+    cases.append(
+        Case(
+            "TinyWorld induction, circuit [(0, 1), (1, 2)]",
+            (model, pairs["clean"], pairs["answer"], pairs["wrong"], [(0, 1), (1, 2)], pairs["corrupted"]),
+        )
+    )
     return cases
 
 
@@ -606,7 +807,7 @@ def _ablated_ratio(model, tokens, answer, wrong, ablate_heads, value_of):
     def hook(z, hook):
         layer = hook.layer()
         z = z.clone()
-        for (l, h) in ablate_heads:
+        for l, h in ablate_heads:
             if l == layer:
                 z[:, :, h] = value_of(hook.name, z)[..., h, :]
         return z
@@ -634,24 +835,41 @@ def _faith_pos_mean(model, tokens, answer, wrong, circuit, mean_tokens):
 
 
 register(
-    "circuit_faithfulness", CHAPTER, sol.circuit_faithfulness, _faith_cases,
+    "circuit_faithfulness",
+    CHAPTER,
+    sol.circuit_faithfulness,
+    _faith_cases,
     mistakes=[
-        Mistake.edit("zero ablation", sol.circuit_faithfulness, "z[:, :, head] = means[hook.name][:, head]",
-                     "z[:, :, head] = 0",
-                "Replace the other heads' outputs by their MEAN over mean_tokens, not by zero: zero is an output "
-                "no head ever produces, so zero-ablation breaks the model in ways that have nothing to do with "
-                "the task."),
-        Mistake.edit("ablated the circuit", sol.circuit_faithfulness, "if (layer, head) not in keep:",
-                     "if (layer, head) in keep:",
-                "Keep the circuit and mean-ablate every OTHER head (that measures what the circuit does on its "
-                "own)."),
-        Mistake("mean over positions too", _faith_pos_mean,
-                "Average over the prompts only (dim 0), position by position: a head's typical output at the "
-                "final position is not its typical output at <bos>."),
-        Mistake.edit("means over the evaluated prompts", sol.circuit_faithfulness,
-                     "cache_activations(model, mean_tokens, names)", "cache_activations(model, tokens, names)",
-                "Take the means over mean_tokens (the reference distribution), not over the prompts you "
-                "evaluate."),
+        Mistake.edit(
+            "zero ablation",
+            sol.circuit_faithfulness,
+            "z[:, :, head] = means[hook.name][:, head]",
+            "z[:, :, head] = 0",
+            "Replace the other heads' outputs by their MEAN over mean_tokens, not by zero: zero is an output "
+            "no head ever produces, so zero-ablation breaks the model in ways that have nothing to do with "
+            "the task.",
+        ),
+        Mistake.edit(
+            "ablated the circuit",
+            sol.circuit_faithfulness,
+            "if (layer, head) not in keep:",
+            "if (layer, head) in keep:",
+            "Keep the circuit and mean-ablate every OTHER head (that measures what the circuit does on its own).",
+        ),
+        Mistake(
+            "mean over positions too",
+            _faith_pos_mean,
+            "Average over the prompts only (dim 0), position by position: a head's typical output at the "
+            "final position is not its typical output at <bos>.",
+        ),
+        Mistake.edit(
+            "means over the evaluated prompts",
+            sol.circuit_faithfulness,
+            "cache_activations(model, mean_tokens, names)",
+            "cache_activations(model, tokens, names)",
+            "Take the means over mean_tokens (the reference distribution), not over the prompts you evaluate.",
+        ),
     ],
-    rtol=1e-3, atol=1e-4,
+    rtol=1e-3,
+    atol=1e-4,
 )

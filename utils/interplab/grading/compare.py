@@ -56,8 +56,10 @@ def compare_tensors(expected: torch.Tensor, got: Any, rtol: float | None, atol: 
     if not isinstance(got, torch.Tensor):
         return f"{path}expected a torch.Tensor, got {describe(got)}"
     if got.shape != expected.shape:
-        return (f"{path}wrong shape: expected {tuple(expected.shape)}, got {tuple(got.shape)}. "
-                f"Check which dimensions you reduce over, index or keep.")
+        return (
+            f"{path}wrong shape: expected {tuple(expected.shape)}, got {tuple(got.shape)}. "
+            f"Check which dimensions you reduce over, index or keep."
+        )
     if got.dtype != expected.dtype:
         return f"{path}wrong dtype: expected {expected.dtype}, got {got.dtype}"
     if got.device.type != expected.device.type:
@@ -76,13 +78,17 @@ def compare_tensors(expected: torch.Tensor, got: Any, rtol: float | None, atol: 
         return None
     idx = tuple(int(i) for i in (~close).nonzero()[0])
     n_bad = int((~close).sum())
-    msg = (f"{path}values differ at {n_bad} of {e.numel()} positions; first at {_where(idx)}: "
-           f"expected {e[idx].item():.6g}, got {g[idx].item():.6g}\n"
-           f"    expected {_preview(e)}\n    got      {_preview(g)}")
+    msg = (
+        f"{path}values differ at {n_bad} of {e.numel()} positions; first at {_where(idx)}: "
+        f"expected {e[idx].item():.6g}, got {g[idx].item():.6g}\n"
+        f"    expected {_preview(e)}\n    got      {_preview(g)}"
+    )
     return msg
 
 
-def compare(expected: Any, got: Any, rtol: float | None = None, atol: float | None = None, path: str = "") -> str | None:
+def compare(
+    expected: Any, got: Any, rtol: float | None = None, atol: float | None = None, path: str = ""
+) -> str | None:
     """None if ``got`` matches ``expected``, else a message describing the first difference."""
     if isinstance(expected, torch.Tensor):
         return compare_tensors(expected, got, rtol, atol, path)

@@ -11,15 +11,47 @@ vocabulary and the fixed world, `train` and `evaluate` for the bundled model.
 
 from .generator import FAMILIES, SPLITS, Doc, generate
 from .language import (
-    CAST, CITIES, HELDOUT_IOI_NAMES, IOI_TEMPLATES, IOI_TRAIN_NAMES, JOBS, NAMES, PETS, RELATIONS,
-    ROOMS, WORLD, World, vocabulary,
+    CAST,
+    CITIES,
+    HELDOUT_IOI_NAMES,
+    IOI_TEMPLATES,
+    IOI_TRAIN_NAMES,
+    JOBS,
+    NAMES,
+    PETS,
+    RELATIONS,
+    ROOMS,
+    WORLD,
+    World,
+    vocabulary,
 )
 from .tokenizer import ModelTokens, batch_tokens, encode, hf_tokenizer, is_tinyworld_tokenizer, token_id, tokens_for
 
 __all__ = [
-    "FAMILIES", "SPLITS", "Doc", "generate", "CAST", "CITIES", "HELDOUT_IOI_NAMES", "IOI_TEMPLATES",
-    "IOI_TRAIN_NAMES", "JOBS", "NAMES", "PETS", "RELATIONS", "ROOMS", "WORLD", "World", "vocabulary",
-    "batch_tokens", "encode", "hf_tokenizer", "token_id", "evaluate", "ModelTokens", "tokens_for",
+    "FAMILIES",
+    "SPLITS",
+    "Doc",
+    "generate",
+    "CAST",
+    "CITIES",
+    "HELDOUT_IOI_NAMES",
+    "IOI_TEMPLATES",
+    "IOI_TRAIN_NAMES",
+    "JOBS",
+    "NAMES",
+    "PETS",
+    "RELATIONS",
+    "ROOMS",
+    "WORLD",
+    "World",
+    "vocabulary",
+    "batch_tokens",
+    "encode",
+    "hf_tokenizer",
+    "token_id",
+    "evaluate",
+    "ModelTokens",
+    "tokens_for",
     "is_tinyworld_tokenizer",
 ]
 

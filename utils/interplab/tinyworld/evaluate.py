@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..models import load_model
 from . import language as L
 from .generator import Doc, generate
-from .tokenizer import batch_tokens, encode, token_id
+from .tokenizer import batch_tokens, token_id
 
 # capability -> minimum the bundled model must reach
 TARGETS = {
@@ -152,8 +152,11 @@ def meets_targets(scores: dict[str, float]) -> dict[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m interplab.tinyworld.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.tinyworld.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="tinyworld", help='"tinyworld" or a folder saved by the trainer')
     p.add_argument("-n", type=int, default=1000, help="documents per family")
     p.add_argument("--seed", type=int, default=0)

@@ -34,8 +34,8 @@ questions never asked in training. Other families fall back to "test".
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from . import language as L
 
@@ -81,8 +81,9 @@ class Doc:
         """Positions whose next token is determined by the task."""
         return [i for i, a in enumerate(self.answer) if a is not None]
 
-    def add(self, words: str | Iterable[str], *, sentiment: int = 0, truth: int = -1,
-            answer_first: bool = False) -> None:
+    def add(
+        self, words: str | Iterable[str], *, sentiment: int = 0, truth: int = -1, answer_first: bool = False
+    ) -> None:
         """Append words. With ``answer_first`` the token before them becomes an answer position."""
         words = words.split() if isinstance(words, str) else list(words)
         for j, w in enumerate(words):
@@ -111,8 +112,18 @@ def _ioi(rng: random.Random, split: str) -> Doc:
             continue
         break
     prompt = L.IOI_TEMPLATES[t].format(A=a, B=b, S=subject, place=rng.choice(L.PLACES), obj=rng.choice(L.OBJECTS))
-    doc = Doc("ioi", meta={"template": t, "A": a, "B": b, "S": subject, "IO": io,
-                           "order": "BABA" if s_first else "ABBA", "heldout": mode})
+    doc = Doc(
+        "ioi",
+        meta={
+            "template": t,
+            "A": a,
+            "B": b,
+            "S": subject,
+            "IO": io,
+            "order": "BABA" if s_first else "ABBA",
+            "heldout": mode,
+        },
+    )
     doc.add(prompt)
     doc.meta["answer_position"] = len(doc) - 1
     doc.add(f"{io} .", answer_first=True)
@@ -223,13 +234,22 @@ def _truth(rng: random.Random, split: str) -> Doc:
 
 
 GENERATORS: dict[str, Callable[[random.Random, str], Doc]] = {
-    "ioi": _ioi, "induction": _induction, "facts": _facts,
-    "rooms": _rooms, "reviews": _reviews, "truth": _truth,
+    "ioi": _ioi,
+    "induction": _induction,
+    "facts": _facts,
+    "rooms": _rooms,
+    "reviews": _reviews,
+    "truth": _truth,
 }
 
 
-def generate(n: int, seed: int = 0, split: str = "train", families: Sequence[str] | None = None,
-             mix: dict[str, float] | None = None) -> list[Doc]:
+def generate(
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    families: Sequence[str] | None = None,
+    mix: dict[str, float] | None = None,
+) -> list[Doc]:
     """Generate ``n`` documents, deterministically for a given seed.
 
     Args:

@@ -18,13 +18,62 @@ PUNCTUATION = [".", ",", "?", ":"]
 # 56 one-token names. The first 40 form the cast (people with facts); the last 8
 # never appear in indirect-object sentences during training (held-out names).
 NAMES = [
-    "Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi",
-    "Ivan", "Judy", "Karl", "Liam", "Mia", "Nina", "Oscar", "Paul",
-    "Quinn", "Rose", "Sam", "Tina", "Uma", "Victor", "Wendy", "Xena",
-    "Yara", "Zack", "Anna", "Ben", "Clara", "Dan", "Ella", "Finn",
-    "Gina", "Hugo", "Iris", "Jack", "Kate", "Leo", "Lucy", "Max",
-    "Nora", "Owen", "Pia", "Ray", "Sara", "Tom", "Vera", "Will",
-    "Zoe", "Adam", "Beth", "Carl", "Dora", "Emil", "Fay", "Gus",
+    "Alice",
+    "Bob",
+    "Carol",
+    "Dave",
+    "Eve",
+    "Frank",
+    "Grace",
+    "Heidi",
+    "Ivan",
+    "Judy",
+    "Karl",
+    "Liam",
+    "Mia",
+    "Nina",
+    "Oscar",
+    "Paul",
+    "Quinn",
+    "Rose",
+    "Sam",
+    "Tina",
+    "Uma",
+    "Victor",
+    "Wendy",
+    "Xena",
+    "Yara",
+    "Zack",
+    "Anna",
+    "Ben",
+    "Clara",
+    "Dan",
+    "Ella",
+    "Finn",
+    "Gina",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Lucy",
+    "Max",
+    "Nora",
+    "Owen",
+    "Pia",
+    "Ray",
+    "Sara",
+    "Tom",
+    "Vera",
+    "Will",
+    "Zoe",
+    "Adam",
+    "Beth",
+    "Carl",
+    "Dora",
+    "Emil",
+    "Fay",
+    "Gus",
 ]
 CAST = NAMES[:40]
 HELDOUT_IOI_NAMES = NAMES[48:]
@@ -110,10 +159,7 @@ class World:
 def build_world(seed: int = WORLD_SEED) -> World:
     """Draw the cast's facts. Deterministic for a seed; the bundled model knows seed 1234."""
     rng = random.Random(seed)
-    facts = {
-        person: {rel: rng.choice(values) for rel, (_, _, values) in RELATIONS.items()}
-        for person in CAST
-    }
+    facts = {person: {rel: rng.choice(values) for rel, (_, _, values) in RELATIONS.items()} for person in CAST}
     pairs = [(p, r) for p in CAST for r in RELATIONS]
     rng.shuffle(pairs)
     heldout = frozenset(pairs[: len(pairs) // 10])  # 12 questions never asked in training

@@ -9,8 +9,9 @@ would any Hugging Face tokenizer.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,15 @@ def save_tokenizer(folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": L.BOS, "eos_token": L.BOS,
-              "pad_token": L.PAD, "unk_token": L.UNK, "add_bos_token": True, "model_max_length": 128}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": L.BOS,
+        "eos_token": L.BOS,
+        "pad_token": L.PAD,
+        "unk_token": L.UNK,
+        "add_bos_token": True,
+        "model_max_length": 128,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder / "tokenizer.json"
 

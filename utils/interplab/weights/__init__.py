@@ -35,8 +35,7 @@ def sha256(path: Path) -> str:
 def write_checksums(folder: str | Path) -> Path:
     """Write SHA256SUMS for every file in ``folder`` (but itself)."""
     folder = Path(folder)
-    lines = [f"{sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir())
-             if p.is_file() and p.name != CHECKSUM_FILE]
+    lines = [f"{sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE]
     out = folder / CHECKSUM_FILE
     out.write_text("".join(lines))
     return out
@@ -69,7 +68,9 @@ def verify(folder: str | Path, names: list[str] | None = None) -> dict[str, str]
     for name in names or sorted(sums):
         path = folder / name
         if name not in sums:
-            raise CorruptedFileError(f"{path} is not listed in {folder / CHECKSUM_FILE}. " + RESTORE_HINT.format(path=path))
+            raise CorruptedFileError(
+                f"{path} is not listed in {folder / CHECKSUM_FILE}. " + RESTORE_HINT.format(path=path)
+            )
         if not path.is_file():
             raise CorruptedFileError(f"{path} is missing. " + RESTORE_HINT.format(path=path))
         if sha256(path) != sums[name]:
