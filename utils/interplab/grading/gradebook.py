@@ -69,7 +69,7 @@ def expected_exercises(path: Path, cells: list[dict] | None) -> list[str]:
             if c["cell_type"] == "code":
                 cell = parse_cell(c["number"], c["source"])
                 bound |= cell.binds
-                bound |= set(re.findall(r"^\s*def\s+(\w+)\s*\(", c["source"], re.M))
+                bound |= set(re.findall(r"^\s*def\s+(\w+)\s*\(", c["source"], re.MULTILINE))
         names = [n for n in registered if n in bound]
     return names
 
@@ -78,7 +78,7 @@ def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None
                    limits: Limits | None = None) -> list[Row]:
     """Grade one submitted notebook; one Row per exercise plus a TOTAL row. Never raises for the submission's faults."""
     from . import sandbox as sb
-    from .submission import Unreadable, plan, read_submission
+    from .submission import Unreadable, plan, read_submission, reference_shapes
 
     path = Path(path)
     sub = label or path.name
@@ -99,14 +99,15 @@ def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None
         return rows + [_total(sub, rows, notes)]
     from ..exercises import get
 
-    p = plan(cells, names)
+    p = plan(cells, names, reference_shapes(names))
     rows: dict[str, Row] = {}
     for n, why in p.missing.items():
         rows[n] = Row(sub, n, "syntax_error" if why.startswith("syntax error") else "missing", 0,
                       len(get(n).cases()), message=why)
     todo = [n for n in names if n not in rows]
     if todo:
-        graded, cell_notes = _grade_exercises(path, sub, [p.cells[i] for i in p.run], todo, limits, mode, p.borrowed)
+        graded, cell_notes = _grade_exercises(path, sub, [p.cells[i] for i in p.run], todo, limits, mode, p.borrowed,
+                                              p.defined_in)
         rows.update(graded)
         notes += cell_notes
     ordered = [rows[n] for n in names]
@@ -282,8 +283,12 @@ class _Worker:
         from . import sandbox
 
         try:
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # the worker's cue to exit
         except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             pass
         sandbox.kill_tree(self.proc.pid, self.known_children)
         try:
@@ -321,15 +326,15 @@ def _case_observation(record: dict, blob: bytes):
 
 
 def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits: Limits, mode: str,
-                     borrowed: dict[str, str]) -> tuple[dict[str, Row], list[str]]:
+                     borrowed: dict[str, str], defined_in: dict[str, int]) -> tuple[dict[str, Row], list[str]]:
     """Run workers until every exercise of ``names`` has a row; returns the rows and notes on cells."""
+    from ..exercises import get
     from .core import expected_outputs, judge, make_report
     from .plain import ProtocolError
-    from ..exercises import get
 
     rows: dict[str, Row] = {}
     notes: list[str] = []
-    skip: set[int] = set()  # cells that hung or killed the worker: the next worker runs without them
+    skip: dict[int, str] = {}  # cells that hung or killed the worker: the next worker runs without them
     failed: list[str] = []
     expected_ready = False
     for attempt in range(len(names) + len(cells) + 2):
@@ -364,10 +369,8 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                                               "the notebook's cells", on_progress=progress)
                 except _Stopped as e:
                     if worker.last_cell is not None and worker.last_cell not in skip:
-                        skip.add(worker.last_cell)
-                        why = "was stopped" if e.kind == "timeout" else "ended the Python process"
-                        notes.append(f"cell {worker.last_cell} {why} ({e.message.split(':')[0]}); "
-                                     f"graded without it")
+                        skip[worker.last_cell] = e.message.replace("the notebook's cells", "it")
+                        notes.append(f"cell {worker.last_cell} was skipped: {skip[worker.last_cell]}")
                         continue
                     raise
                 errors = reply.get("errors") if isinstance(reply.get("errors"), list) else []
@@ -381,10 +384,13 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                     rec, _ = worker.receive("exercise", nonce, 60, f"`{n}`")
                     state = rec.get("state")
                     if state != "ok":
-                        why = ("the notebook ran, but left no `{n}` defined (did its cell raise?)".format(n=n)
+                        why = (f"the notebook ran, but left no `{n}` defined (did its cell raise?)"
                                if state == "missing" else str(rec.get("message", "it is not a function"))[:300])
-                        rows[n] = Row(sub, n, "missing" if state == "missing" else "error", 0, len(ex.cases()),
-                                      message=why)
+                        status = "missing" if state == "missing" else "error"
+                        if defined_in.get(n) in skip:
+                            status, why = "error", f"cell {defined_in[n]}, which defines it, was skipped: " \
+                                                   f"{skip[defined_in[n]]}"
+                        rows[n] = Row(sub, n, status, 0, len(ex.cases()), message=why)
                         failed.append(n)
                         continue
                     judged, uses_ref = [], bool(rec.get("is_reference"))

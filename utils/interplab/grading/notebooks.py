@@ -82,7 +82,7 @@ class Definition:
     error: str | None = None  # a syntax error, if the cell does not parse
 
 
-_DEF_RE = re.compile(r"^\s*def\s+(\w+)\s*\(", re.M)
+_DEF_RE = re.compile(r"^\s*def\s+(\w+)\s*\(", re.MULTILINE)
 
 
 def find_definitions(nb: dict, names: set[str] | None = None) -> dict[str, Definition]:

@@ -126,7 +126,7 @@ def decode(structure: Any, blob: bytes) -> Any:
 
     try:
         tensors = load(blob) if blob else {}
-    except Exception as e:  # noqa: BLE001 - any malformed blob
+    except Exception as e:
         raise ProtocolError(f"the tensors sent are not a valid safetensors blob ({e})") from e
     count = [0]
 

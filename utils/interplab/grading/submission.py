@@ -9,6 +9,7 @@ exercise is defined, and which exercises borrow the reference answer.
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import re
 import stat
@@ -254,7 +255,7 @@ def borrowed(node: ast.AST, ref_names: tuple[set[str], set[str]], exercises: set
                 return f"it uses `{root.id}.{n.attr}` from the answer key"
         if isinstance(n, (ast.Import, ast.ImportFrom)):
             mods = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
-            if any(m.startswith(_REFERENCE_MODULES) for m in mods):
+            if any(m.startswith(("interplab.solutions", "interplab.exercises")) for m in mods):
                 return "it imports the answer key"
         if isinstance(n, ast.Constant) and isinstance(n.value, str) and "solutions" in n.value and \
                 ("interplab" in n.value or "." in n.value):
@@ -313,7 +314,40 @@ class Plan:
     defined_in: dict[str, int] = field(default_factory=dict)  # exercise -> cell number of its last binding
 
 
-def plan(cells: list[dict], exercises: list[str]) -> Plan:
+def _shape(node: ast.AST) -> str:
+    """A function's code without its docstring, annotations and decorators, for spotting a pasted answer."""
+    node = copy.deepcopy(node)
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    for n in ast.walk(node):
+        if isinstance(n, ast.arg):
+            n.annotation = None
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n.returns = None
+            n.decorator_list = []
+    return ast.dump(ast.Module(body=body, type_ignores=[])) + ast.dump(node.args)
+
+
+def reference_shapes(exercises: list[str]) -> dict[str, str]:
+    """The code shape of each exercise's reference (what show_solution prints)."""
+    import inspect
+    import textwrap
+
+    from ..exercises import get
+
+    out = {}
+    for n in exercises:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(get(n).reference)))
+            out[n] = _shape(tree.body[0])
+        except (OSError, TypeError, SyntaxError, IndexError):
+            pass
+    return out
+
+
+def plan(cells: list[dict], exercises: list[str], references: dict[str, str] | None = None) -> Plan:
     """Which code cells to execute, in order, so that every exercise is as the notebook leaves it.
 
     The worker runs the cells that bind an exercise's name and, transitively, every cell
@@ -333,7 +367,7 @@ def plan(cells: list[dict], exercises: list[str]) -> Plan:
     needed: set[int] = {i for i, c in enumerate(parsed) if c.star}
     for ex in exercises:
         where = binders.get(ex, [])
-        broken = [c for c in parsed if c.error and re.search(rf"^\s*(async\s+)?def\s+{re.escape(ex)}\s*\(", c.raw, re.M)]
+        broken = [c for c in parsed if c.error and re.search(rf"^\s*(async\s+)?def\s+{re.escape(ex)}\s*\(", c.raw, re.MULTILINE)]
         if broken and (not where or broken[-1].number > parsed[where[-1]].number):
             result.missing[ex] = broken[-1].error
             continue
@@ -371,6 +405,9 @@ def plan(cells: list[dict], exercises: list[str]) -> Plan:
                         why = borrowed(target, ref_names, names)
                         if why:
                             why = f"cell {c.number}: {why}"
+                        elif n == ex and isinstance(node, ast.FunctionDef) and references and \
+                                references.get(ex) == _shape(node):
+                            why = f"cell {c.number} holds the reference solution as show_solution prints it"
                     if why:
                         break
                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign)):

@@ -68,7 +68,7 @@ def main() -> None:
     import torch  # noqa: F401 - imported before the submission can shadow anything
 
     import interplab
-    import interplab.grading as grading
+    from interplab import grading
     from interplab.exercises import get, shared_model
     from interplab.grading import core
     from interplab.grading.plain import to_bytes
