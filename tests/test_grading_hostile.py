@@ -34,8 +34,8 @@ ALL_PASS = {n: "passed" for n in EXERCISES}
 
 def with_ablate(body: str, extra_cells: list[str] = (), before_def: str = "") -> dict:
     """Honest notebook whose ablate_head cell is ``before_def`` + ``body``, with code cells added before it."""
+    i = exercise_cell_index(notebook(), "ablate_head")
     nb = notebook({"ablate_head": before_def + body})
-    i = exercise_cell_index(nb, "ablate_head")
     for k, src in enumerate(extra_cells):
         nb["cells"].insert(i + k, code_cell(src, f"extra{k}"))
     return nb
