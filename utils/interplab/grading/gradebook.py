@@ -195,10 +195,10 @@ class _Worker:
         self.nonce = job["nonce"]
         total_cpu = STARTUP_SECONDS + limits.cell_cpu * 50 + limits.exercise_cpu(50) * max(1, len(exercises))
         self.known_children = sandbox.children_now()
+        limit = sandbox.limiter(limits.memory, total_cpu, limits.file_size, limits.nproc, limits.nofile)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=sandbox.environment(workdir), cwd=str(private), pass_fds=(write_fd,),
-                                     preexec_fn=sandbox.limiter(limits.memory, total_cpu, limits.file_size,
-                                                                limits.nproc, limits.nofile))
+                                     preexec_fn=limit)  # noqa: PLW1509 - it only calls setsid and setrlimit
         os.close(write_fd)
         self.out, self.err = _Tail(self.proc.stdout), _Tail(self.proc.stderr)
         self.frames: queue.Queue = queue.Queue(maxsize=4)
@@ -361,7 +361,7 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                                                                   for c in run_cells]})
                 worker.last_cell = None
 
-                def progress(rec: dict) -> None:
+                def progress(rec: dict, worker=worker) -> None:
                     worker.last_cell = rec.get("number") if isinstance(rec.get("number"), int) else None
 
                 try:
@@ -388,8 +388,8 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                                if state == "missing" else str(rec.get("message", "it is not a function"))[:300])
                         status = "missing" if state == "missing" else "error"
                         if defined_in.get(n) in skip:
-                            status, why = "error", f"cell {defined_in[n]}, which defines it, was skipped: " \
-                                                   f"{skip[defined_in[n]]}"
+                            status = "error"
+                            why = f"cell {defined_in[n]}, which defines it, was skipped: {skip[defined_in[n]]}"
                         rows[n] = Row(sub, n, status, 0, len(ex.cases()), message=why)
                         failed.append(n)
                         continue

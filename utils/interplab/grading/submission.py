@@ -284,12 +284,12 @@ def _bindings_of(tree: ast.Module, name: str) -> list[ast.AST]:
                 continue
             if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
                 targets = s.targets if isinstance(s, ast.Assign) else [s.target]
-                if any(isinstance(t, ast.Name) and t.id == name for tg in targets for t in ast.walk(tg)):
-                    if not (s.value is not None and _is_passthrough_check(s.value, name)):
-                        found.append(s)
-            elif isinstance(s, (ast.Import, ast.ImportFrom)):
-                if any((a.asname or a.name.split(".")[0]) == name for a in s.names):
+                binds = any(isinstance(t, ast.Name) and t.id == name for tg in targets for t in ast.walk(tg))
+                if binds and not (s.value is not None and _is_passthrough_check(s.value, name)):
                     found.append(s)
+            elif isinstance(s, (ast.Import, ast.ImportFrom)) and \
+                    any((a.asname or a.name.split(".")[0]) == name for a in s.names):
+                found.append(s)
             for attr in ("body", "orelse", "finalbody", "handlers"):
                 inner = getattr(s, attr, None)
                 if isinstance(inner, list):

@@ -53,7 +53,8 @@ def _tripwire(ref, flag: list) -> None:
 
     ref.__globals__[key] = trip
     ns: dict = {}
-    exec(f"def _w(*args, **kwargs):\n    return {key}(args, kwargs)\n", ref.__globals__, ns)
+    text = f"def _w(*args, **kwargs):\n    return {key}(args, kwargs)\n"
+    exec(text, ref.__globals__, ns)  # noqa: S102 - fixed text, no input
     ref.__code__ = ns["_w"].__code__
 
 
