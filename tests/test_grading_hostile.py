@@ -26,7 +26,7 @@ from interplab.grading import sandbox
 from interplab.grading.gradebook import Limits, grade
 
 MARK = "interplab-hostile-4f2a"  # processes a hostile notebook starts carry this in their command line
-LIMITS = Limits(case_cpu=3.0, cell_cpu=20.0, wall=25.0, memory=6 << 30, nproc=48)
+LIMITS = Limits(case_cpu=3.0, cell_cpu=20.0, idle=6.0, memory=6 << 30, nproc=48)
 PACKAGE = Path(interplab.__file__).parent
 
 ALL_PASS = {n: "passed" for n in EXERCISES}
@@ -409,7 +409,7 @@ def test_broken_files_are_rows(bwrapped):
     assert "ZeroDivisionError" in shapes.message  # the raising cell is recorded, and tolerated
     assert "converted from nbformat 3" in _rows_of(bwrapped, "00_nbformat3.ipynb")["TOTAL"].message
     hung = _rows_of(bwrapped, "00_hang_in_cell.ipynb")["ablate_head"]
-    assert "skipped" in hung.message and "wall-clock" in hung.message
+    assert "skipped" in hung.message and "no CPU time" in hung.message
 
 
 def test_fallback_note_says_what_is_not_protected(capsys):

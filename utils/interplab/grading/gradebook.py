@@ -125,6 +125,7 @@ class Limits:
     case_cpu: float = 30.0  # CPU seconds per case
     cell_cpu: float = 120.0  # CPU seconds per executed notebook cell
     wall: float | None = None  # wall-clock backstop per phase (default: 4x its CPU budget + 120 s)
+    idle: float = 60.0  # a worker whose processes use no CPU for this long is sleeping or blocked: stopped
     memory: int = 6 << 30  # address space, bytes
     file_size: int = 64 << 20
     tmp_size: int = 256 << 20  # the private folder (bubblewrap mode)
@@ -240,14 +241,21 @@ class _Worker:
         start_cpu = cpu_seconds(self.proc.pid) or 0.0
         start_wall = time.monotonic()
         wall = self.limits.backstop(cpu_budget)
+        last_cpu, last_busy = start_cpu, start_wall
         while True:
             try:
                 kind, payload = self.frames.get(timeout=0.2)
             except queue.Empty:
                 used = cpu_seconds(self.proc.pid)
+                now = time.monotonic()
                 if used is not None and used - start_cpu > cpu_budget:
                     raise _Stopped("timeout", f"{what} used more than {cpu_budget:.0f} s of CPU time and was stopped "
                                               f"(an endless loop?)")
+                if used is not None and used - last_cpu > 0.02:
+                    last_cpu, last_busy = used, now
+                elif used is not None and now - last_busy > self.limits.idle:
+                    raise _Stopped("timeout", f"{what} used no CPU time for {self.limits.idle:.0f} s and was stopped "
+                                              f"(it was sleeping or waiting for something?)")
                 if time.monotonic() - start_wall > wall:
                     raise _Stopped("timeout", f"{what} did not finish within {wall:.0f} s of wall-clock time and was "
                                               f"stopped (it was sleeping or waiting for something?)")
@@ -380,6 +388,7 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                 for n in pending:
                     current = n
                     ex = get(n)
+                    ex.time_limit = limits.case_cpu  # what the worker was given, for the messages
                     nonce = worker.request({"op": "exercise", "name": n, "fallback": failed})
                     rec, _ = worker.receive("exercise", nonce, 60, f"`{n}`")
                     state = rec.get("state")

@@ -387,8 +387,10 @@ def plan(cells: list[dict], exercises: list[str], references: dict[str, str] | N
                     todo.append(j)
     result.run = sorted(needed)
     # borrowed answers: the exercise's own binding, and notebook helpers it reads, transitively
-    ref_names = _reference_names(parsed, names)
+    funcs, modules = _reference_names(parsed, names)
     for ex in result.defined_in:
+        # another exercise bound to its reference (imported, or as check() leaves a failed one) is allowed
+        ref_names = (funcs - (names - {ex}), modules)
         seen, stack, why = set(), [ex], None
         while stack and why is None:
             n = stack.pop()
