@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from interplab import tinyworld
-from interplab.solutions import orientation as O
+from interplab.solutions import ch00_orientation as O
 
 
 @pytest.fixture(scope="module")

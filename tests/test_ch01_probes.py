@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 from interplab import tinyworld
-from interplab.solutions import probes as P
+from interplab.solutions import ch01_probes as P
 
 sklearn = pytest.importorskip("sklearn")
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from interplab.solutions import lens as L
+from interplab.solutions import ch02_lenses as L
 from interplab.weights import CorruptedFileError, verify
 
 SHIPPED = L.default_folder()
@@ -39,7 +39,7 @@ def test_shipped_files_verify_and_fit_the_bundled_model(model):
     assert all(v == "ok" for v in verify(SHIPPED).values())
     info = json.loads((SHIPPED / L.TUNED_LENS_INFO).read_text())
     assert info["model_sha256"] == L.bundled_model_sha256(), \
-        "the shipped tuned lens was trained for other TinyWorld weights: run `python -m interplab.solutions.lens`"
+        "the shipped tuned lens was trained for other TinyWorld weights: run `python -m interplab.solutions.ch02_lenses`"
     # wall time, or (on a machine shared with other work) the CPU time of the single training thread
     took = min(info["seconds_total"], info["cpu_seconds_total"] if info["torch_threads"] == 1 else float("inf"))
     assert took <= 60 and info["torch_threads"] <= 2, f"training took {took} s (limit 60 s on 2 CPU cores)"

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from interplab.solutions import sae as sol
+from interplab.solutions import ch03_saes as sol
 from interplab.weights import CorruptedFileError
 
 AGREEMENT_RTOL = 1e-3

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interplab.solutions import transcoders as T
+from interplab.solutions import ch04_transcoders as T
 
 N_LAYERS = 4
 
@@ -212,7 +212,7 @@ def test_splice_ce_in_batches_matches_one_pass(standin_data):
 
 
 def test_replacement_loss_in_batches_matches_one_pass(standin_data):
-    from interplab.solutions.sae import splice_in_batches
+    from interplab.solutions.ch03_saes import splice_in_batches
 
     m, ids, mask, tcs = standin_data
     per_row = ids.shape[1] * m.cfg.d_vocab * 4 / 1e9

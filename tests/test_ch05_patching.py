@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from interplab.solutions import patching as P
+from interplab.solutions import ch05_patching as P
 
 
 @pytest.fixture(scope="module")

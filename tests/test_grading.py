@@ -9,7 +9,7 @@ import torch
 import interplab
 from interplab.grading import ExerciseFailed, exercise_names, reference, run, show_solution, stats
 from interplab.exercises import get
-from interplab.solutions import orientation as sol
+from interplab.solutions import ch00_orientation as sol
 
 
 def test_passing_function_is_returned(capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 import interplab
 import pytest
 from honest_ch00 import EXERCISES, HONEST, code_cell, exercise_cell_index, notebook, source
+from interplab.exercises import get
 from interplab.grading import sandbox
 from interplab.grading.gradebook import Limits, grade
 
@@ -178,14 +179,16 @@ def attacks(folder: Path, others: dict[str, Path]) -> dict[str, tuple[dict, dict
         ablate_head="error")
     add("hang_in_cell", with_ablate(HONEST["ablate_head"], before_def="import time\ntime.sleep(10**6)\n"),
         ablate_head="error")
-    add("borrow_import", with_ablate("from interplab.solutions.orientation import ablate_head\n"),
+    answer_key = get("ablate_head").reference.__module__  # interplab.solutions.<this chapter>
+    add("borrow_import", with_ablate(f"from {answer_key} import ablate_head\n"),
         ablate_head="used_reference")
     add("borrow_registry", with_ablate("def ablate_head(z, head):\n"
                                        "    return interplab.grading.reference('ablate_head')(z, head)\n"),
         ablate_head="used_reference")
+    hidden = " + ".join(repr(answer_key[i:i + 4]) for i in range(0, len(answer_key), 4))
     add("borrow_hidden", with_ablate("import importlib\n"
                                      "def ablate_head(z, head):\n"
-                                     "    mod = importlib.import_module('interplab.' + 'solu' + 'tions.orientation')\n"
+                                     f"    mod = importlib.import_module({hidden})\n"
                                      "    return getattr(mod, 'ablate' + '_head')(z, head)\n"),
         ablate_head="used_reference")
     nb = notebook()  # a cell whose source list holds a number, and a cell that is not a cell at all

@@ -4,8 +4,8 @@ The course's SAEs and transcoders train on a few million activations, which fit 
 memory. A longer run does not have to: `write_store` runs the model over token
 batches and appends each batch's activations to a float32 file on disk as it goes
 (it never holds more than one batch), and `open_store` maps those files back as
-torch tensors that `interplab.solutions.sae.train_sae` and
-`interplab.solutions.transcoders.train_transcoder` take as they are. The operating
+torch tensors that `interplab.solutions.ch03_saes.train_sae` and
+`interplab.solutions.ch04_transcoders.train_transcoder` take as they are. The operating
 system pages rows in as training samples them, so the store can be larger than memory.
 
     >>> store = write_store("acts/resid1", model, ids, "blocks.1.hook_resid_post", mask=mask)  # doctest: +SKIP
@@ -164,7 +164,7 @@ def write_store(
 
 def write_mlp_pairs(path: str | Path, model, tokens, layer: int, **kwargs) -> "ActivationStore":
     """`write_store` for a transcoder: the MLP's normalised input and its output at `layer`, row-aligned."""
-    from .solutions.transcoders import mlp_in_hook, mlp_out_hook
+    from .solutions.ch04_transcoders import mlp_in_hook, mlp_out_hook
 
     return write_store(path, model, tokens, [mlp_in_hook(layer), mlp_out_hook(layer)], **kwargs)
 
@@ -177,7 +177,7 @@ def tinyworld_chunks(n_docs: int, seed: int = 0, split: str = "train", docs_per_
     ``tinyworld.generate(n_docs, seed=seed, split=split)``.
     """
     from . import tinyworld
-    from .solutions.sae import sae_token_mask
+    from .solutions.ch03_saes import sae_token_mask
 
     docs = tinyworld.generate(n_docs, seed=seed, split=split)
     for start in range(0, len(docs), docs_per_chunk):
@@ -223,7 +223,7 @@ class ActivationStore:
 
     def pair(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP input, MLP output) of `layer`, for `train_transcoder(x, y, cfg)`."""
-        from .solutions.transcoders import mlp_in_hook, mlp_out_hook
+        from .solutions.ch04_transcoders import mlp_in_hook, mlp_out_hook
 
         return self[mlp_in_hook(layer)], self[mlp_out_hook(layer)]
 
@@ -371,7 +371,7 @@ def saelens_config(
       BatchTopK trainers use an auxiliary loss for them instead (a difference in recipe, not a setting).
 
     Args:
-        sae_cfg: an `interplab.solutions.sae.SAEConfig` (an SAE; SAELens 6 trains no transcoders).
+        sae_cfg: an `interplab.solutions.ch03_saes.SAEConfig` (an SAE; SAELens 6 trains no transcoders).
         steps, batch_size, lr, seed, dead_after: as given to `train_sae`.
         hook_name: default sae_cfg.hook_name.
         model_name: a TransformerLens model name (default sae_cfg.model_name). For the bundled
@@ -386,7 +386,7 @@ def saelens_config(
 
     if getattr(sae_cfg, "is_transcoder", False) or getattr(sae_cfg, "d_out", sae_cfg.d_in) != sae_cfg.d_in:
         raise NotImplementedError("SAELens 6's training runner trains SAEs only, not transcoders; train "
-                                  "transcoders with interplab.solutions.transcoders.train_transcoder on a store")
+                                  "transcoders with interplab.solutions.ch04_transcoders.train_transcoder on a store")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
     common = dict(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae, apply_b_dec_to_input=sae_cfg.apply_b_dec_to_input,
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             print("hashes verified")
         return 0
 
-    from .solutions.sae import DEFAULT_HOOK, SAEConfig
+    from .solutions.ch03_saes import DEFAULT_HOOK, SAEConfig
 
     d_in = a.d_in
     if d_in is None:

@@ -7,6 +7,8 @@
     interplab check      check your own chapter notebook
     interplab exercises  list every exercise, its cases and known mistakes
     interplab bench      speed and quality figures, side by side with peer libraries
+    interplab rebuild    rebuild (or --check) every artifact trained on the bundled model
+    interplab sync-stubs rewrite the notebooks' exercise stubs from the answer key (--check: only compare)
 """
 
 from __future__ import annotations
@@ -18,22 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def repo_root() -> Path | None:
-    """The course checkout this package runs from (None for a non-editable install)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "chapters").is_dir() and (parent / "pyproject.toml").is_file():
-            return parent
-    return None
-
-
-def chapters_dir() -> Path | None:
-    root = repo_root()
-    if root is not None:
-        return root / "chapters"
-    cwd = Path.cwd() / "chapters"
-    return cwd if cwd.is_dir() else None
+from .paths import chapters_dir
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -208,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     bn.set_defaults(func=cmd_bench)
 
+    rb = sub.add_parser("rebuild", help="rebuild (or --check) the artifacts trained on the bundled model", add_help=False)
+    rb.add_argument("rebuild_args", nargs=argparse.REMAINDER)
+
+    ss = sub.add_parser("sync-stubs", help="rewrite the notebooks' exercise stubs from the answer key", add_help=False)
+    ss.add_argument("stubs_args", nargs=argparse.REMAINDER)
+
     ev = sub.add_parser("evaluate", help="capability figures of a TinyWorld model")
     ev.add_argument("--model", default="tinyworld")
     ev.add_argument("-n", type=int, default=1000)
@@ -221,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
+    if argv[:1] == ["rebuild"]:  # so do rebuild and sync-stubs
+        from .artifacts import main as rebuild_main
+
+        return int(rebuild_main(argv[1:]) or 0)
+    if argv[:1] == ["sync-stubs"]:
+        from .stubs import main as stubs_main
+
+        return int(stubs_main(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

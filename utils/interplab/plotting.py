@@ -107,27 +107,6 @@ def attention_heads(pattern, tokens: Sequence[str], head_names: Sequence[str] | 
     return view
 
 
-def line_by_layer(values: dict[str, Sequence[float]], ylabel: str, title: str = "", xlabel: str = "layer",
-                  xticks: Sequence[str] | None = None):
-    """One line per series over layers (e.g. probe accuracy or KL by layer)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, ys in values.items():
-        ys = list(ys)
-        ax.plot(range(len(ys)), ys, marker="o", label=label)
-    if xticks is not None:
-        ax.set_xticks(range(len(xticks)), xticks, rotation=45, ha="right")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def heatmap(values, xlabels: Sequence[str], ylabels: Sequence[str], title: str = "", cmap: str = "RdBu",
             center: bool = True, xlabel: str = "", ylabel: str = "", fmt: str | None = None):
     """A labelled heat map (e.g. patching results by layer and position, or by layer and head)."""

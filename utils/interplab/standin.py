@@ -36,7 +36,7 @@ def standin_requested() -> bool:
 
 def _corpus() -> list[str]:
     """Local training text for the tokenizer: TinyWorld documents plus the words of its vocabulary, capitalised and not."""
-    from . import tinyworld
+    from . import tinyworld  # lazy: only the stand-in route needs the corpus
 
     docs = [" ".join(t for t in d.tokens if t != "<bos>") for d in tinyworld.generate(600, seed=0)]
     words = [w for w in tinyworld.vocabulary() if w.isalpha()]
@@ -83,7 +83,7 @@ def standin_model(name: str = "gpt2-small", device: str | None = None, *, n_laye
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from .models import best_device, quiet_transformer_lens
+    from .models import best_device, quiet_transformer_lens  # here, not at the top: models imports this module
 
     tokenizer = standin_tokenizer()
     cfg = HookedTransformerConfig(

@@ -9,7 +9,8 @@ An exercise spec says
   a learner should see when their output matches it.
 
 Specs register themselves when their chapter module is imported; `get(name)` and
-`all_exercises()` import every chapter module first.
+`all_exercises()` import every chapter module first. Chapter modules are found by name
+(``chNN_slug.py`` in this package, see `interplab.paths`), so a new chapter needs no list.
 """
 
 from __future__ import annotations
@@ -17,11 +18,18 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
+import pkgutil
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# Chapter modules, in course order. Each registers its exercises on import.
-CHAPTER_MODULES = ["ch00_orientation", "ch01_probes", "ch02_lenses", "ch03_saes", "ch04_transcoders", "ch05_patching"]
+import torch
+
+from .. import tinyworld
+from ..models import load_model
+from ..paths import MODULE_NAME, chapter_of
+
 
 
 @dataclass
@@ -40,6 +48,26 @@ class Mistake:
     name: str
     fn: Callable
     hint: str
+
+    @classmethod
+    def edit(cls, name: str, reference: Callable, old: str, new: str, hint: str, count: int = 1) -> Mistake:
+        """A known mistake declared as a small change of the reference: its source with ``old`` replaced by ``new``.
+
+        The edited function runs in (a copy of) the reference module's globals, so it sees the
+        same imports and helpers. ``old`` must occur exactly ``count`` times in the reference's
+        source: a reference that changes under the spec fails loudly at registration instead of
+        silently testing a mistake that no longer differs from it.
+
+            Mistake.edit("no ReLU", sol.sae_encode, "torch.relu(", "(", "Apply ReLU ...")
+        """
+        source = textwrap.dedent(inspect.getsource(reference))
+        found = source.count(old)
+        if found != count:
+            raise ValueError(f"known mistake {name!r} of {reference.__name__}: expected {old!r} {count} time(s) in the "
+                             f"reference's source, found it {found} time(s); update the mistake to match the reference")
+        namespace = dict(inspect.getmodule(reference).__dict__)
+        exec(compile(source.replace(old, new), f"<mistake {name!r} of {reference.__name__}>", "exec"), namespace)
+        return cls(name, namespace[reference.__name__], hint)
 
 
 @dataclass
@@ -82,16 +110,16 @@ def register(name: str, chapter: str, reference: Callable, cases: Callable[[], l
     return ex
 
 
+def chapter_modules() -> list[str]:
+    """The chapter spec modules of this package (``chNN_slug``), in course order."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if MODULE_NAME.fullmatch(m.name))
+
+
 @functools.lru_cache(maxsize=None)
 def load_all() -> None:
     """Import every chapter module so that all exercises are registered."""
-    import importlib.util
-
-    for mod in CHAPTER_MODULES:
-        name = f"{__name__}.{mod}"
-        if importlib.util.find_spec(name) is None:
-            continue  # a chapter that has not landed yet; its notebook would fail the registry test
-        importlib.import_module(name)
+    for mod in chapter_modules():
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 def all_exercises() -> list[Exercise]:
@@ -113,9 +141,18 @@ def get(name: str) -> Exercise:
     return REGISTRY[name]
 
 
+def gen(seed: int) -> torch.Generator:
+    """A seeded CPU random generator for building cases (one per case builder, so cases never depend on order)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def model_tokens(n: int = 6, seed: int = 0, split: str = "test"):
+    """Token ids [n, pos] of ``n`` TinyWorld documents (padded, with <bos>), for cases on the bundled model."""
+    ids, _ = tinyworld.batch_tokens(tinyworld.generate(n, seed=seed, split=split))
+    return ids
+
+
 @functools.lru_cache(maxsize=None)
 def shared_model():
     """The bundled TinyWorld model on CPU, loaded once for all exercise cases."""
-    from ..models import load_model
-
     return load_model("tinyworld", device="cpu")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..solutions import orientation as sol
+from ..solutions import ch00_orientation as sol
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "00_orientation"
+CHAPTER = chapter_of(__name__)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -7,11 +7,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..solutions import probes as sol
+from ..solutions import ch01_probes as sol
 from ..tinyworld import ROOMS, Doc
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "01_probes"
+CHAPTER = chapter_of(__name__)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -11,10 +11,11 @@ import functools
 
 import torch
 
-from ..solutions import lens as sol
+from ..solutions import ch02_lenses as sol
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "02_lenses"
+CHAPTER = chapter_of(__name__)
 
 
 def _gen(seed: int) -> torch.Generator:

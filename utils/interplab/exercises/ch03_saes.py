@@ -8,10 +8,11 @@ import types
 
 import torch
 
-from ..solutions import sae as sol
+from ..solutions import ch03_saes as sol
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "03_saes"
+CHAPTER = chapter_of(__name__)
 
 
 def _gen(seed: int) -> torch.Generator:

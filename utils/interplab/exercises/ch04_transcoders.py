@@ -7,10 +7,11 @@ import functools
 
 import torch
 
-from ..solutions import transcoders as sol
+from ..solutions import ch04_transcoders as sol
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "04_transcoders"
+CHAPTER = chapter_of(__name__)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -7,11 +7,12 @@ import functools
 
 import torch
 
-from ..solutions import patching as sol
-from ..solutions.orientation import answer_logit_diff
+from ..solutions import ch05_patching as sol
+from ..solutions.ch00_orientation import answer_logit_diff
+from ..paths import chapter_of
 from . import Case, Mistake, register, shared_model
 
-CHAPTER = "05_patching"
+CHAPTER = chapter_of(__name__)
 SWEEP_TOL = dict(rtol=1e-3, atol=1e-4)
 
 

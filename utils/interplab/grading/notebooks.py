@@ -188,7 +188,7 @@ def write_notebook(nb: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from ..cli import chapters_dir
+    from ..paths import chapters_dir  # only the command needs it
 
     p = argparse.ArgumentParser(description="maintain the chapter notebooks")
     p.add_argument("--sync", action="store_true", help="rewrite every chapter's set-up cell from REPO_URL")

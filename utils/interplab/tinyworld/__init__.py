@@ -26,6 +26,6 @@ __all__ = [
 
 def evaluate(model, n: int = 1000, seed: int = 0) -> dict[str, float]:
     """Capability figures of a model on fresh documents; see `interplab.tinyworld.evaluate`."""
-    from .evaluate import evaluate as _evaluate
+    from .evaluate import evaluate as _evaluate  # lazy: the language imports without torch or the model loader
 
     return _evaluate(model, n=n, seed=seed)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from ..models import load_model
 from . import language as L
 from .generator import Doc, generate
 from .tokenizer import batch_tokens, encode, token_id
@@ -151,8 +152,6 @@ def meets_targets(scores: dict[str, float]) -> dict[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..models import load_model
-
     p = argparse.ArgumentParser(prog="python -m interplab.tinyworld.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tinyworld", help='"tinyworld" or a folder saved by the trainer')

@@ -1,0 +1,131 @@
+"""Benchmark: the course's batched patching sweeps against TransformerLens's `patching` module.
+
+    python -m interplab.bench.ch05_patching            # the bundled model, 16 IOI prompts
+
+Both run the same sweeps on the same prompts with the same metric; the benchmark reports
+each one's time, the ratio, and the largest difference between their results (they
+should agree to float precision). It also times attribution patching (one forward and
+one backward pass) against the full per-head, per-position activation-patching sweep it
+approximates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import time
+
+from .table import mean, row
+
+SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
+
+
+# keyword arguments of run() in quick and in full mode
+QUICK = {'repeat': 1}
+FULL = {'repeat': 3}
+
+def _timed(fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: int = 0,
+                   repeat: int = 1) -> dict:
+    """Time our batched sweeps against TransformerLens's, on the same IOI prompts.
+
+    Returns a dict: for each sweep ("resid_pre", "head_out_all_pos", "head_out_by_pos"),
+    ``{sweep}_ours_s``, ``{sweep}_tl_s``, ``{sweep}_speedup`` (TL time / our time) and
+    ``{sweep}_max_abs_diff``; and ``attribution_s``, ``head_by_pos_sweep_s`` and
+    ``attribution_speedup`` (sweep time / attribution time) with the Pearson correlation
+    ``attribution_vs_activation_r`` of the two over every (layer, position, head); the same
+    three figures for `integrated_attribution_patch` (5 steps) with the prefix ``integrated_``.
+    """
+    import torch
+    from transformer_lens import patching as tlp
+
+    from ..models import load_model
+    from ..solutions import ch05_patching as P
+
+    model = model or load_model("tinyworld", device="cpu")
+    pairs = P.ioi_pairs(model, P.sample_ioi_prompts(n_prompts, seed=seed, template=0, model=model), corruption)
+    metric = P.logit_diff_metric(model, pairs)
+    clean, corrupted = pairs["clean"].to(model.cfg.device), pairs["corrupted"].to(model.cfg.device)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+    sweeps = {
+        "resid_pre": (lambda: P.patch_layer_pos_sweep(model, clean, corrupted, metric, "resid_pre"),
+                      lambda: tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)),
+        "head_out_all_pos": (lambda: P.patch_head_sweep(model, clean, corrupted, metric, "z"),
+                             lambda: tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)),
+        "head_out_by_pos": (lambda: P.patch_head_pos_sweep(model, clean, corrupted, metric, "z"),
+                            lambda: tlp.get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)),
+    }
+    out: dict = {"n_prompts": n_prompts, "n_positions": clean.shape[1], "corruption": corruption,
+                 "threads": torch.get_num_threads()}
+    results = {}
+    for name, (ours, theirs) in sweeps.items():
+        a, t_ours = _timed(ours, repeat)
+        with contextlib.redirect_stderr(io.StringIO()):  # TransformerLens's progress bars
+            b, t_tl = _timed(lambda: theirs().cpu(), repeat)
+        results[name] = a
+        out[f"{name}_ours_s"] = round(t_ours, 4)
+        out[f"{name}_tl_s"] = round(t_tl, 4)
+        out[f"{name}_speedup"] = round(t_tl / t_ours, 2)
+        out[f"{name}_max_abs_diff"] = float((a - b).abs().max())
+    attr, t_attr = _timed(lambda: P.attribution_patch(model, clean, corrupted, metric, "z"), repeat)
+    out["attribution_s"] = round(t_attr, 4)
+    out["head_by_pos_sweep_s"] = out["head_out_by_pos_ours_s"]
+    out["attribution_speedup"] = round(out["head_by_pos_sweep_s"] / t_attr, 2)
+    out["attribution_vs_activation_r"] = round(P.pearson(attr, results["head_out_by_pos"]), 4)
+    ig, t_ig = _timed(lambda: P.integrated_attribution_patch(model, clean, corrupted, metric, "z", steps=5), repeat)
+    out["integrated_attribution_s"] = round(t_ig, 4)
+    out["integrated_attribution_speedup"] = round(out["head_by_pos_sweep_s"] / t_ig, 2)
+    out["integrated_attribution_vs_activation_r"] = round(P.pearson(ig, results["head_out_by_pos"]), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m interplab.bench.ch05_patching", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", type=int, default=16, help="prompts")
+    p.add_argument("--corruption", default="swap_names")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    a = p.parse_args(argv)
+    print(json.dumps(run(n_prompts=a.n, corruption=a.corruption, repeat=a.repeat), indent=1))
+
+
+
+def rows(r: dict) -> list[dict]:
+    s = SECTION
+    out = []
+    names = {"resid_pre": "residual stream (layer x position)", "head_out_all_pos": "head outputs (layer x head)",
+             "head_out_by_pos": "head outputs (layer x position x head)"}
+    for key, label in names.items():
+        if f"{key}_ours_s" not in r:
+            continue
+        out.append(row(s, f"sweep time, {label} (s)", r[f"{key}_ours_s"], r[f"{key}_tl_s"],
+                        f"peer: transformer_lens.patching; lower is better; largest absolute difference of the results "
+                        f"{r[f'{key}_max_abs_diff']:.1e}"))
+    out.append(row(s, "attribution patching vs the full head x position sweep (s)", r["attribution_s"],
+                    r["head_by_pos_sweep_s"], "peer: interplab's activation-patching sweep; lower is better"))
+    out.append(row(s, "attribution vs activation patching, Pearson r", r["attribution_vs_activation_r"], None,
+                    f"first-order estimate; over every (layer, position, head); {r['n_prompts']} IOI prompts "
+                    f"({r.get('corruption', 'swap_names')})"))
+    if "integrated_attribution_s" in r:
+        out.append(row(s, "integrated attribution patching (5 steps) vs the full sweep (s)",
+                        r["integrated_attribution_s"], r["head_by_pos_sweep_s"],
+                        "peer: interplab's activation-patching sweep; lower is better"))
+        out.append(row(s, "integrated attribution vs activation patching, Pearson r",
+                        r["integrated_attribution_vs_activation_r"], None,
+                        "gradient averaged along the embedding path; same prompts and heads"))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sparse dictionaries of activations: SAEs, transcoders and their training, saving and loading."""
