@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import interplab
 import pytest
 import torch
+
+import interplab
 from interplab import models, tinyworld
 from interplab.activation_store import StoreError, open_store, write_store
 from interplab.grading import run

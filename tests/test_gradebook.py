@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from honest_ch00 import notebook
+
 from interplab.grading.gradebook import NoNotebooks, grade
 from interplab.grading.notebooks import cell_source, inject_solutions, read_notebook, write_notebook
 

@@ -19,9 +19,10 @@ import stat
 import time
 from pathlib import Path
 
-import interplab
 import pytest
 from honest_ch00 import EXERCISES, HONEST, code_cell, exercise_cell_index, notebook, source
+
+import interplab
 from interplab.exercises import get
 from interplab.grading import sandbox
 from interplab.grading.gradebook import Limits, grade

@@ -246,6 +246,8 @@ class _Worker:
             try:
                 kind, payload = self.frames.get(timeout=0.2)
             except queue.Empty:
+                kind = payload = None
+            if kind is None:
                 used = cpu_seconds(self.proc.pid)
                 now = time.monotonic()
                 if used is not None and used - start_cpu > cpu_budget:
@@ -345,7 +347,7 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
     skip: dict[int, str] = {}  # cells that hung or killed the worker: the next worker runs without them
     failed: list[str] = []
     expected_ready = False
-    for attempt in range(len(names) + len(cells) + 2):
+    for _attempt in range(len(names) + len(cells) + 2):
         pending = [n for n in names if n not in rows]
         if not pending:
             break
@@ -382,9 +384,11 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                         continue
                     raise
                 errors = reply.get("errors") if isinstance(reply.get("errors"), list) else []
+                raised = {}
                 for err in errors[:20]:
                     if isinstance(err, dict):
-                        notes.append(f"cell {err.get('cell')} {str(err.get('error'))[:200]}")
+                        raised[err.get("cell")] = str(err.get("error"))[:200]
+                        notes.append(f"cell {err.get('cell')} {raised[err.get('cell')]}")
                 for n in pending:
                     current = n
                     ex = get(n)
@@ -393,8 +397,11 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                     rec, _ = worker.receive("exercise", nonce, 60, f"`{n}`")
                     state = rec.get("state")
                     if state != "ok":
-                        why = (f"the notebook ran, but left no `{n}` defined (did its cell raise?)"
-                               if state == "missing" else str(rec.get("message", "it is not a function"))[:300])
+                        why = (f"no function called `{n}` is defined once the notebook has run (was its cell deleted, "
+                               f"or the function renamed?)" if state == "missing"
+                               else str(rec.get("message", "it is not a function"))[:300])
+                        if defined_in.get(n) in raised:
+                            why += f"; cell {defined_in[n]}, where it should be, {raised[defined_in[n]]}"
                         status = "missing" if state == "missing" else "error"
                         if defined_in.get(n) in skip:
                             status = "error"
