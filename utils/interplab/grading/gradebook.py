@@ -202,7 +202,7 @@ class _Worker:
                                      preexec_fn=limit)  # noqa: PLW1509 - it only calls setsid and setrlimit
         os.close(write_fd)
         self.out, self.err = _Tail(self.proc.stdout), _Tail(self.proc.stderr)
-        self.frames: queue.Queue = queue.Queue(maxsize=4)
+        self.frames: queue.Queue = queue.Queue(maxsize=1)  # at most two frames held in memory
         reader = FrameReader(read_fd)
 
         def pump() -> None:

@@ -15,7 +15,7 @@ import struct
 MAGIC = b"IPL1"
 HEADER = struct.Struct(">4sIQ")
 MAX_JSON = 4_000_000
-MAX_BLOB = 256_000_000
+MAX_BLOB = 64_000_000  # far above any case output; a bigger frame ends the worker
 
 
 class ProtocolViolation(Exception):
