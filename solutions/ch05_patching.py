@@ -1,66 +1,23 @@
-"""Chapter 5 (activation patching): reference solutions, and the helpers the chapter uses.
+"""Chapter 05 (activation patching): the reference solution of every exercise.
 
-Vocabulary used throughout:
-
-- The **source** run provides activations; the **target** run receives them. Denoising
-  patches clean activations into the corrupted run (source = clean, target = corrupted)
-  and asks "is this enough to bring the behaviour back?". Noising patches corrupted
-  activations into the clean run (source = corrupted, target = clean) and asks "is this
-  needed for the behaviour?".
-- A **metric** maps the logits of a batch of prompts, [batch, pos, vocab], to one
-  number (a 0-dimensional tensor), exactly as TransformerLens's ``patching`` module
-  expects. `logit_diff_metric` builds the normalised logit difference (clean = 1,
-  corrupted = 0).
-- Sweeps return one metric value per patch: [layer, pos] for residual-stream-shaped
-  activations, [layer, head] for heads over all positions, [layer, pos, head] for heads
-  at one position (for the attention pattern, "pos" is the query position).
-
-The sweeps batch many patches into one forward pass: the target prompts are repeated
-once per patch, and each hook edits only its own copy. This gives the same numbers as
-one forward pass per patch (as TransformerLens does) in a fraction of the time.
+The course's library for the chapter lives in the package: prompt pairs and samplers in
+`interplab.pairs`, the metric, the batched patching engine, path and attribution patching in
+`interplab.patching`, circuit measurements and diagrams in `interplab.circuits`.
 """
 
 from __future__ import annotations
 
-import random
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .ch00_orientation import answer_logit_diff
+from interplab.hooks import act_name, layer_of
+from interplab.pairs import INDUCTION_CORRUPTIONS, IOI_CORRUPTIONS, name_token_id
+from interplab.patching import HEAD_COMPONENTS, LAYER_POS_COMPONENTS, Metric, cache_activations, validate_path
 
-Metric = Callable[[Tensor], Tensor]
-
-LAYER_POS_COMPONENTS = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
-HEAD_COMPONENTS = {
-    "z": "blocks.{layer}.attn.hook_z",
-    "q": "blocks.{layer}.attn.hook_q",
-    "k": "blocks.{layer}.attn.hook_k",
-    "v": "blocks.{layer}.attn.hook_v",
-    "pattern": "blocks.{layer}.attn.hook_pattern",
-}
-IOI_CORRUPTIONS = ("swap_names", "swap_template", "third_name")
-INDUCTION_CORRUPTIONS = ("answer", "match")
-
-
-# --- datasets -------------------------------------------------------------------------
-
-
-def name_token_id(model, name: str) -> int:
-    """The id of `name` as the next word of a sentence (with a leading space, as GPT-2 needs)."""
-    try:
-        return int(model.to_single_token(" " + name))
-    except Exception:
-        raise ValueError(f"{name!r} is not a single token for this model's tokenizer; use names that are "
-                         f"(sample_ioi_prompts(..., model=model) picks only such names)") from None
+# --- prompt pairs ---------------------------------------------------------------------------
 
 
 def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dict[str, Tensor]:
@@ -164,156 +121,13 @@ def induction_pairs(model, sequences: list[list[str]], cut: int, replacements: l
             "answer": torch.tensor(answer), "wrong": torch.tensor(wrong)}
 
 
-def _single_token_names(model, names: Sequence[str]) -> list[str]:
-    """The words of `names` that are one token for the model's tokenizer as the next word of a sentence (" word")."""
-    keep = []
-    for n in names:
-        try:
-            model.to_single_token(" " + n)
-            keep.append(n)
-        except Exception:
-            pass
-    return keep
+# --- the metric ------------------------------------------------------------------------------
 
 
-def _uses_tinyworld_text(model) -> bool:
-    from interplab.models import is_tinyworld
-
-    return model is None or is_tinyworld(model)
-
-
-# TinyWorld's indirect-object templates (`tinyworld.IOI_TEMPLATES`, same order) written as ordinary
-# English text, for models trained on real text (gpt2-small...): capitalised sentences, punctuation
-# attached to the word before it, and every name after a space (so " Name" is its token).
-TEXT_IOI_TEMPLATES = [
-    "When {A} and {B} went to the {place}, {S} gave a {obj} to",
-    "After {A} and {B} arrived at the {place}, {S} handed a {obj} to",
-    "Then, {A} and {B} were at the {place}. {S} passed a {obj} to",
-    "While {A} and {B} were walking to the {place}, {S} showed a {obj} to",
-    "Then {A} and {B} had a long day at the {place}. {S} gave a {obj} to",
-    "Today {A} and {B} met at the {place}, and {S} sent a {obj} to",
-    "At the {place}, {A} and {B} talked. Later {S} threw a {obj} to",
-    "Yesterday {A} and {B} visited the {place}. {S} brought a {obj} to",
-    "When {A} met {B} at the {place}, {S} offered a {obj} to",
-    "Then, {A} and {B} walked into the {place}. Then {S} lent a {obj} to",
-    "Because {A} and {B} liked the {place}, {S} sold a {obj} to",
-    "Once {A} and {B} left the {place}, {S} tossed a {obj} to",
-]
-
-
-def ioi_templates(model=None) -> list[str]:
-    """The indirect-object templates in the model's text format.
-
-    TinyWorld's own (`tinyworld.IOI_TEMPLATES`: lower case, punctuation as separate words)
-    for a TinyWorld model or none; `TEXT_IOI_TEMPLATES` (the same sentences as ordinary
-    English text) for any other model.
-    """
-    from interplab.tinyworld import IOI_TEMPLATES
-
-    return list(IOI_TEMPLATES) if _uses_tinyworld_text(model) else list(TEXT_IOI_TEMPLATES)
-
-
-def sample_ioi_prompts(n: int, seed: int = 0, template: int = 0, split: str = "test", model=None) -> list[dict]:
-    """`n` indirect-object prompts of one template, with a third name each (dicts for `ioi_pairs`).
-
-    For a TinyWorld model (or ``model=None``) the prompts are drawn from TinyWorld's generator,
-    so that they are sentences of the model's training distribution (``split`` "test" or
-    "heldout": names the model never saw in an indirect-object sentence). For another model
-    (gpt2-small...) the template is written as ordinary English text (`ioi_templates`), and
-    names, places and objects are drawn at random among TinyWorld's words that are one token
-    for its tokenizer (with a leading space), so that every prompt has the same length.
-    """
-    from interplab import tinyworld
-    from interplab.tinyworld import language as L
-
-    pool = L.IOI_TRAIN_NAMES if split != "heldout" else L.HELDOUT_IOI_NAMES
-    places, objects = L.PLACES, L.OBJECTS
-    if model is not None:  # keep words that are one token for this model (all of them for TinyWorld)
-        pool = _single_token_names(model, pool)
-        places, objects = _single_token_names(model, places), _single_token_names(model, objects)
-    if len(pool) < 3 or not places or not objects:
-        raise ValueError(f"too few single-token names ({len(pool)}), places ({len(places)}) or objects "
-                         f"({len(objects)}) for this tokenizer")
-    text = ioi_templates(model)[template]
-    rng = random.Random(f"ioi-third-{seed}")
-    out: list[dict] = []
-    if not _uses_tinyworld_text(model):
-        while len(out) < n:
-            a, b, c = rng.sample(pool, 3)
-            s = rng.choice([a, b])
-            out.append(dict(template=text, A=a, B=b, S=s, IO=b if s == a else a, C=c, place=rng.choice(places),
-                            obj=rng.choice(objects), order="ABBA" if s == b else "BABA"))
-        return out
-    chunk = 0
-    while len(out) < n:
-        for d in tinyworld.generate(40 * n, seed=1000 * seed + chunk, split=split, families=["ioi"]):
-            m = d.meta
-            if m["template"] != template or m["A"] not in pool or m["B"] not in pool:
-                continue
-            place = next(w for w in d.tokens if w in L.PLACES)
-            obj = next(w for w in d.tokens if w in L.OBJECTS)
-            if place not in places or obj not in objects:
-                continue
-            c = rng.choice([x for x in pool if x not in (m["A"], m["B"])])
-            out.append(dict(template=text, A=m["A"], B=m["B"], S=m["S"], IO=m["IO"], C=c, place=place,
-                            obj=obj, order=m["order"]))
-            if len(out) == n:
-                break
-        chunk += 1
-        if chunk > 50:
-            raise RuntimeError("could not find enough prompts; check the template and the names")
-    return out
-
-
-def vocabulary_words(model, min_length: int = 3) -> list[str]:
-    """Words of at least `min_length` letters that are one token of the model's vocabulary as " word".
-
-    Returned without the leading space, in the order of their token ids. For gpt2-small these
-    are thousands of ordinary words (and some odd ones): random sequences of them are the
-    classic test of induction.
-    """
-    tok = model.tokenizer
-    by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    words, ids = [], []
-    for piece, i in by_id:
-        text = tok.convert_tokens_to_string([piece])
-        word = text[1:]
-        if text.startswith(" ") and len(word) >= min_length and word.isascii() and word.isalpha():
-            words.append(word)
-            ids.append(i)
-    if not words:
-        return []
-    encoded = tok([" " + w for w in words], add_special_tokens=False)["input_ids"]
-    return [w for w, i, e in zip(words, ids, encoded) if list(e) == [i]]  # and back to the same single token
-
-
-def sample_induction_prompts(n: int, length: int = 10, seed: int = 0, model=None) -> tuple[list[list[str]], list[str]]:
-    """`n` random sequences of `length` distinct words for induction, and a replacement word each.
-
-    For a TinyWorld model (or ``model=None``) the words come from TinyWorld's vocabulary
-    (`tinyworld.language.induction_pool`); for another model, from its own vocabulary:
-    words that are one token with a leading space (`vocabulary_words`).
-    """
-    from interplab.tinyworld import language as L
-
-    if _uses_tinyworld_text(model):
-        pool = L.induction_pool()
-        if model is not None:
-            pool = _single_token_names(model, pool)
-    else:
-        pool = vocabulary_words(model)
-    if len(pool) <= length:
-        raise ValueError(f"only {len(pool)} single-token words for this tokenizer; sequences of {length} need more")
-    rng = random.Random(f"induction-{seed}")
-    seqs, reps = [], []
-    for _ in range(n):
-        words = rng.sample(pool, length + 1)
-        seqs.append(words[:length])
-        reps.append(words[length])
-    return seqs, reps
-
-
-# --- the metric -------------------------------------------------------------------------
+def _logit_diff(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
+    """logits[b, -1, answer[b]] - logits[b, -1, wrong[b]] for each prompt b."""
+    final = logits[:, -1]
+    return final.gather(-1, answer[:, None])[:, 0] - final.gather(-1, wrong[:, None])[:, 0]
 
 
 def normalised_logit_diff(
@@ -339,47 +153,11 @@ def normalised_logit_diff(
     Returns:
         A 0-dimensional tensor (keep it a tensor: attribution patching differentiates it).
     """
-    ld = answer_logit_diff(logits, answer, wrong).mean()
+    ld = _logit_diff(logits, answer, wrong).mean()
     return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
 
 
-def mean_logit_diff(model, tokens: Int[Tensor, "batch pos"], answer: Int[Tensor, " batch"],
-                    wrong: Int[Tensor, " batch"]) -> float:
-    """The mean logit difference (answer minus wrong, at the final position) of the model on `tokens`."""
-    with torch.no_grad():
-        return answer_logit_diff(model(tokens), answer, wrong).mean().item()
-
-
-def logit_diff_metric(model, pairs: dict[str, Tensor]) -> Metric:
-    """The normalised logit difference of a dataset from `ioi_pairs` / `induction_pairs`, as a metric."""
-    answer, wrong = pairs["answer"], pairs["wrong"]
-    clean_ld = mean_logit_diff(model, pairs["clean"], answer, wrong)
-    corrupted_ld = mean_logit_diff(model, pairs["corrupted"], answer, wrong)
-
-    def metric(logits: Tensor) -> Tensor:
-        return normalised_logit_diff(logits, answer.to(logits.device), wrong.to(logits.device), clean_ld, corrupted_ld)
-
-    metric.clean_ld, metric.corrupted_ld = clean_ld, corrupted_ld
-    return metric
-
-
-# --- the batched patching engine ---------------------------------------------------------
-
-
-def hook_name(component: str, layer: int) -> str:
-    """The TransformerLens hook name of `component` ("resid_pre", "z", "pattern", ...) in block `layer`."""
-    table = {**LAYER_POS_COMPONENTS, **HEAD_COMPONENTS}
-    if component not in table:
-        raise ValueError(f"unknown component {component!r}; choose one of {sorted(table)}")
-    return table[component].format(layer=layer)
-
-
-def cache_activations(model, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """{hook name: activation} of one forward pass on `tokens`, keeping only the hooks `names`."""
-    names = set(names)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n in names)
-    return {n: cache[n] for n in names}
+# --- patching sweeps --------------------------------------------------------------------------
 
 
 def _rows_per_pass(model, batch: int, n_pos: int, max_elements: float = 6e7) -> int:
@@ -388,13 +166,7 @@ def _rows_per_pass(model, batch: int, n_pos: int, max_elements: float = 6e7) -> 
     return max(1, int(max_elements // (batch * n_pos * widest)))
 
 
-def _layer_of(name: str) -> int | None:
-    """The block a hook point belongs to (None for the embeddings and the final layer norm)."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" else None
-
-
-def run_patches(
+def _run_patches(
     model,
     target_tokens: Int[Tensor, "batch pos"],
     source: dict[str, Tensor],
@@ -419,11 +191,11 @@ def run_patches(
     target_tokens = target_tokens.to(device)
     batch, n_pos = target_tokens.shape
     per_pass = max_patches_per_pass or _rows_per_pass(model, batch, n_pos)
-    layers = sorted({_layer_of(name) for name, _ in patches if _layer_of(name) is not None})
-    starts = cache_activations(model, target_tokens, [f"blocks.{layer}.hook_resid_pre" for layer in layers])
+    layers = sorted({layer_of(name) for name, _ in patches if layer_of(name) is not None})
+    starts = cache_activations(model, target_tokens, [act_name("resid_pre", layer) for layer in layers])
     groups: dict[int | None, list[int]] = {}
     for i, (name, _) in enumerate(patches):
-        groups.setdefault(_layer_of(name), []).append(i)
+        groups.setdefault(layer_of(name), []).append(i)
     results = torch.zeros(len(patches))
     with torch.no_grad():
         for layer, members in groups.items():
@@ -434,7 +206,7 @@ def run_patches(
                     name, index = patches[i]
                     by_hook.setdefault(name, []).append((k, index))
 
-                def hook(act, hook):
+                def hook(act, hook, chunk=chunk, by_hook=by_hook):
                     rows = act.view(len(chunk), batch, *act.shape[1:])
                     src = source[hook.name]
                     for k, index in by_hook[hook.name]:
@@ -445,7 +217,7 @@ def run_patches(
                 if layer is None:
                     logits = model.run_with_hooks(target_tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
                 else:
-                    resid = starts[f"blocks.{layer}.hook_resid_pre"].repeat(len(chunk), 1, 1)
+                    resid = starts[act_name("resid_pre", layer)].repeat(len(chunk), 1, 1)
                     logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
                 for k, i in enumerate(chunk):
                     results[i] = metric(logits[k * batch:(k + 1) * batch]).detach().float().cpu()
@@ -479,11 +251,11 @@ def patch_layer_pos_sweep(
     """
     if component not in LAYER_POS_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(LAYER_POS_COMPONENTS)}, not {component!r}")
-    names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     source = cache_activations(model, source_tokens, names)
     n_pos = target_tokens.shape[1]
     patches = [(name, (pos,)) for name in names for pos in range(n_pos)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos)
+    return _run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos)
 
 
 def patch_head_sweep(
@@ -511,13 +283,13 @@ def patch_head_sweep(
     """
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
-    names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     source = cache_activations(model, source_tokens, names)
     if component == "pattern":
         patches = [(name, (head,)) for name in names for head in range(model.cfg.n_heads)]
     else:
         patches = [(name, (slice(None), head)) for name in names for head in range(model.cfg.n_heads)]
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, model.cfg.n_heads)
+    return _run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, model.cfg.n_heads)
 
 
 def patch_head_pos_sweep(
@@ -546,7 +318,7 @@ def patch_head_pos_sweep(
     """
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
-    names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     source = cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = []
@@ -554,24 +326,10 @@ def patch_head_pos_sweep(
         for pos in range(n_pos):
             for head in range(n_heads):
                 patches.append((name, (head, pos) if component == "pattern" else (pos, head)))
-    return run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return _run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
 
 
-# --- path patching ----------------------------------------------------------------------------
-
-
-def validate_path(model, sender: tuple[int, int], receivers, receiver_input: str) -> None:
-    """Raise ValueError unless the sender is a head, and every receiver a head of a later layer."""
-    layer, head = sender
-    if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
-        raise ValueError(f"sender {sender} is not a head of this model")
-    if receivers is not None:
-        if receiver_input not in ("q", "k", "v"):
-            raise ValueError(f"receiver_input must be 'q', 'k' or 'v', not {receiver_input!r}")
-        for r_layer, r_head in receivers:
-            if r_layer <= layer:
-                raise ValueError(f"receiver L{r_layer}H{r_head} is not after the sender L{layer}H{head}: "
-                                 f"a head can only send to heads of later layers")
+# --- path patching ---------------------------------------------------------------------------
 
 
 def path_patch(
@@ -613,7 +371,7 @@ def path_patch(
     s_layer, s_head = sender
     device = model.cfg.device
     source_tokens, target_tokens = source_tokens.to(device), target_tokens.to(device)
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    z_names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
     target_z = cache_activations(model, target_tokens, z_names)
     source_z = cache_activations(model, source_tokens, [z_names[s_layer]])[z_names[s_layer]]
 
@@ -623,7 +381,7 @@ def path_patch(
             new[:, :, s_head] = source_z[:, :, s_head]
         return new
 
-    receiver_names = sorted({f"blocks.{layer}.attn.hook_{receiver_input}" for layer, _ in receivers or []})
+    receiver_names = sorted({act_name(receiver_input, layer) for layer, _ in receivers or []})
     stored: dict[str, Tensor] = {}
 
     def store(act, hook):
@@ -636,7 +394,7 @@ def path_patch(
             return metric(logits).item()
 
         def patch_receivers(act, hook):
-            layer = int(hook.name.split(".")[1])
+            layer = hook.layer()
             act = act.clone()
             for r_layer, r_head in receivers:
                 if r_layer == layer:
@@ -647,71 +405,7 @@ def path_patch(
         return metric(logits).item()
 
 
-def path_patch_sweep(
-    model,
-    source_tokens: Int[Tensor, "batch pos"],
-    target_tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    receivers: list[tuple[int, int]] | None,
-    receiver_input: str = "q",
-    max_patches_per_pass: int | None = None,
-) -> Float[Tensor, "layer head"]:
-    """`path_patch` for every possible sender head at once (batched); NaN where a head cannot send.
-
-    Entry [l, h] is path_patch(..., sender=(l, h), receivers, receiver_input). Senders
-    must be in layers before every receiver; other entries are NaN.
-    """
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    last = n_layers if receivers is None else min(layer for layer, _ in receivers)
-    senders = [(layer, head) for layer in range(last) for head in range(n_heads)]
-    for s in senders:
-        validate_path(model, s, receivers, receiver_input)
-    device = model.cfg.device
-    source_tokens, target_tokens = source_tokens.to(device), target_tokens.to(device)
-    batch, n_pos = target_tokens.shape
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    target_z = cache_activations(model, target_tokens, z_names)
-    source_z = cache_activations(model, source_tokens, z_names)
-    receiver_names = sorted({f"blocks.{layer}.attn.hook_{receiver_input}" for layer, _ in receivers or []})
-    per_pass = max_patches_per_pass or _rows_per_pass(model, batch, n_pos)
-    out = torch.full((n_layers, n_heads), float("nan"))
-    with torch.no_grad():
-        for start in range(0, len(senders), per_pass):
-            chunk = senders[start:start + per_pass]
-            n = len(chunk)
-            tokens = target_tokens.repeat(n, 1)
-
-            def freeze(z, hook):
-                layer = int(hook.name.split(".")[1])
-                new = target_z[hook.name].repeat(n, 1, 1, 1).view(n, batch, *z.shape[1:])
-                for k, (s_layer, s_head) in enumerate(chunk):
-                    if s_layer == layer:
-                        new[k, :, :, s_head] = source_z[hook.name][:, :, s_head]
-                return new.view(z.shape)
-
-            stored: dict[str, Tensor] = {}
-
-            def store(act, hook):
-                stored[hook.name] = act.clone()
-
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, freeze) for nm in z_names]
-                                          + [(nm, store) for nm in receiver_names])
-            if receivers is not None:
-                def patch_receivers(act, hook):
-                    layer = int(hook.name.split(".")[1])
-                    act = act.clone()
-                    for r_layer, r_head in receivers:
-                        if r_layer == layer:
-                            act[:, :, r_head] = stored[hook.name][:, :, r_head]
-                    return act
-
-                logits = model.run_with_hooks(tokens, fwd_hooks=[(nm, patch_receivers) for nm in receiver_names])
-            for k, (s_layer, s_head) in enumerate(chunk):
-                out[s_layer, s_head] = metric(logits[k * batch:(k + 1) * batch]).item()
-    return out
-
-
-# --- attribution patching ----------------------------------------------------------------------
+# --- attribution patching --------------------------------------------------------------------
 
 
 def attribution_patch(
@@ -743,7 +437,7 @@ def attribution_patch(
     """
     if component not in LAYER_POS_COMPONENTS and component not in ("z", "q", "k", "v"):
         raise ValueError(f"component must be a residual-stream component or 'z', 'q', 'k', 'v', not {component!r}")
-    names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     device = model.cfg.device
     clean = cache_activations(model, clean_tokens, names)
     acts: dict[str, Tensor] = {}
@@ -762,70 +456,7 @@ def attribution_patch(
     return torch.stack(estimates).detach().float().cpu()
 
 
-def integrated_attribution_patch(
-    model,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupted_tokens: Int[Tensor, "batch pos"],
-    metric: Metric,
-    component: str = "z",
-    steps: int = 5,
-) -> Tensor:
-    """`attribution_patch` with the gradient averaged along the way from corrupted to clean.
-
-    The first-order estimate uses the slope of the metric at the corrupted run only. When
-    the metric is a switch (flat on the corrupted side, steep half-way, flat again at the
-    clean side), that slope is about zero and the estimate misses a patch that restores
-    everything. Here the token embeddings (and position embeddings) are mixed,
-    e + alpha (e_clean - e_corrupted), at `steps` midpoints alpha = (k + 0.5) / steps; the
-    gradient with respect to every activation is averaged over those runs and multiplied
-    by (a_clean - a_corrupted), as integrated gradients do for the inputs (the
-    "EAP-IG" variant of attribution patching). It costs `steps` forward and backward
-    passes instead of one, still far fewer than a patching sweep.
-
-    Args:
-        model: a HookedTransformer.
-        clean_tokens, corrupted_tokens: the two prompt sets (same shape).
-        metric: logits [batch, pos, vocab] -> a 0-dimensional tensor (differentiable).
-        component: as for `attribution_patch`.
-        steps: points on the path (1 takes the single midpoint; 5 is plenty for TinyWorld).
-
-    Returns:
-        The estimated change of the metric for each patch, shaped as `attribution_patch`'s.
-    """
-    if component not in LAYER_POS_COMPONENTS and component not in ("z", "q", "k", "v"):
-        raise ValueError(f"component must be a residual-stream component or 'z', 'q', 'k', 'v', not {component!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, not {steps!r}")
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"clean and corrupted tokens must have the same shape, not {tuple(clean_tokens.shape)} "
-                         f"and {tuple(corrupted_tokens.shape)}")
-    names = [hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    inputs = ["hook_embed", "hook_pos_embed"]
-    clean = cache_activations(model, clean_tokens, names + inputs)
-    corrupted = cache_activations(model, corrupted_tokens, names + inputs)
-    mean_grad = {n: torch.zeros_like(clean[n]) for n in names}
-    for k in range(steps):
-        alpha = (k + 0.5) / steps
-        acts: dict[str, Tensor] = {}
-
-        def mix(act, hook, alpha=alpha):
-            # a leaf that requires grad, so that even the embeddings' own sum (resid_pre 0) has a gradient
-            return (corrupted[hook.name] + alpha * (clean[hook.name] - corrupted[hook.name])).requires_grad_(True)
-
-        def keep(act, hook):
-            acts[hook.name] = act
-
-        with torch.enable_grad():
-            logits = model.run_with_hooks(corrupted_tokens.to(model.cfg.device),
-                                          fwd_hooks=[(n, mix) for n in inputs] + [(n, keep) for n in names])
-            grads = torch.autograd.grad(metric(logits), [acts[n] for n in names])
-        for name, grad in zip(names, grads):
-            mean_grad[name] += grad / steps
-    estimates = [((clean[n] - corrupted[n]) * mean_grad[n]).sum(dim=(0, -1)) for n in names]
-    return torch.stack(estimates).detach().float().cpu()
-
-
-# --- circuits ----------------------------------------------------------------------------------
+# --- circuits ---------------------------------------------------------------------------------
 
 
 def circuit_faithfulness(
@@ -863,12 +494,12 @@ def circuit_faithfulness(
             raise ValueError(f"({layer}, {head}) is not a head of this model")
     device = model.cfg.device
     tokens = tokens.to(device)
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
     means = {n: z.mean(dim=0) for n, z in cache_activations(model, mean_tokens, names).items()}
     keep = set(map(tuple, circuit))
 
     def ablate(z, hook):
-        layer = int(hook.name.split(".")[1])
+        layer = hook.layer()
         z = z.clone()
         for head in range(model.cfg.n_heads):
             if (layer, head) not in keep:
@@ -876,139 +507,7 @@ def circuit_faithfulness(
         return z
 
     with torch.no_grad():
-        full = answer_logit_diff(model(tokens), answer.to(device), wrong.to(device)).mean()
+        full = _logit_diff(model(tokens), answer.to(device), wrong.to(device)).mean()
         logits = model.run_with_hooks(tokens, fwd_hooks=[(n, ablate) for n in names])
-        kept = answer_logit_diff(logits, answer.to(device), wrong.to(device)).mean()
+        kept = _logit_diff(logits, answer.to(device), wrong.to(device)).mean()
     return (kept / full).item()
-
-
-# --- naming heads -------------------------------------------------------------------------------
-
-
-def pearson(x: Tensor, y: Tensor) -> float:
-    """Pearson correlation of two tensors, flattened."""
-    x, y = x.flatten().double(), y.flatten().double()
-    x, y = x - x.mean(), y - y.mean()
-    return float((x @ y) / (x.norm() * y.norm()))
-
-
-def ioi_positions(pairs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Positions [batch] of the IO, the first and second mention of S (S1, S2) and the end, in the clean prompts."""
-    tokens = pairs["clean"]
-    io = (tokens == pairs["answer"][:, None]).int().argmax(1)
-    is_s = tokens == pairs["wrong"][:, None]
-    s1 = is_s.int().argmax(1)
-    s2 = tokens.shape[1] - 1 - is_s.flip(1).int().argmax(1)
-    end = torch.full_like(io, tokens.shape[1] - 1)
-    return {"IO": io, "S1": s1, "S1+1": s1 + 1, "S2": s2, "END": end}
-
-
-def attention_between(model, tokens: Tensor, query: Tensor, key: Tensor) -> Float[Tensor, "layer head"]:
-    """Mean attention of every head from position query[b] to key[b] (over the prompts b)."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    cache = cache_activations(model, tokens, names)
-    b = torch.arange(tokens.shape[0])
-    return torch.stack([cache[n][b, :, query, key].mean(0) for n in names]).cpu()
-
-
-def head_direct_effect(model, tokens: Tensor, answer: Tensor, wrong: Tensor) -> Float[Tensor, "layer head"]:
-    """Each head's direct contribution to the logit difference at the final position (direct logit attribution)."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens.to(model.cfg.device))
-        heads = cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)  # [layer*head, batch, d_model]
-        direction = model.W_U[:, answer] - model.W_U[:, wrong]  # [d_model, batch]
-        effect = (heads * direction.T[None]).sum(-1).mean(-1)
-    return effect.reshape(model.cfg.n_layers, model.cfg.n_heads).cpu()
-
-
-def induction_head_scores(model, seq_len: int = 12, n: int = 32, seed: int = 0) -> dict[str, Tensor]:
-    """Previous-token, duplicate-token and induction scores [layer, head] on repeated random sequences.
-
-    For a sequence repeated twice, at a position i of the second copy: previous-token
-    attention goes to i - 1, duplicate-token attention to i - seq_len (the same word
-    earlier), induction attention to i - seq_len + 1 (the word after it).
-    """
-    seqs, _ = sample_induction_prompts(n, seq_len, seed=seed, model=model)
-    bos = model.tokenizer.bos_token_id
-    tokens = torch.tensor([[bos] + [name_token_id(model, w) for w in s] * 2 for s in seqs])
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    cache = cache_activations(model, tokens, names)
-    second = torch.arange(seq_len + 1, 2 * seq_len + 1)
-    scores = {}
-    for label, offset in (("previous_token", 1), ("duplicate_token", seq_len), ("induction", seq_len - 1)):
-        scores[label] = torch.stack([cache[n][:, :, second, second - offset].mean((0, 2)) for n in names]).cpu()
-    return scores
-
-
-def top_entries(values: Tensor, k: int = 5, labels: Callable[[tuple[int, ...]], str] | None = None) -> list[tuple[str, float]]:
-    """The k entries of `values` with the largest absolute value, as (label, value), largest first."""
-    flat = values.flatten()
-    order = flat.abs().argsort(descending=True)[:k]
-    out = []
-    for i in order.tolist():
-        index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), values.shape))
-        out.append((labels(index) if labels else str(index), float(flat[i])))
-    return out
-
-
-def draw_circuit(roles: dict[tuple[int, int], str], n_layers: int, n_heads: int,
-                 edges: Sequence[tuple[tuple[int, int] | str, tuple[int, int] | str, float]] = (),
-                 notes: dict[tuple[int, int] | str, str] | None = None, title: str = ""):
-    """A circuit diagram: every head as a node (layer upwards, head across), the circuit's heads
-    coloured by role, and arrows (sender, receiver, strength) between heads or to "MLP0".. "logits".
-
-    Nodes other than heads are named by strings: "embed" (below layer 0), "MLP{l}" (right of
-    layer l) and "logits" (above the last layer).
-    """
-    import matplotlib.pyplot as plt
-
-    notes = notes or {}
-    role_names = sorted(set(roles.values()))
-    palette = plt.get_cmap("tab10")
-    colour = {r: palette(i % 10) for i, r in enumerate(role_names)}
-
-    def where(node):
-        if isinstance(node, tuple):
-            return node[1], node[0]
-        if node == "embed":
-            return (n_heads - 1) / 2, -1.1
-        if node == "logits":
-            return (n_heads - 1) / 2, n_layers + 0.1
-        if node.startswith("MLP"):
-            return n_heads + 0.3, int(node[3:]) + 0.35
-        raise ValueError(f"unknown node {node!r}")
-
-    fig, ax = plt.subplots(figsize=(1.9 * n_heads + 3.5, 1.35 * n_layers + 2.2))
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            role = roles.get((layer, head))
-            ax.scatter([head], [layer], s=900, color=colour[role] if role else "#eeeeee",
-                       edgecolors="black" if role else "#bbbbbb", zorder=3)
-            ax.text(head, layer, f"L{layer}H{head}", ha="center", va="center", fontsize=7, zorder=4)
-            if (layer, head) in notes:
-                ax.text(head, layer - 0.38, notes[(layer, head)], ha="center", va="top", fontsize=6.5, zorder=4)
-        ax.text(n_heads + 0.3, layer + 0.35, f"MLP{layer}", ha="center", va="center", fontsize=7,
-                bbox=dict(boxstyle="round", fc="#fff7dd" if f"MLP{layer}" in notes else "#f6f6f6", ec="#999999"))
-        if f"MLP{layer}" in notes:
-            ax.text(n_heads + 0.3, layer + 0.05, notes[f"MLP{layer}"], ha="center", va="top", fontsize=6.5)
-    for node in ("embed", "logits"):
-        x, y = where(node)
-        ax.text(x, y, node, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc="#e8f0ff", ec="#6688cc"))
-    biggest = max([abs(w) for _, _, w in edges] + [1e-9])
-    for sender, receiver, weight in edges:
-        (x0, y0), (x1, y1) = where(sender), where(receiver)
-        ax.annotate("", xy=(x1, y1 - 0.18), xytext=(x0, y0 + 0.18),
-                    arrowprops=dict(arrowstyle="-|>", lw=0.8 + 3.5 * abs(weight) / biggest,
-                                    color="#cc3311" if weight < 0 else "#225588", alpha=0.8,
-                                    connectionstyle="arc3,rad=0.12"), zorder=2)
-    for role in role_names:
-        ax.scatter([], [], s=120, color=colour[role], edgecolors="black", label=role)
-    if role_names:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    ax.set_xlim(-0.7, n_heads + 0.9)
-    ax.set_ylim(-1.5, n_layers + 0.5)
-    ax.axis("off")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from interplab import tinyworld
-from interplab.activation_store import (StoreError, main, open_store, saelens_config, tinyworld_chunks,
-                                        write_mlp_pairs, write_store)
+from interplab.activation_store import (
+    StoreError,
+    main,
+    open_store,
+    saelens_config,
+    tinyworld_chunks,
+    write_mlp_pairs,
+    write_store,
+)
 from interplab.activations import collect
+from interplab.dictionaries import SAEConfig, TranscoderConfig, train_dictionary, train_transcoder
+from interplab.dictionaries.data import mlp_io_pairs
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -96,17 +105,13 @@ def test_memory_map_is_copy_on_write(store):
 
 
 def test_train_sae_from_a_memory_mapped_store(model, store):
-    from interplab.solutions.ch03_saes import SAEConfig, train_sae
-
     acts = open_store(store.path)[HOOK]
     cfg = SAEConfig(d_in=model.cfg.d_model, d_sae=64, architecture="topk", k=4)
-    sae = train_sae(acts, cfg, steps=5, batch_size=64, progress=False)
+    sae = train_dictionary(acts, cfg, steps=5, batch_size=64, progress=False)
     assert sae.info["steps"] == 5 and torch.isfinite(sae(acts[:10])).all()
 
 
 def test_train_transcoder_from_mlp_pairs(model, tmp_path):
-    from interplab.solutions.ch04_transcoders import TranscoderConfig, mlp_io_pairs, train_transcoder
-
     chunks = list(tinyworld_chunks(24, seed=3, split="train", docs_per_chunk=8))
     store = write_mlp_pairs(tmp_path / "mlp0", model, iter(chunks), layer=0, progress=False)
     x, y = store.pair(0)
@@ -121,8 +126,6 @@ def test_train_transcoder_from_mlp_pairs(model, tmp_path):
 @pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk"])
 def test_saelens_config_matches_train_sae_settings(arch):
     from sae_lens import LanguageModelSAERunnerConfig
-
-    from interplab.solutions.ch03_saes import SAEConfig
 
     cfg = SAEConfig(d_in=128, d_sae=768, architecture=arch, k=16, l1_coeff=8.0)
     out = saelens_config(cfg, steps=1200, batch_size=1024, lr=2e-3, seed=0)
@@ -159,10 +162,7 @@ def test_saelens_config_matches_train_sae_settings(arch):
 
 
 def test_saelens_config_refuses_transcoders():
-    from interplab.solutions.ch03_saes import SAEConfig
-
-    cfg = SAEConfig(d_in=128, d_sae=64, architecture="topk", k=4, apply_b_dec_to_input=False,
-                    hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out")
+    cfg = TranscoderConfig(d_in=128, d_sae=64, architecture="topk", k=4, layer=0)
     with pytest.raises(NotImplementedError, match="transcoders"):
         saelens_config(cfg, steps=10, batch_size=8, lr=1e-3)
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interplab.dictionaries import Transcoder, TranscoderConfig, circuits, metrics, shipped, train_transcoder
+from interplab.dictionaries import data as data_module
+from interplab.dictionaries.data import tinyworld_dataset
+from interplab.exercises import get
+from interplab.grading import run as grade
 from interplab.solutions import ch04_transcoders as T
 
 N_LAYERS = 4
@@ -18,7 +23,7 @@ N_LAYERS = 4
 
 @pytest.fixture(scope="module")
 def data(model):
-    _, ids, mask = T.dataset(40, seed=11, split="test")
+    _, ids, mask = tinyworld_dataset(40, seed=11, split="test")
     return ids, mask
 
 
@@ -33,11 +38,11 @@ def test_every_layer_is_shipped_and_verified(model):
 
     assert model.cfg.n_layers == N_LAYERS
     for L in range(N_LAYERS):
-        for kind in T.KINDS:
-            folder = T.shipped_folder(L, kind)
-            assert verify(folder) == {name: "ok" for name in ("cfg.json", "sae_weights.safetensors")}
+        for kind in shipped.KINDS:
+            folder = shipped.transcoder_folder(L, kind)
+            assert verify(folder) == {name: "ok" for name in ("cfg.json", "provenance.json", "sae_weights.safetensors")}
         for skip in (False, True):
-            tc = T.load_transcoder(L, skip=skip)
+            tc = shipped.load_transcoder(L, skip=skip)
             assert tc.cfg.layer == L and tc.cfg.skip == skip
             assert tc.cfg.hook_name == f"blocks.{L}.ln2.hook_normalized"
             assert tc.cfg.hook_name_out == f"blocks.{L}.hook_mlp_out"
@@ -58,9 +63,9 @@ def test_shipped_transcoders_load_into_saelens(model, pairs, skip, tmp_path):
 
     expected_cls = sae_lens.JumpReLUSkipTranscoder if skip else sae_lens.JumpReLUTranscoder
     for L in range(N_LAYERS):
-        ours = T.load_transcoder(L, skip=skip)
+        ours = shipped.load_transcoder(L, skip=skip)
         x, _ = pairs[L]
-        theirs = sae_lens.SAE.load_from_disk(T.shipped_folder(L, "skip" if skip else "transcoder"))
+        theirs = sae_lens.SAE.load_from_disk(shipped.transcoder_folder(L, "skip" if skip else "transcoder"))
         assert type(theirs) is expected_cls
         assert theirs.cfg.d_out == ours.cfg.d_out and theirs.cfg.metadata.hook_name == ours.cfg.hook_name
         converted = ours.to_saelens()
@@ -80,12 +85,12 @@ def test_relu_transcoders_round_trip_through_saelens(pairs, skip, tmp_path):
     import sae_lens
 
     x, y = pairs[1]
-    cfg = T.TranscoderConfig(d_in=x.shape[-1], d_sae=64, architecture="standard", l1_coeff=0.3, skip=skip, layer=1)
-    tc = T.train_transcoder(x, y, cfg, steps=30, batch_size=256, progress=False)
+    cfg = TranscoderConfig(d_in=x.shape[-1], d_sae=64, architecture="standard", l1_coeff=0.3, skip=skip, layer=1)
+    tc = train_transcoder(x, y, cfg, steps=30, batch_size=256, progress=False)
     folder = tc.save(tmp_path / "tc")
     theirs = sae_lens.SAE.load_from_disk(folder)
     assert type(theirs) is (sae_lens.SkipTranscoder if skip else sae_lens.Transcoder)
-    again = T.Transcoder.load(folder)
+    again = Transcoder.load(folder)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), tc(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(again(x), tc(x))
@@ -93,7 +98,7 @@ def test_relu_transcoders_round_trip_through_saelens(pairs, skip, tmp_path):
 
 
 def test_topk_transcoders_say_saelens_has_no_class():
-    tc = T.Transcoder(T.TranscoderConfig(d_in=8, d_sae=16, architecture="topk", k=2))
+    tc = Transcoder(TranscoderConfig(d_in=8, d_sae=16, architecture="topk", k=2))
     with pytest.raises(NotImplementedError, match="TopK"):
         tc.to_saelens()
 
@@ -101,28 +106,28 @@ def test_topk_transcoders_say_saelens_has_no_class():
 @pytest.mark.slow
 def test_replacement_model_recovers_80_percent(model):
     """Every MLP replaced at once by its shipped transcoder: >= 80% of the clean-vs-ablated loss gap recovered."""
-    _, ids, mask = T.dataset(100, seed=1, split="test")
+    _, ids, mask = tinyworld_dataset(100, seed=1, split="test")
     for skip in (False, True):
-        out = T.replacement_loss(model, T.load_transcoders(skip=skip), ids, mask)
+        out = T.replacement_loss(model, shipped.load_transcoders(skip=skip), ids, mask)
         assert out["ce_clean"] < out["ce_replaced"] < out["ce_ablated"]
         assert out["loss_recovered"] >= 0.80, (skip, out)
 
 
 def test_training_is_reproducible_and_learns(pairs):
     x, y = pairs[0]
-    cfg = T.TranscoderConfig(d_in=x.shape[-1], d_sae=96, architecture="batchtopk", k=8, layer=0)
-    a = T.train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
-    b = T.train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
+    cfg = TranscoderConfig(d_in=x.shape[-1], d_sae=96, architecture="batchtopk", k=8, layer=0)
+    a = train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
+    b = train_transcoder(x, y, cfg, steps=40, batch_size=256, progress=False)
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.threshold, b.threshold)
     with torch.no_grad():
-        untrained = T.Transcoder(cfg)
+        untrained = Transcoder(cfg)
         untrained.b_dec.copy_(y.mean(0))
         assert T.transcoder_loss(a, x, y)[1] < 0.8 * T.transcoder_loss(untrained.eval(), x, y)[1]
     assert torch.allclose(a.W_dec.norm(dim=-1), torch.ones(96), atol=1e-4)
 
 
 def test_bad_inputs_fail_clearly(model):
-    t0, t2 = T.load_transcoder(0), T.load_transcoder(2)
+    t0, t2 = shipped.load_transcoder(0), shipped.load_transcoder(2)
     with pytest.raises(ValueError, match="before"):
         T.pullback(t2, t0, 0)
     with pytest.raises(ValueError, match="feature"):
@@ -134,26 +139,26 @@ def test_bad_inputs_fail_clearly(model):
     with pytest.raises(ValueError, match="one prompt"):
         T.answer_attribution(model, [t0], torch.zeros(1, 3, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="architecture"):
-        T.TranscoderConfig(d_in=4, d_sae=8, architecture="gated")
+        TranscoderConfig(d_in=4, d_sae=8, architecture="gated")
 
 
 def test_error_terms_keep_the_model_exact(model):
     """With error terms, the replacement model computes the clean logits, so the graph's nodes explain the real model."""
     from interplab import tinyworld
 
-    tcs = T.load_transcoders()
-    ids = torch.tensor(tinyworld.encode(T.fact_prompt("Alice")))
+    tcs = shipped.load_transcoders()
+    ids = torch.tensor(tinyworld.encode(circuits.fact_prompt("Alice")))
     answer = tinyworld.token_id(tinyworld.WORLD.value("Alice", "city"))
     feat, err = T.answer_attribution(model, tcs, ids, answer)
     assert feat.shape == (N_LAYERS, len(ids), tcs[0].cfg.d_sae) and err.shape == (N_LAYERS, len(ids))
     # the target-feature variant agrees with the exercise on the answer logit
-    feat2, err2 = T.feature_attribution_to(model, tcs, ids, answer_id=answer)
+    feat2, err2 = circuits.feature_attribution_to(model, tcs, ids, answer_id=answer)
     torch.testing.assert_close(feat, feat2)
     torch.testing.assert_close(err, err2)
 
 
 def test_fact_recall_circuit_matches_the_world(model):
-    check = T.fact_recall_check(model, T.load_transcoders(), people=["Alice", "Bob", "Carol", "Dave"])
+    check = circuits.fact_recall_check(model, shipped.load_transcoders(), people=["Alice", "Bob", "Carol", "Dave"])
     assert check["model_correct"] == 1.0
     for row in check["rows"]:
         assert row["truth"] == __import__("interplab").tinyworld.WORLD.value(row["person"], "city")
@@ -165,19 +170,19 @@ def test_attribution_graph_draws(model):
     matplotlib.use("Agg")
     from interplab import tinyworld
 
-    tcs = T.load_transcoders()
-    ids = torch.tensor(tinyworld.encode(T.fact_prompt("Bob")))
-    graph = T.attribution_graph(model, tcs, ids, tinyworld.token_id(tinyworld.WORLD.value("Bob", "city")), n_nodes=5)
+    tcs = shipped.load_transcoders()
+    ids = torch.tensor(tinyworld.encode(circuits.fact_prompt("Bob")))
+    graph = circuits.attribution_graph(model, tcs, ids, tinyworld.token_id(tinyworld.WORLD.value("Bob", "city")), n_nodes=5)
     assert len([n for n in graph["nodes"] if n["kind"] == "feature"]) == 5
-    fig = T.draw_attribution_graph(graph, [T.node_label(model, tcs, n) for n in graph["nodes"]])
+    fig = circuits.draw_attribution_graph(graph, [circuits.node_label(model, tcs, n) for n in graph["nodes"]])
     assert fig.axes
 
 
 @pytest.mark.slow
 def test_bench_quick():
-    from interplab.bench_transcoders import bench_transcoders
+    from interplab.bench.ch04_transcoders import run
 
-    out = bench_transcoders(quick=True)
+    out = run(quick=True)
     assert 0.8 <= out["loss_recovered"] <= 1.0
 
 
@@ -195,7 +200,7 @@ def standin_data():
     toks = tinyworld.tokens_for(m, tinyworld.generate(24, seed=6, split="test"))
     mask = toks.mask.clone()
     mask[:, 0] = False
-    tcs = [T.Transcoder(T.TranscoderConfig(d_in=m.cfg.d_model, d_sae=96, architecture="batchtopk", k=8, layer=L))
+    tcs = [Transcoder(TranscoderConfig(d_in=m.cfg.d_model, d_sae=96, architecture="batchtopk", k=8, layer=L))
            for L in range(m.cfg.n_layers)]
     for tc in tcs:
         tc.eval()
@@ -206,18 +211,16 @@ def test_splice_ce_in_batches_matches_one_pass(standin_data):
     m, ids, mask, tcs = standin_data
     per_row = ids.shape[1] * m.cfg.d_vocab * 4 / 1e9
     replace = {1: lambda x, y: tcs[1](x)}
-    whole = T._splice_ce(m, ids, mask, replace, max_logits_gb=float("inf"))
-    assert T._splice_ce(m, ids, mask, replace, max_logits_gb=5 * per_row) == pytest.approx(whole, rel=1e-5)
-    assert whole != pytest.approx(T._splice_ce(m, ids, mask, {}), rel=1e-4)  # the replacement does something
+    whole = metrics.splice_ce(m, ids, mask, replace, max_logits_gb=float("inf"))
+    assert metrics.splice_ce(m, ids, mask, replace, max_logits_gb=5 * per_row) == pytest.approx(whole, rel=1e-5)
+    assert whole != pytest.approx(metrics.splice_ce(m, ids, mask, {}), rel=1e-4)  # the replacement does something
 
 
 def test_replacement_loss_in_batches_matches_one_pass(standin_data):
-    from interplab.solutions.ch03_saes import splice_in_batches
-
     m, ids, mask, tcs = standin_data
     per_row = ids.shape[1] * m.cfg.d_vocab * 4 / 1e9
     whole = T.replacement_loss(m, tcs, ids, mask)
-    batched = splice_in_batches(T.replacement_loss, m, tcs, ids, mask, max_logits_gb=7 * per_row)
+    batched = metrics.splice_in_batches(T.replacement_loss, m, tcs, ids, mask, max_logits_gb=7 * per_row)
     assert set(batched) == set(whole)
     for k in whole:
         assert batched[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-5), k
@@ -225,6 +228,70 @@ def test_replacement_loss_in_batches_matches_one_pass(standin_data):
 
 def test_compare_layer_runs_on_a_gpt2_shaped_model(standin_data):
     m, ids, mask, tcs = standin_data
-    rows = T.compare_layer(m, 2, tcs[2], ids, mask)
-    assert [r["method"] for r in rows] == [T.METHOD_NAMES["transcoder"]]
+    rows = metrics.compare_layer(m, 2, tcs[2], ids, mask)
+    assert [r["method"] for r in rows] == [metrics.METHOD_NAMES["transcoder"]]
     assert rows[0]["layer"] == 2 and rows[0]["ce_zero"] > 0
+
+
+# -------------------------------------------------------------------------------------
+# The library and the answer key agree on every case of the exercises the library implements
+# -------------------------------------------------------------------------------------
+
+def _lib_transcoder_forward(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    cfg = TranscoderConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], d_out=W_dec.shape[1], architecture="standard",
+                           skip=W_skip is not None)
+    tc = Transcoder(cfg).eval()
+    with torch.no_grad():
+        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec), ("W_skip", W_skip)):
+            if value is not None:
+                getattr(tc, name).copy_(value)
+        return tc(x), tc.encode(x)
+
+
+def _lib_transcoder_loss(transcoder, x, y):
+    out = transcoder.loss(x, y)
+    return out.loss, out.mse, out.l1
+
+
+LIBRARY = {
+    "transcoder_forward": _lib_transcoder_forward,
+    "mlp_io_pairs": data_module.mlp_io_pairs,
+    "transcoder_loss": _lib_transcoder_loss,
+    "replacement_loss": metrics.replacement_loss,
+    "de_embedding": circuits.de_embedding,
+}
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LIBRARY))
+def test_library_agrees_with_the_answer_key(name):
+    """The library's own implementation passes the exercise, and gives the reference's output (to 1e-6) on its cases."""
+    fn = LIBRARY[name]
+    report = grade(name, fn)
+    assert report.passed, report
+    ex = get(name)
+    for case in ex.cases():
+        assert _close(fn(*case.args, **case.kwargs), ex.reference(*case.args, **case.kwargs)), case.label
+
+
+def test_hooking_a_transcoder_feature_changes_the_prediction(pairs):
+    tc = shipped.load_transcoder(1, skip=True)
+    x = pairs[1][0][:20]
+    out, cache = tc.run_with_cache(x)
+    with torch.no_grad():
+        acts = tc.encode(x)
+        assert torch.equal(cache["hook_sae_acts_post"], acts)
+        assert torch.allclose(cache["hook_sae_output"], cache["hook_sae_recons"] + x @ tc.W_skip.T, atol=1e-6)
+        feature = int(acts.sum(0).argmax())
+        boosted = tc.run_with_hooks(x, fwd_hooks=[("hook_sae_acts_post", lambda a, hook: a + 5.0 * (
+            torch.arange(a.shape[-1]) == feature))])
+    assert torch.allclose(boosted - out, (5.0 * tc.W_dec[feature]).expand_as(out).detach(), atol=1e-4)

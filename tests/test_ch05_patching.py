@@ -4,16 +4,65 @@ patching against activation patching, and the properties the chapter relies on."
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 
 import pytest
 import torch
-from interplab.solutions import ch05_patching as P
+
+from interplab import circuits as C
+from interplab import exercises, grading
+from interplab import pairs as PR
+from interplab import patching as P
+from interplab.grading.core import expected_outputs, fresh
+from interplab.hooks import act_name
+from interplab.solutions import ch05_patching as sol
+
+# The library's own implementation of each exercise the library needs (the answer key holds the learner-facing one).
+LIBRARY_VERSION = {
+    "ioi_pairs": PR.ioi_pairs,
+    "induction_pairs": PR.induction_pairs,
+    "normalised_logit_diff": P.normalised_logit_diff,
+    "patch_layer_pos_sweep": P.patch_layer_pos_sweep,
+    "patch_head_sweep": P.patch_head_sweep,
+    "patch_head_pos_sweep": P.patch_head_pos_sweep,
+    "path_patch": P.path_patch,
+    "attribution_patch": P.attribution_patch,
+    "circuit_faithfulness": C.circuit_faithfulness,
+}
+
+
+def test_the_answer_key_holds_only_the_chapters_exercises():
+    public = sorted(name for name, fn in vars(sol).items()
+                    if inspect.isfunction(fn) and fn.__module__ == sol.__name__ and not name.startswith("_"))
+    assert public == sorted(e.name for e in exercises.all_exercises() if e.chapter == "05_patching")
+    assert set(LIBRARY_VERSION) == set(public)
+
+
+def _identical(got, expected) -> bool:
+    if isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(_identical(got[k], expected[k]) for k in expected)
+    if isinstance(expected, torch.Tensor):
+        return got.dtype == expected.dtype and torch.equal(got, expected)
+    return got == expected
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_VERSION))
+def test_library_agrees_with_the_answer_key(name):
+    """The library's implementation passes the exercise's own check, and (while both use the same arithmetic)
+    gives bit-for-bit the reference's output on every case. A faster engine may relax the second part to the
+    exercise's tolerance; the first part must keep holding."""
+    fn = LIBRARY_VERSION[name]
+    report = grading.run(name, fn)
+    assert report.passed, report
+    ex = exercises.get(name)
+    for case, expected in zip(ex.cases(), expected_outputs(ex), strict=True):
+        assert _identical(fn(*fresh(case.args), **fresh(case.kwargs)), expected), case.label
 
 
 @pytest.fixture(scope="module")
 def ioi(model):
-    pairs = P.ioi_pairs(model, P.sample_ioi_prompts(8, seed=0, template=0), "swap_names")
+    pairs = PR.ioi_pairs(model, PR.sample_ioi_prompts(8, seed=0, template=0), "swap_names")
     return pairs, P.logit_diff_metric(model, pairs)
 
 
@@ -82,7 +131,7 @@ def test_noising_is_denoising_with_the_roles_swapped(model, ioi):
 
 def test_batching_does_not_change_results(model, ioi):
     pairs, metric = ioi
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     source = P.cache_activations(model, pairs["clean"], names)
     patches = [(n, (pos,)) for n in names for pos in range(pairs["clean"].shape[1])]
     one_by_one = P.run_patches(model, pairs["corrupted"], source, patches, metric, max_patches_per_pass=1)
@@ -123,10 +172,10 @@ def test_attribution_patching_matches_activation_patching_on_heads(model):
     restores everything) sits where the metric is flat on the corrupted side, so its slope
     there says almost nothing. Averaging the gradient along the way from corrupted to clean
     (`integrated_attribution_patch`) fixes exactly that, and is what the chapter teaches."""
-    prompts = P.sample_ioi_prompts(32, seed=0, template=0)
+    prompts = PR.sample_ioi_prompts(32, seed=0, template=0)
     plain, integrated, missed = {}, {}, {}
-    for corruption in P.IOI_CORRUPTIONS:
-        pairs = P.ioi_pairs(model, prompts, corruption)
+    for corruption in PR.IOI_CORRUPTIONS:
+        pairs = PR.ioi_pairs(model, prompts, corruption)
         metric = P.logit_diff_metric(model, pairs)
         act = P.patch_head_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, "z")
         act = act - metric(model(pairs["corrupted"])).item()
@@ -176,43 +225,43 @@ def test_attribution_patching_of_identical_runs_is_zero_and_has_the_sweep_shapes
 def test_circuit_faithfulness_of_the_whole_model_is_one(model, ioi):
     pairs, _ = ioi
     every = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-    assert P.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], every,
+    assert C.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], every,
                                   pairs["corrupted"]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_clear_errors(model, ioi):
     pairs, metric = ioi
-    prompts = P.sample_ioi_prompts(2, seed=0, template=0)
+    prompts = PR.sample_ioi_prompts(2, seed=0, template=0)
     with pytest.raises(ValueError, match="corruption"):
-        P.ioi_pairs(model, prompts, "shuffle")
+        PR.ioi_pairs(model, prompts, "shuffle")
     with pytest.raises(ValueError, match="different lengths"):
-        P.ioi_pairs(model, prompts + P.sample_ioi_prompts(1, seed=0, template=2), "third_name")
+        PR.ioi_pairs(model, prompts + PR.sample_ioi_prompts(1, seed=0, template=2), "third_name")
     with pytest.raises(ValueError, match="not after the sender"):
         P.path_patch(model, pairs["corrupted"], pairs["clean"], metric, (2, 0), [(1, 0)], "q")
     with pytest.raises(ValueError, match="component"):
         P.patch_layer_pos_sweep(model, pairs["clean"], pairs["corrupted"], metric, "z")
     with pytest.raises(ValueError, match="positions"):
-        P.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], [], pairs["clean"][:, :5])
+        C.circuit_faithfulness(model, pairs["clean"], pairs["answer"], pairs["wrong"], [], pairs["clean"][:, :5])
 
 
 def test_datasets_are_minimal_pairs(model):
-    prompts = P.sample_ioi_prompts(6, seed=3, template=0)
-    differ = {c: (P.ioi_pairs(model, prompts, c)["clean"] != P.ioi_pairs(model, prompts, c)["corrupted"]).sum(1)
-              for c in P.IOI_CORRUPTIONS}
+    prompts = PR.sample_ioi_prompts(6, seed=3, template=0)
+    differ = {c: (PR.ioi_pairs(model, prompts, c)["clean"] != PR.ioi_pairs(model, prompts, c)["corrupted"]).sum(1)
+              for c in PR.IOI_CORRUPTIONS}
     assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
     assert (differ["swap_names"] == 3).all()
-    seqs, reps = P.sample_induction_prompts(4, 8, seed=0)
-    for corruption in P.INDUCTION_CORRUPTIONS:
-        pairs = P.induction_pairs(model, seqs, 5, reps, corruption)
+    seqs, reps = PR.sample_induction_prompts(4, 8, seed=0)
+    for corruption in PR.INDUCTION_CORRUPTIONS:
+        pairs = PR.induction_pairs(model, seqs, 5, reps, corruption)
         assert ((pairs["clean"] != pairs["corrupted"]).sum(1) == 1).all()
         assert pairs["clean"].shape == (4, 1 + 8 + 5)
 
 
 @pytest.mark.slow
 def test_benchmark_runs_and_agrees(model):
-    from interplab.bench_patching import bench_patching
+    from interplab.bench import ch05_patching as bench
 
-    out = bench_patching(model, n_prompts=8)
+    out = bench.run(model, n_prompts=8)
     print(out)
     for sweep in ("resid_pre", "head_out_all_pos", "head_out_by_pos"):
         assert out[f"{sweep}_max_abs_diff"] < 1e-5
@@ -231,8 +280,8 @@ def test_text_templates_match_tinyworlds(model, gpt2_shaped):
     import string
 
     fields = lambda t: sorted(f for _, f, _, _ in string.Formatter().parse(t) if f)  # noqa: E731
-    tw, text = P.ioi_templates(model), P.ioi_templates(gpt2_shaped)
-    assert tw == P.ioi_templates() != text and len(tw) == len(text)
+    tw, text = PR.ioi_templates(model), PR.ioi_templates(gpt2_shaped)
+    assert tw == PR.ioi_templates() != text and len(tw) == len(text)
     for a, b in zip(tw, text):
         assert fields(a) == fields(b) and a.split()[-1] == b.split()[-1] == "to"
         assert " {A}" in b and " {B}" in b and " {S}" in b  # every name after a space: " Name" is one token
@@ -240,17 +289,17 @@ def test_text_templates_match_tinyworlds(model, gpt2_shaped):
 
 @pytest.mark.parametrize("template", [0, 2, 6])
 def test_ioi_prompts_for_a_gpt2_shaped_model_are_minimal_pairs_of_single_token_names(gpt2_shaped, template):
-    prompts = P.sample_ioi_prompts(6, seed=1, template=template, model=gpt2_shaped)
-    assert all(p["template"] == P.TEXT_IOI_TEMPLATES[template] for p in prompts)
+    prompts = PR.sample_ioi_prompts(6, seed=1, template=template, model=gpt2_shaped)
+    assert all(p["template"] == PR.TEXT_IOI_TEMPLATES[template] for p in prompts)
     for p in prompts:
         assert len({p["A"], p["B"], p["C"]}) == 3 and p["S"] in (p["A"], p["B"]) and p["IO"] != p["S"]
     differ = {}
-    for c in P.IOI_CORRUPTIONS:
-        pairs = P.ioi_pairs(gpt2_shaped, prompts, c)
+    for c in PR.IOI_CORRUPTIONS:
+        pairs = PR.ioi_pairs(gpt2_shaped, prompts, c)
         differ[c] = (pairs["clean"] != pairs["corrupted"]).sum(1)
         assert (pairs["clean"][:, 0] == gpt2_shaped.tokenizer.bos_token_id).all()
         text = gpt2_shaped.tokenizer.decode(pairs["clean"][0, 1:])
-        assert text == P.TEXT_IOI_TEMPLATES[template].format(**{k: prompts[0][k] for k in ("A", "B", "S", "place", "obj")})
+        assert text == PR.TEXT_IOI_TEMPLATES[template].format(**{k: prompts[0][k] for k in ("A", "B", "S", "place", "obj")})
         io = [gpt2_shaped.to_single_token(" " + p["IO"]) for p in prompts]
         assert pairs["answer"].tolist() == io
     assert (differ["third_name"] == 1).all() and (differ["swap_template"] == 1).all()
@@ -260,20 +309,20 @@ def test_ioi_prompts_for_a_gpt2_shaped_model_are_minimal_pairs_of_single_token_n
 def test_induction_prompts_for_a_gpt2_shaped_model_come_from_its_vocabulary(model, gpt2_shaped):
     from interplab.tinyworld import language as TW
 
-    words = P.vocabulary_words(gpt2_shaped)
+    words = PR.vocabulary_words(gpt2_shaped)
     assert len(words) > 50 and all(len(gpt2_shaped.to_tokens(" " + w, prepend_bos=False)[0]) == 1 for w in words)
-    seqs, reps = P.sample_induction_prompts(8, 8, seed=0, model=gpt2_shaped)
+    seqs, reps = PR.sample_induction_prompts(8, 8, seed=0, model=gpt2_shaped)
     used = {w for s in seqs for w in s} | set(reps)
     assert used <= set(words) and not used <= set(TW.induction_pool())  # its own vocabulary, not TinyWorld's words
-    assert P.sample_induction_prompts(8, 8, seed=0, model=model) == P.sample_induction_prompts(8, 8, seed=0)
-    for corruption in P.INDUCTION_CORRUPTIONS:
-        pairs = P.induction_pairs(gpt2_shaped, seqs, 5, reps, corruption)
+    assert PR.sample_induction_prompts(8, 8, seed=0, model=model) == PR.sample_induction_prompts(8, 8, seed=0)
+    for corruption in PR.INDUCTION_CORRUPTIONS:
+        pairs = PR.induction_pairs(gpt2_shaped, seqs, 5, reps, corruption)
         assert pairs["clean"].shape == (8, 1 + 8 + 5) and ((pairs["clean"] != pairs["corrupted"]).sum(1) == 1).all()
 
 
 def test_sweeps_and_circuits_are_sized_by_the_model(gpt2_shaped):
     m = gpt2_shaped
-    pairs = P.ioi_pairs(m, P.sample_ioi_prompts(4, seed=0, template=0, model=m), "swap_names")
+    pairs = PR.ioi_pairs(m, PR.sample_ioi_prompts(4, seed=0, template=0, model=m), "swap_names")
     metric = P.logit_diff_metric(m, pairs)
     n_layers, n_heads, n_pos = m.cfg.n_layers, m.cfg.n_heads, pairs["clean"].shape[1]
     resid = P.patch_layer_pos_sweep(m, pairs["clean"], pairs["corrupted"], metric, "resid_post")
@@ -284,5 +333,5 @@ def test_sweeps_and_circuits_are_sized_by_the_model(gpt2_shaped):
     sweep = P.path_patch_sweep(m, pairs["corrupted"], pairs["clean"], metric, [(n_layers - 1, 0)], "v")
     assert sweep[: n_layers - 1].isfinite().all() and sweep[n_layers - 1].isnan().all()
     every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    assert P.circuit_faithfulness(m, pairs["clean"], pairs["answer"], pairs["wrong"], every,
+    assert C.circuit_faithfulness(m, pairs["clean"], pairs["answer"], pairs["wrong"], every,
                                   pairs["corrupted"]) == pytest.approx(1.0, abs=1e-4)

@@ -4,13 +4,13 @@ The course's SAEs and transcoders train on a few million activations, which fit 
 memory. A longer run does not have to: `write_store` runs the model over token
 batches and appends each batch's activations to a float32 file on disk as it goes
 (it never holds more than one batch), and `open_store` maps those files back as
-torch tensors that `interplab.solutions.ch03_saes.train_sae` and
-`interplab.solutions.ch04_transcoders.train_transcoder` take as they are. The operating
+torch tensors that `interplab.dictionaries.train_dictionary` (SAEs) and
+`interplab.dictionaries.train_transcoder` take as they are. The operating
 system pages rows in as training samples them, so the store can be larger than memory.
 
     >>> store = write_store("acts/resid1", model, ids, "blocks.1.hook_resid_post", mask=mask)  # doctest: +SKIP
     >>> store = open_store("acts/resid1")                                                     # doctest: +SKIP
-    >>> sae = train_sae(store["blocks.1.hook_resid_post"], cfg, steps=1200)                   # doctest: +SKIP
+    >>> sae = train_dictionary(store["blocks.1.hook_resid_post"], cfg, steps=1200)            # doctest: +SKIP
     >>> pairs = write_mlp_pairs("acts/mlp0", model, ids, layer=0, mask=mask)                  # doctest: +SKIP
     >>> tc = train_transcoder(*pairs.pair(0), tc_cfg)                                         # doctest: +SKIP
 
@@ -22,7 +22,7 @@ file). The header is written last, so a folder without one is an interrupted wri
 sampled); ``verify=True`` re-hashes everything (corrupt).
 
 For runs that outgrow the course's trainer, `saelens_config` writes the SAELens 6
-training configuration with the same hyperparameters as `train_sae`, and `run_saelens`
+training configuration with the same hyperparameters as `train_dictionary`, and `run_saelens`
 hands it to SAELens's own runner:
 
     python -m interplab.activation_store saelens-config --architecture topk --d-sae 768 -k 16 \\
@@ -42,6 +42,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from . import tinyworld
+from .dictionaries import DEFAULT_HOOK, SAEConfig, mlp_in_hook, mlp_out_hook
+from .dictionaries.data import sae_token_mask
 
 FORMAT = "interplab-activation-store"
 VERSION = 1
@@ -164,8 +168,6 @@ def write_store(
 
 def write_mlp_pairs(path: str | Path, model, tokens, layer: int, **kwargs) -> "ActivationStore":
     """`write_store` for a transcoder: the MLP's normalised input and its output at `layer`, row-aligned."""
-    from .solutions.ch04_transcoders import mlp_in_hook, mlp_out_hook
-
     return write_store(path, model, tokens, [mlp_in_hook(layer), mlp_out_hook(layer)], **kwargs)
 
 
@@ -176,9 +178,6 @@ def tinyworld_chunks(n_docs: int, seed: int = 0, split: str = "train", docs_per_
     once either); the same ``(n_docs, seed, split)`` gives the same documents as
     ``tinyworld.generate(n_docs, seed=seed, split=split)``.
     """
-    from . import tinyworld
-    from .solutions.ch03_saes import sae_token_mask
-
     docs = tinyworld.generate(n_docs, seed=seed, split=split)
     for start in range(0, len(docs), docs_per_chunk):
         ids, mask = tinyworld.batch_tokens(docs[start : start + docs_per_chunk])
@@ -223,8 +222,6 @@ class ActivationStore:
 
     def pair(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP input, MLP output) of `layer`, for `train_transcoder(x, y, cfg)`."""
-        from .solutions.ch04_transcoders import mlp_in_hook, mlp_out_hook
-
         return self[mlp_in_hook(layer)], self[mlp_out_hook(layer)]
 
     def verify(self, chunk_rows: int = 65_536) -> None:
@@ -355,7 +352,7 @@ def saelens_config(
     device: str = "cpu",
     **overrides,
 ):
-    """The SAELens 6 `LanguageModelSAERunnerConfig` that trains `sae_cfg` with `train_sae`'s hyperparameters.
+    """The SAELens 6 `LanguageModelSAERunnerConfig` that trains `sae_cfg` with `train_dictionary`'s hyperparameters.
 
     Mapping (interplab -> SAELens):
 
@@ -371,8 +368,8 @@ def saelens_config(
       BatchTopK trainers use an auxiliary loss for them instead (a difference in recipe, not a setting).
 
     Args:
-        sae_cfg: an `interplab.solutions.ch03_saes.SAEConfig` (an SAE; SAELens 6 trains no transcoders).
-        steps, batch_size, lr, seed, dead_after: as given to `train_sae`.
+        sae_cfg: an `interplab.dictionaries.SAEConfig` (an SAE; SAELens 6 trains no transcoders).
+        steps, batch_size, lr, seed, dead_after: as given to `train_dictionary`.
         hook_name: default sae_cfg.hook_name.
         model_name: a TransformerLens model name (default sae_cfg.model_name). For the bundled
             model, pass ``override_model=interplab.load_model("tinyworld")`` to SAELens's runner.
@@ -386,7 +383,7 @@ def saelens_config(
 
     if getattr(sae_cfg, "is_transcoder", False) or getattr(sae_cfg, "d_out", sae_cfg.d_in) != sae_cfg.d_in:
         raise NotImplementedError("SAELens 6's training runner trains SAEs only, not transcoders; train "
-                                  "transcoders with interplab.solutions.ch04_transcoders.train_transcoder on a store")
+                                  "transcoders with interplab.dictionaries.train_transcoder on a store")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
     common = dict(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae, apply_b_dec_to_input=sae_cfg.apply_b_dec_to_input,
@@ -430,8 +427,6 @@ def tinyworld_token_dataset(n_docs: int, context_size: int = 128, seed: int = 0,
     """TinyWorld text as a pretokenized Hugging Face dataset for SAELens: an "input_ids" column of
     `context_size`-token windows, documents (each starting with <bos>) packed end to end."""
     from datasets import Dataset
-
-    from . import tinyworld
 
     ids, mask = tinyworld.batch_tokens(tinyworld.generate(n_docs, seed=seed, split=split))
     stream = torch.cat([row[keep] for row, keep in zip(ids, mask)])
@@ -490,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("path")
     i.add_argument("--verify", action="store_true")
 
-    c = sub.add_parser("saelens-config", help="write the SAELens 6 training config matching train_sae's settings")
+    c = sub.add_parser("saelens-config", help="write the SAELens 6 training config matching train_dictionary's settings")
     c.add_argument("--architecture", default="topk", choices=["standard", "topk", "batchtopk"])
     c.add_argument("--d-in", type=int, default=None, help="default: the bundled model's d_model")
     c.add_argument("--d-sae", type=int, default=768)
@@ -534,8 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         if a.verify:
             print("hashes verified")
         return 0
-
-    from .solutions.ch03_saes import DEFAULT_HOOK, SAEConfig
 
     d_in = a.d_in
     if d_in is None:

@@ -1,4 +1,4 @@
-"""Benchmark: interplab's reference SAE trainer against SAELens's, on the same activations.
+"""Benchmark: interplab's SAE trainer against SAELens's, on the same activations.
 
     python -m interplab.bench.ch03_saes                    # TopK, k=16, 768 features, 600 steps of 1024 tokens
     python -m interplab.bench.ch03_saes --steps 200        # quicker
@@ -21,7 +21,11 @@ import time
 
 import torch
 
-from .table import mean, row
+from ..dictionaries import DEFAULT_HOOK, SAEConfig, train_dictionary
+from ..dictionaries.data import collect_acts, tinyworld_dataset, training_activations
+from ..dictionaries.metrics import explained_variance, reconstruction_metrics, spliced_loss
+from ..models import load_model
+from .table import row
 
 SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 
@@ -48,8 +52,6 @@ QUICK = {'steps': 100, 'n_docs': 1500}
 FULL = {}
 
 def _quality(model, sae, x, ids, mask) -> dict[str, float]:
-    from ..solutions.ch03_saes import explained_variance, reconstruction_metrics, spliced_loss
-
     with torch.no_grad():
         f = sae.encode(x)
         x_hat = sae.decode(f)
@@ -70,9 +72,6 @@ def run(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int = 16,
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
-
-    from ..models import load_model
-    from ..solutions.ch03_saes import DEFAULT_HOOK, SAEConfig, collect_acts, tinyworld_dataset, train_sae, training_activations
 
     if threads:
         torch.set_num_threads(threads)
@@ -95,7 +94,7 @@ def run(steps: int = 600, batch_size: int = 1024, d_sae: int = 768, k: int = 16,
                            "k": k, "lr": lr, "hook": DEFAULT_HOOK, "threads": torch.get_num_threads()}}
 
     t0 = time.time()
-    ours = train_sae(acts, SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k), steps=steps,
+    ours = train_dictionary(acts, SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k), steps=steps,
                      batch_size=batch_size, lr=lr, seed=seed, progress=False)
     t_ours = time.time() - t0
     out["interplab"] = {"seconds": round(t_ours, 1), "tokens_per_second": round(steps * batch_size / t_ours),

@@ -6,7 +6,7 @@
 Every MLP of the bundled model is replaced at once by its shipped transcoder (and, in a
 second run, by its skip transcoder); the figure is the fraction of the loss gap between
 the clean model and the model with zero-ablated MLPs that the replacement model recovers
-(`interplab.solutions.ch04_transcoders.replacement_loss`). The issue's target is 0.80.
+(`interplab.dictionaries.metrics.replacement_loss`). The issue's target is 0.80.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ import time
 
 import torch
 
-from .table import mean, row
+from ..dictionaries.data import tinyworld_dataset
+from ..dictionaries.metrics import replacement_loss
+from ..dictionaries.shipped import load_transcoders
+from ..models import load_model
+from .table import row
 
 SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 
@@ -33,18 +37,15 @@ def run(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> 
         {"loss_recovered", "ce_clean", "ce_replaced", "ce_ablated", "skip": {...the same for skip transcoders},
          "docs", "seconds"}.
     """
-    from .. import load_model
-    from ..solutions import ch04_transcoders as T
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     model = load_model("tinyworld", device="cpu")
     n_docs = 40 if quick else 100
-    _, ids, mask = T.dataset(n_docs, seed=1, split="test")
+    _, ids, mask = tinyworld_dataset(n_docs, seed=1, split="test")
     n = model.cfg.n_layers
-    plain = T.replacement_loss(model, T.load_transcoders(n_layers=n), ids, mask)
-    skip = T.replacement_loss(model, T.load_transcoders(skip=True, n_layers=n), ids, mask)
+    plain = replacement_loss(model, load_transcoders(n_layers=n), ids, mask)
+    skip = replacement_loss(model, load_transcoders(skip=True, n_layers=n), ids, mask)
     out = {**{k: round(v, 4) for k, v in plain.items()}, "skip": {k: round(v, 4) for k, v in skip.items()},
            "docs": n_docs, "seconds": round(time.time() - t0, 1)}
     if verbose:

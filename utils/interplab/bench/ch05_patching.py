@@ -1,4 +1,4 @@
-"""Benchmark: the course's batched patching sweeps against TransformerLens's `patching` module.
+"""Benchmark: the library's batched patching sweeps (`interplab.patching`) against TransformerLens's `patching` module.
 
     python -m interplab.bench.ch05_patching            # the bundled model, 16 IOI prompts
 
@@ -17,7 +17,13 @@ import io
 import json
 import time
 
-from .table import mean, row
+import torch
+from transformer_lens import patching as tlp
+
+from .. import pairs as PR
+from .. import patching as P
+from ..models import load_model
+from .table import row
 
 SECTION = __name__.rsplit(".", 1)[-1].split("_", 1)[1]  # the chapter's slug
 
@@ -37,7 +43,7 @@ def _timed(fn, repeat: int = 1):
 
 def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: int = 0,
                    repeat: int = 1) -> dict:
-    """Time our batched sweeps against TransformerLens's, on the same IOI prompts.
+    """Time the library's batched sweeps against TransformerLens's, on the same IOI prompts.
 
     Returns a dict: for each sweep ("resid_pre", "head_out_all_pos", "head_out_by_pos"),
     ``{sweep}_ours_s``, ``{sweep}_tl_s``, ``{sweep}_speedup`` (TL time / our time) and
@@ -46,14 +52,8 @@ def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: i
     ``attribution_vs_activation_r`` of the two over every (layer, position, head); the same
     three figures for `integrated_attribution_patch` (5 steps) with the prefix ``integrated_``.
     """
-    import torch
-    from transformer_lens import patching as tlp
-
-    from ..models import load_model
-    from ..solutions import ch05_patching as P
-
     model = model or load_model("tinyworld", device="cpu")
-    pairs = P.ioi_pairs(model, P.sample_ioi_prompts(n_prompts, seed=seed, template=0, model=model), corruption)
+    pairs = PR.ioi_pairs(model, PR.sample_ioi_prompts(n_prompts, seed=seed, template=0, model=model), corruption)
     metric = P.logit_diff_metric(model, pairs)
     clean, corrupted = pairs["clean"].to(model.cfg.device), pairs["corrupted"].to(model.cfg.device)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def run(model=None, n_prompts: int = 16, corruption: str = "swap_names", seed: i
     for name, (ours, theirs) in sweeps.items():
         a, t_ours = _timed(ours, repeat)
         with contextlib.redirect_stderr(io.StringIO()):  # TransformerLens's progress bars
-            b, t_tl = _timed(lambda: theirs().cpu(), repeat)
+            b, t_tl = _timed(lambda theirs=theirs: theirs().cpu(), repeat)
         results[name] = a
         out[f"{name}_ours_s"] = round(t_ours, 4)
         out[f"{name}_tl_s"] = round(t_tl, 4)

@@ -8,33 +8,35 @@ import types
 
 import torch
 
-from ..solutions import ch03_saes as sol
+from ..dictionaries import SAE, SAEConfig
+from ..dictionaries.config import DEFAULT_HOOK
+from ..dictionaries.data import collect_acts, tinyworld_dataset
+from ..dictionaries.latents import tinyworld_latents
+from ..dictionaries.shipped import load_sae
+from ..dictionaries.training import resample_sae_
 from ..paths import chapter_of
-from . import Case, Mistake, register, shared_model
+from ..solutions import ch03_saes as sol
+from . import Case, Mistake, gen, register, shared_model
 
 CHAPTER = chapter_of(__name__)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@functools.cache
+def _shipped(name: str) -> SAE:
+    return load_sae(name, device="cpu")
 
 
-@functools.lru_cache(maxsize=None)
-def _shipped(name: str) -> sol.SAE:
-    return sol.load_sae(name, device="cpu")
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_data(n_docs: int = 12, seed: int = 5):
     """(docs, ids, sae mask, activations at the SAEs' hook) for a few test documents."""
-    docs, ids, mask = sol.tinyworld_dataset(n_docs, seed=seed, split="test")
-    acts = sol.collect_acts(shared_model(), ids, mask, sol.DEFAULT_HOOK)
+    docs, ids, mask = tinyworld_dataset(n_docs, seed=seed, split="test")
+    acts = collect_acts(shared_model(), ids, mask, DEFAULT_HOOK)
     return docs, ids, mask, acts
 
 
-def _random_sae(d_in: int, d_sae: int, seed: int, architecture: str = "standard", k: int = 2) -> sol.SAE:
-    g = _gen(seed)
-    sae = sol.SAE(sol.SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k), generator=g)
+def _random_sae(d_in: int, d_sae: int, seed: int, architecture: str = "standard", k: int = 2) -> SAE:
+    g = gen(seed)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k), generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
         sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
@@ -44,7 +46,7 @@ def _random_sae(d_in: int, d_sae: int, seed: int, architecture: str = "standard"
 # --- sae_encode --------------------------------------------------------------------------
 
 def _encode_cases():
-    g = _gen(0)
+    g = gen(0)
     cases = [
         Case("d_in 2, d_sae 3: the pre-encoder bias matters",
              (torch.tensor([[1.0, 2.0], [0.5, -1.0]]), torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]),
@@ -66,12 +68,12 @@ def _encode_cases():
 register(
     "sae_encode", CHAPTER, sol.sae_encode, _encode_cases,
     mistakes=[
-        Mistake("no pre-encoder bias", lambda x, W_enc, b_enc, b_dec: torch.relu(x @ W_enc + b_enc),
-                "Subtract the decoder bias from the input before encoding: (x - b_dec) @ W_enc + b_enc."),
-        Mistake("adds b_dec", lambda x, W_enc, b_enc, b_dec: torch.relu((x + b_dec) @ W_enc + b_enc),
-                "The pre-encoder bias is SUBTRACTED: the decoder adds b_dec back, so the encoder removes it."),
-        Mistake("no ReLU", lambda x, W_enc, b_enc, b_dec: (x - b_dec) @ W_enc + b_enc,
-                "Feature activations are never negative: apply ReLU to the encoder's output."),
+        Mistake.edit("no pre-encoder bias", sol.sae_encode, "relu((x - b_dec) @", "relu(x @",
+                     "Subtract the decoder bias from the input before encoding: (x - b_dec) @ W_enc + b_enc."),
+        Mistake.edit("adds b_dec", sol.sae_encode, "relu((x - b_dec) @", "relu((x + b_dec) @",
+                     "The pre-encoder bias is SUBTRACTED: the decoder adds b_dec back, so the encoder removes it."),
+        Mistake.edit("no ReLU", sol.sae_encode, "return torch.relu(", "return (",
+                     "Feature activations are never negative: apply ReLU to the encoder's output."),
     ],
     rtol=1e-4, atol=1e-5,
 )
@@ -80,7 +82,7 @@ register(
 # --- sae_loss ------------------------------------------------------------------------------
 
 def _loss_cases():
-    g = _gen(1)
+    g = gen(1)
     cases = [
         Case("batch 2, d 2, d_sae 3, decoder rows of norm 2 and 0.5",
              (torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.0], [0.0, 1.0]]),
@@ -147,7 +149,7 @@ register(
 # --- remove_parallel_grad ----------------------------------------------------------------
 
 def _parallel_cases():
-    g = _gen(2)
+    g = gen(2)
     w = torch.randn(7, 5, generator=g)
     return [
         Case("two rows along the axes (norms 2 and 1)",
@@ -189,7 +191,7 @@ register(
 # --- topk_activation -----------------------------------------------------------------------
 
 def _topk_cases():
-    g = _gen(3)
+    g = gen(3)
     return [
         Case("k=2 with a negative value among the top 2",
              (torch.tensor([[3.0, -1.0, -2.0, -5.0], [0.5, 2.0, 1.0, -0.1]]), 2)),
@@ -198,11 +200,6 @@ def _topk_cases():
         Case("k=1", (torch.randn(4, 8, generator=g), 1)),
         Case("k = d_sae keeps every positive value", (torch.randn(3, 5, generator=g), 5)),
     ]
-
-
-def _topk_no_relu(pre_acts, k):
-    values, indices = pre_acts.topk(k, dim=-1)
-    return torch.zeros_like(pre_acts).scatter(-1, indices, values)
 
 
 def _topk_batch_axis(pre_acts, k):
@@ -218,9 +215,9 @@ def _topk_abs(pre_acts, k):
 register(
     "topk_activation", CHAPTER, sol.topk_activation, _topk_cases,
     mistakes=[
-        Mistake("no ReLU", _topk_no_relu,
-                "Apply ReLU to the kept values: when fewer than k pre-activations are positive, the negative ones "
-                "among the top k must become 0, not stay negative."),
+        Mistake.edit("no ReLU", sol.topk_activation, "values.relu()", "values",
+                     "Apply ReLU to the kept values: when fewer than k pre-activations are positive, the negative ones "
+                     "among the top k must become 0, not stay negative."),
         Mistake("top-k over the batch", _topk_batch_axis,
                 "Select the top k within each row (each token), dim=-1, not across the batch (dim=0)."),
         Mistake("largest magnitude", _topk_abs,
@@ -232,7 +229,7 @@ register(
 # --- batchtopk_activation --------------------------------------------------------------------
 
 def _batchtopk_cases():
-    g = _gen(4)
+    g = gen(4)
     return [
         Case("k=1, one row has both large values",
              (torch.tensor([[5.0, 4.0, -1.0, 0.0], [1.0, 0.5, 0.2, -2.0]]), 1)),
@@ -271,7 +268,7 @@ register(
 # --- resample_dead_features --------------------------------------------------------------------
 
 def _resample_cases():
-    g = _gen(5)
+    g = gen(5)
 
     def random_case(d_in, d_sae, batch, n_dead, scale=0.2):
         W_enc = torch.randn(d_in, d_sae, generator=g)
@@ -333,7 +330,7 @@ register(
 
 def _toy_sparse(d_in: int, n_feats: int, n: int = 4096, p: float = 0.08, seed: int = 0) -> torch.Tensor:
     """Sparse combinations of random unit directions plus an offset (what an SAE should take apart)."""
-    g = _gen(seed)
+    g = gen(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_feats, d_in, generator=g), dim=-1)
     on = torch.rand(n, n_feats, generator=g) < p
     mags = torch.rand(n, n_feats, generator=g) + 0.5
@@ -342,13 +339,13 @@ def _toy_sparse(d_in: int, n_feats: int, n: int = 4096, p: float = 0.08, seed: i
 
 def _toy_one_hot(d_in: int, n_feats: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
     """Exactly one direction active per row: many SAE features start dead and need resampling."""
-    g = _gen(seed)
+    g = gen(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_feats, d_in, generator=g), dim=-1)
     which = torch.randint(0, n_feats, (n,), generator=g)
     return dirs[which] * (torch.rand(n, generator=g) + 1)[:, None] + 0.02 * torch.randn(n, d_in, generator=g)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train_data() -> dict[int, torch.Tensor]:
     """The training data of each case, keyed by d_in (the comparison evaluates the SAEs on it)."""
     return {8: _toy_sparse(8, 24), 16: _toy_one_hot(16, 32), 12: _toy_sparse(12, 30, seed=1)}
@@ -361,11 +358,11 @@ def _train_cases():
     data = _train_data()
     return [
         Case("standard SAE (L1 0.3), d_in 8, d_sae 32, 300 steps",
-             (data[8], sol.SAEConfig(d_in=8, d_sae=32, architecture="standard", l1_coeff=0.3)), dict(_TRAIN_KW)),
+             (data[8], SAEConfig(d_in=8, d_sae=32, architecture="standard", l1_coeff=0.3)), dict(_TRAIN_KW)),
         Case("TopK SAE (k=1) on one-hot data, d_in 16, d_sae 48: dead features need resampling",
-             (data[16], sol.SAEConfig(d_in=16, d_sae=48, architecture="topk", k=1)), dict(_TRAIN_KW)),
+             (data[16], SAEConfig(d_in=16, d_sae=48, architecture="topk", k=1)), dict(_TRAIN_KW)),
         Case("BatchTopK SAE (k=2), d_in 12, d_sae 40",
-             (data[12], sol.SAEConfig(d_in=12, d_sae=40, architecture="batchtopk", k=2)), dict(_TRAIN_KW)),
+             (data[12], SAEConfig(d_in=12, d_sae=40, architecture="batchtopk", k=2)), dict(_TRAIN_KW)),
     ]
 
 
@@ -408,7 +405,7 @@ def _train_variant(zero_grad: bool = True, normalize: bool = True, resample: boo
            resample_every=250, progress=True):
         target = acts if target is None else target
         torch.manual_seed(seed)
-        sae = sol.SAE(cfg)
+        sae = SAE(cfg)
         with torch.no_grad():
             sae.b_dec.copy_(target.mean(0))
         opt = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -439,7 +436,7 @@ def _train_variant(zero_grad: bool = True, normalize: bool = True, resample: boo
                 if resample and (step + 1) % resample_every == 0 and step < decay_start:
                     dead = since >= dead_after
                     if dead.any():
-                        sol.resample_sae_(sae, opt, dead, acts[idx], target[idx], out.x_hat)
+                        resample_sae_(sae, opt, dead, acts[idx], target[idx], out.x_hat)
                         since[dead] = 0
                         n_resampled += int(dead.sum())
         if eval_mode:
@@ -471,7 +468,7 @@ register(
 # --- explained_variance ----------------------------------------------------------------------
 
 def _ev_cases():
-    g = _gen(6)
+    g = gen(6)
     x = torch.randn(50, 6, generator=g) + 5.0
     cases = [
         Case("three points in 2-D", (torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
@@ -523,7 +520,7 @@ register(
 # --- reconstruction_metrics --------------------------------------------------------------------
 
 def _recon_cases():
-    g = _gen(7)
+    g = gen(7)
     cases = [
         Case("two tokens, d 2, d_sae 3", (torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[3.0, 0.0], [2.0, 0.0]]),
                                           torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.5]]))),
@@ -574,7 +571,7 @@ register(
 # --- feature_density ---------------------------------------------------------------------------
 
 def _density_cases():
-    g = _gen(8)
+    g = gen(8)
     cases = [
         Case("3 tokens, 4 features (one dead)", (torch.tensor([[0.0, 2.0, 0.0, 0.1], [1.0, 3.0, 0.0, 0.0],
                                                                  [0.0, 0.5, 0.0, 0.0]]),)),
@@ -662,7 +659,7 @@ register(
 # --- top_activating_contexts -----------------------------------------------------------------------
 
 def _contexts_cases():
-    g = _gen(10)
+    g = gen(10)
     cases = [
         Case("2 sequences, 4 positions, masked maximum",
              (torch.tensor([[0.1, 9.0, 0.5, 0.2], [0.7, 0.3, 2.0, 0.0]]),
@@ -713,7 +710,7 @@ register(
 # --- feature_logit_weights ---------------------------------------------------------------------------
 
 def _logit_cases():
-    g = _gen(11)
+    g = gen(11)
     small = _random_sae(4, 6, seed=12)
     fake = types.SimpleNamespace(W_U=torch.randn(4, 9, generator=g), W_E=torch.randn(9, 4, generator=g))
     model = shared_model()
@@ -783,7 +780,7 @@ register(
 # --- feature_aurocs ------------------------------------------------------------------------------------
 
 def _auroc_cases():
-    g = _gen(13)
+    g = gen(13)
     cases = [
         Case("4 tokens, 2 features, with ties", (torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]),
                                                   torch.tensor([False, True, True, False]))),
@@ -793,7 +790,7 @@ def _auroc_cases():
                                                         torch.rand(60, generator=g) > 0.7)),
     ]
     docs, _, _, acts = _model_data()
-    names, labels = sol.tinyworld_latents(docs, min_count=1)
+    names, labels = tinyworld_latents(docs, min_count=1)
     sae = _shipped("topk")
     with torch.no_grad():
         f = sae.encode(acts)
@@ -832,7 +829,7 @@ register(
 # --- max_f1 --------------------------------------------------------------------------------------------
 
 def _f1_cases():
-    g = _gen(14)
+    g = gen(14)
     cases = [
         Case("5 tokens with a tie at the best threshold", (torch.tensor([3.0, 2.0, 2.0, 0.0, 0.0]),
                                                             torch.tensor([True, True, False, False, True]))),
@@ -841,7 +838,7 @@ def _f1_cases():
                                                  torch.rand(80, generator=g) > 0.8)),
     ]
     docs, _, _, acts = _model_data()
-    names, labels = sol.tinyworld_latents(docs, min_count=1)
+    names, labels = tinyworld_latents(docs, min_count=1)
     sae = _shipped("topk")
     with torch.no_grad():
         f = sae.encode(acts)

@@ -7,48 +7,49 @@ import functools
 
 import torch
 
-from ..solutions import ch04_transcoders as sol
+from .. import tinyworld
+from ..dictionaries import Transcoder, TranscoderConfig, mlp_in_hook, mlp_out_hook
+from ..dictionaries.circuits import fact_prompt
+from ..dictionaries.data import mlp_io_pairs, tinyworld_dataset
+from ..dictionaries.shipped import load_transcoder
 from ..paths import chapter_of
-from . import Case, Mistake, register, shared_model
+from ..solutions import ch04_transcoders as sol
+from . import Case, Mistake, gen, register, shared_model
 
 CHAPTER = chapter_of(__name__)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@functools.cache
+def _shipped(layer: int, skip: bool = False) -> Transcoder:
+    return load_transcoder(layer, skip=skip, device="cpu")
 
 
-@functools.lru_cache(maxsize=None)
-def _shipped(layer: int, skip: bool = False) -> sol.Transcoder:
-    return sol.load_transcoder(layer, skip=skip, device="cpu")
-
-
-def _all_shipped(skip: bool = False) -> list[sol.Transcoder]:
+def _all_shipped(skip: bool = False) -> list[Transcoder]:
     return [_shipped(L, skip) for L in range(shared_model().cfg.n_layers)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_data(n_docs: int = 6, seed: int = 7):
     """(ids, mask) of a few test documents (mask: real tokens but <bos>)."""
-    _, ids, mask = sol.dataset(n_docs, seed=seed, split="test")
+    _, ids, mask = tinyworld_dataset(n_docs, seed=seed, split="test")
     return ids, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pairs(layer: int, n: int = 48):
     ids, mask = _model_data()
-    x, y = sol.mlp_io_pairs(shared_model(), ids, layer, mask)
+    x, y = mlp_io_pairs(shared_model(), ids, layer, mask)
     return x[:n].clone(), y[:n].clone()
 
 
 def _random_tc(d_in: int, d_sae: int, seed: int, *, d_out: int | None = None, architecture: str = "standard",
                k: int = 2, skip: bool = False, layer: int = 0, l1_coeff: float = 0.7,
-               unit_decoder: bool = False) -> sol.Transcoder:
+               unit_decoder: bool = False) -> Transcoder:
     """A transcoder with random weights (non-unit decoder rows unless asked), in eval mode."""
-    g = _gen(seed)
-    cfg = sol.TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture, k=k, skip=skip,
+    g = gen(seed)
+    cfg = TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture, k=k, skip=skip,
                                layer=layer, l1_coeff=l1_coeff)
-    tc = sol.Transcoder(cfg, generator=g)
+    tc = Transcoder(cfg, generator=g)
     with torch.no_grad():
         tc.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.3)
         tc.b_dec.copy_(torch.randn(cfg.d_out, generator=g) * 0.5)
@@ -61,7 +62,7 @@ def _random_tc(d_in: int, d_sae: int, seed: int, *, d_out: int | None = None, ar
     return tc.eval()
 
 
-def _tc_weights(tc: sol.Transcoder) -> tuple:
+def _tc_weights(tc: Transcoder) -> tuple:
     w = (tc.W_enc.detach(), tc.b_enc.detach(), tc.W_dec.detach(), tc.b_dec.detach())
     return w + ((tc.W_skip.detach(),) if tc.W_skip is not None else ())
 
@@ -69,7 +70,7 @@ def _tc_weights(tc: sol.Transcoder) -> tuple:
 # --- transcoder_forward ------------------------------------------------------------------
 
 def _forward_cases():
-    g = _gen(0)
+    g = gen(0)
     # Square cases first: a mistake that only fails with an error on a non-square case would get no hint.
     cases = [
         Case("d_in = d_out = 2, d_sae 3, no skip",
@@ -189,7 +190,7 @@ register(
 # --- transcoder_loss -----------------------------------------------------------------------
 
 def _loss_cases():
-    g = _gen(2)
+    g = gen(2)
     cases = []
     tc = _random_tc(5, 8, seed=2, skip=True)
     cases.append(Case("standard skip transcoder, d_in = d_out = 5, non-unit decoder rows",
@@ -266,10 +267,10 @@ def _repl_clean_inputs(model, transcoders, tokens, mask):
     keep = mask.bool()[..., None]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("ln2.hook_normalized"))
-    hooks = [(sol.mlp_out_hook(tc.cfg.layer),
-              lambda y, hook, tc=tc: torch.where(keep, tc(cache[sol.mlp_in_hook(tc.cfg.layer)]), y))
+    hooks = [(mlp_out_hook(tc.cfg.layer),
+              lambda y, hook, tc=tc: torch.where(keep, tc(cache[mlp_in_hook(tc.cfg.layer)]), y))
              for tc in transcoders]
-    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.where(keep, 0.0 * y, y)) for tc in transcoders]
+    zero = [(mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.where(keep, 0.0 * y, y)) for tc in transcoders]
     return _summary(_ce(model, tokens, mask, []), _ce(model, tokens, mask, hooks), _ce(model, tokens, mask, zero))
 
 
@@ -281,15 +282,15 @@ def _repl_one_at_a_time(model, transcoders, tokens, mask):
 
 def _repl_everywhere_scored(model, transcoders, tokens, mask):
     inputs = {}
-    hooks = [(sol.mlp_in_hook(tc.cfg.layer), lambda x, hook: inputs.__setitem__(hook.layer(), x)) for tc in transcoders]
-    hooks += [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook, tc=tc: tc(inputs[hook.layer()])) for tc in transcoders]
-    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
+    hooks = [(mlp_in_hook(tc.cfg.layer), lambda x, hook: inputs.__setitem__(hook.layer(), x)) for tc in transcoders]
+    hooks += [(mlp_out_hook(tc.cfg.layer), lambda y, hook, tc=tc: tc(inputs[hook.layer()])) for tc in transcoders]
+    zero = [(mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
     return _summary(_ce(model, tokens, mask, []), _ce(model, tokens, mask, hooks), _ce(model, tokens, mask, zero))
 
 
 def _repl_zero_everywhere(model, transcoders, tokens, mask):
     good = sol.replacement_loss(model, transcoders, tokens, mask)
-    zero = [(sol.mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
+    zero = [(mlp_out_hook(tc.cfg.layer), lambda y, hook: torch.zeros_like(y)) for tc in transcoders]
     return _summary(good["ce_clean"], good["ce_replaced"], _ce(model, tokens, mask, zero))
 
 
@@ -384,12 +385,10 @@ register(
 # --- answer_attribution ----------------------------------------------------------------------
 
 def _attribution_cases():
-    from .. import tinyworld
-
     model = shared_model()
-    fact = torch.tensor(tinyworld.encode(sol.fact_prompt("Alice")))
+    fact = torch.tensor(tinyworld.encode(fact_prompt("Alice")))
     city = tinyworld.token_id(tinyworld.WORLD.value("Alice", "city"))
-    job = torch.tensor(tinyworld.encode(sol.fact_prompt("Karl", "job")))
+    job = torch.tensor(tinyworld.encode(fact_prompt("Karl", "job")))
     job_answer = tinyworld.token_id(tinyworld.WORLD.value("Karl", "job"))
     ioi = "<bos> when Mia and Leo went to the park , Leo gave a ball to".split()
     ioi_ids = torch.tensor(tinyworld.encode(ioi))
@@ -419,7 +418,7 @@ def _attr_general(model, transcoders, tokens, answer_id, *, times_act=True, erro
         errs[i] = (y - recon).detach().requires_grad_(True)
         return recon + errs[i] if errors else recon + 0.0 * errs[i]
 
-    hooks = [(sol.mlp_in_hook(L), save) for L in by_layer] + [(sol.mlp_out_hook(L), replace) for L in by_layer]
+    hooks = [(mlp_in_hook(L), save) for L in by_layer] + [(mlp_out_hook(L), replace) for L in by_layer]
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         out = logits[0, -1].log_softmax(-1)[answer_id] if log_prob else logits[0, -1, answer_id]

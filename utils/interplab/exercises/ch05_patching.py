@@ -6,29 +6,26 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from ..solutions import ch05_patching as sol
-from ..solutions.ch00_orientation import answer_logit_diff
+from .. import pairs as pairs_lib
+from .. import patching
+from ..hooks import act_name
+from ..models import quiet_transformer_lens
+from ..patching import logit_diff
 from ..paths import chapter_of
-from . import Case, Mistake, register, shared_model
+from ..solutions import ch05_patching as sol
+from . import Case, Mistake, gen, register, shared_model
 
 CHAPTER = chapter_of(__name__)
 SWEEP_TOL = dict(rtol=1e-3, atol=1e-4)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # --- shared inputs -------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_model(n_layers: int = 2, seed: int = 0):
     """A small random HookedTransformer (3 heads, vocabulary of 11): cheap cases with other shapes."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from ..models import quiet_transformer_lens
-
     cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, d_head=8, n_heads=3, d_mlp=48, n_ctx=16, d_vocab=11,
                                   act_fn="gelu", normalization_type="LN", seed=seed, initializer_range=0.4,
                                   device="cpu")
@@ -42,7 +39,7 @@ def _plain_metric(answer: torch.Tensor, wrong: torch.Tensor):
     """The mean (un-normalised) logit difference: a simple differentiable metric."""
 
     def metric(logits):
-        return answer_logit_diff(logits, answer, wrong).mean()
+        return logit_diff(logits, answer, wrong).mean()
 
     return metric
 
@@ -51,7 +48,7 @@ def _tiny_pair(n_layers: int, batch: int, n_pos: int, seed: int):
     """(model, source tokens, target tokens, metric) on a random tiny model; the metric compares the
     target run's favourite final token with its least favourite one, so it is far from zero."""
     model = _tiny_model(n_layers, seed)
-    g = _gen(100 + seed)
+    g = gen(100 + seed)
     source = torch.randint(0, 11, (batch, n_pos), generator=g)
     target = torch.randint(0, 11, (batch, n_pos), generator=g)
     with torch.no_grad():
@@ -59,36 +56,36 @@ def _tiny_pair(n_layers: int, batch: int, n_pos: int, seed: int):
     return model, source, target, _plain_metric(final.argmax(-1), final.argmin(-1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ioi(corruption: str = "swap_names", n: int = 4, seed: int = 0):
     model = shared_model()
-    pairs = sol.ioi_pairs(model, sol.sample_ioi_prompts(n, seed=seed, template=0), corruption)
-    return pairs, sol.logit_diff_metric(model, pairs)
+    pairs = sol.ioi_pairs(model, pairs_lib.sample_ioi_prompts(n, seed=seed, template=0), corruption)
+    return pairs, patching.logit_diff_metric(model, pairs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _induction(corruption: str = "answer", n: int = 4, seed: int = 0):
     model = shared_model()
-    seqs, reps = sol.sample_induction_prompts(n, 8, seed=seed, model=model)
+    seqs, reps = pairs_lib.sample_induction_prompts(n, 8, seed=seed, model=model)
     pairs = sol.induction_pairs(model, seqs, 5, reps, corruption)
-    return pairs, sol.logit_diff_metric(model, pairs)
+    return pairs, patching.logit_diff_metric(model, pairs)
 
 
 # --- ioi_pairs -------------------------------------------------------------------------------
 
-HAND_PROMPT = dict(template=sol.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
+HAND_PROMPT = dict(template=pairs_lib.ioi_templates()[0], A="Alice", B="Bob", S="Bob", IO="Alice", C="Carol", place="park",
                    obj="ball")
-HAND_BABA = dict(template=sol.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
+HAND_BABA = dict(template=pairs_lib.ioi_templates()[2], A="Eve", B="Dave", S="Eve", IO="Dave", C="Uma", place="zoo",
                  obj="key")
 
 
 def _ioi_pairs_cases():
     model = shared_model()
     cases = [Case(f"one hand-made ABBA prompt, {c}", (model, [HAND_PROMPT], c))
-             for c in sol.IOI_CORRUPTIONS]
+             for c in pairs_lib.IOI_CORRUPTIONS]
     cases.append(Case("one hand-made BABA prompt of another template, swap_names", (model, [HAND_BABA], "swap_names")))
     for seed, c in [(1, "swap_names"), (2, "swap_template"), (3, "third_name")]:
-        prompts = sol.sample_ioi_prompts(6, seed=seed, template=seed)
+        prompts = pairs_lib.sample_ioi_prompts(6, seed=seed, template=seed)
         cases.append(Case(f"6 sampled TinyWorld prompts (template {seed}), {c}", (model, prompts, c)))
     return cases
 
@@ -154,7 +151,7 @@ def _induction_cases():
         Case("cut 1 (only the first word repeats), match", (model, [hand], 1, ["zoo"], "match")),
     ]
     for seed, (length, cut, corruption) in enumerate([(8, 5, "answer"), (12, 3, "match"), (6, 4, "match")]):
-        seqs, reps = sol.sample_induction_prompts(5, length, seed=seed)
+        seqs, reps = pairs_lib.sample_induction_prompts(5, length, seed=seed)
         cases.append(Case(f"5 sampled sequences of {length} words, cut {cut}, {corruption}",
                           (model, seqs, cut, reps, corruption)))
     return cases
@@ -206,7 +203,7 @@ register(
 
 def _nld_cases():
     model = shared_model()
-    g = _gen(5)
+    g = gen(5)
     cases = [
         Case("one prompt, vocabulary 3: clean gives 1", (torch.tensor([[[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]]]),
                                                        torch.tensor([0]), torch.tensor([1]), 3.0, -1.0)),
@@ -227,36 +224,19 @@ def _nld_cases():
     return cases
 
 
-def _nld_raw(logits, answer, wrong, clean_ld, corrupted_ld):
-    return answer_logit_diff(logits, answer, wrong).mean()
-
-
-def _nld_no_baseline(logits, answer, wrong, clean_ld, corrupted_ld):
-    return answer_logit_diff(logits, answer, wrong).mean() / clean_ld
-
-
-def _nld_upside_down(logits, answer, wrong, clean_ld, corrupted_ld):
-    ld = answer_logit_diff(logits, answer, wrong).mean()
-    return (ld - clean_ld) / (corrupted_ld - clean_ld)
-
-
-def _nld_sum(logits, answer, wrong, clean_ld, corrupted_ld):
-    ld = answer_logit_diff(logits, answer, wrong).sum()
-    return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
-
-
 register(
     "normalised_logit_diff", CHAPTER, sol.normalised_logit_diff, _nld_cases,
     mistakes=[
-        Mistake("not normalised", _nld_raw,
+        Mistake.edit("not normalised", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)", "return ld",
                 "Rescale the mean logit difference: subtract corrupted_ld and divide by (clean_ld - corrupted_ld), "
                 "so the clean run scores 1 and the corrupted run 0."),
-        Mistake("no baseline", _nld_no_baseline,
+        Mistake.edit("no baseline", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)", "return ld / clean_ld",
                 "Dividing by clean_ld makes the clean run 1 but not the corrupted run 0: subtract corrupted_ld "
                 "first (and divide by clean_ld - corrupted_ld)."),
-        Mistake("upside down", _nld_upside_down,
+        Mistake.edit("upside down", sol.normalised_logit_diff, "return (ld - corrupted_ld) / (clean_ld - corrupted_ld)",
+                     "return (ld - clean_ld) / (corrupted_ld - clean_ld)",
                 "That is 1 minus the answer: the clean run must give 1 and the corrupted run 0."),
-        Mistake("sum over the batch", _nld_sum,
+        Mistake.edit("sum over the batch", sol.normalised_logit_diff, ".mean()", ".sum()",
                 "Average the logit difference over the prompts (mean), don't sum: clean_ld and corrupted_ld are "
                 "means."),
     ],
@@ -310,9 +290,9 @@ def _lp_post(model, source_tokens, target_tokens, metric, component="resid_pre")
 
 
 def _lp_all_positions(model, source_tokens, target_tokens, metric, component="resid_pre"):
-    names = [sol.LAYER_POS_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
-    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
+    per_layer = patching.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
     return per_layer[:, None].expand(-1, target_tokens.shape[1]).clone()
 
 
@@ -353,21 +333,21 @@ def _heads_swapped(model, source_tokens, target_tokens, metric, component="z"):
 
 
 def _heads_wrong_axis(model, source_tokens, target_tokens, metric, component="z"):
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
     index = (lambda h: (slice(None), h)) if component == "pattern" else (lambda h: (h,))
     heads = min(model.cfg.n_heads, target_tokens.shape[1])
     patches = [(n, index(h)) for n in names for h in range(model.cfg.n_heads)]
     out = torch.full((len(patches),), float("nan"))
     ok = [i for i, (_, idx) in enumerate(patches) if idx[-1] < heads]
-    out[ok] = sol.run_patches(model, target_tokens, source, [patches[i] for i in ok], metric)
+    out[ok] = patching.run_patches(model, target_tokens, source, [patches[i] for i in ok], metric)
     return out.reshape(model.cfg.n_layers, model.cfg.n_heads)
 
 
 def _heads_whole_layer(model, source_tokens, target_tokens, metric, component="z"):
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
-    per_layer = sol.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
+    per_layer = patching.run_patches(model, target_tokens, source, [(n, (slice(None),)) for n in names], metric)
     return per_layer[:, None].expand(-1, model.cfg.n_heads).clone()
 
 
@@ -413,11 +393,11 @@ def _hp_swapped(model, source_tokens, target_tokens, metric, component="z"):
 def _hp_key_pos(model, source_tokens, target_tokens, metric, component="z"):
     if component != "pattern":
         return sol.patch_head_pos_sweep(model, source_tokens, target_tokens, metric, component)
-    names = [sol.HEAD_COMPONENTS[component].format(layer=layer) for layer in range(model.cfg.n_layers)]
-    source = sol.cache_activations(model, source_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    source = patching.cache_activations(model, source_tokens, names)
     n_pos, n_heads = target_tokens.shape[1], model.cfg.n_heads
     patches = [(n, (h, slice(None), p)) for n in names for p in range(n_pos) for h in range(n_heads)]
-    return sol.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
+    return patching.run_patches(model, target_tokens, source, patches, metric).reshape(model.cfg.n_layers, n_pos, n_heads)
 
 
 def _hp_transposed(model, source_tokens, target_tokens, metric, component="z"):
@@ -466,38 +446,6 @@ def _path_cases():
     return cases
 
 
-def _pp_no_freeze(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
-    layer, head = sender
-    name = f"blocks.{layer}.attn.hook_z"
-    source_z = sol.cache_activations(model, source_tokens, [name])[name]
-
-    def patch_sender(z, hook):
-        z = z.clone()
-        z[:, :, head] = source_z[:, :, head]
-        return z
-
-    names = sorted({f"blocks.{r_layer}.attn.hook_{receiver_input}" for r_layer, _ in receivers or []})
-    stored = {}
-
-    def store(act, hook):
-        stored[hook.name] = act.clone()
-
-    with torch.no_grad():
-        logits = model.run_with_hooks(target_tokens, fwd_hooks=[(name, patch_sender)] + [(n, store) for n in names])
-        if receivers is None:
-            return metric(logits).item()
-
-        def patch(act, hook):
-            r_layer_now = int(hook.name.split(".")[1])
-            act = act.clone()
-            for r_layer, r_head in receivers:
-                if r_layer == r_layer_now:
-                    act[:, :, r_head] = stored[hook.name][:, :, r_head]
-            return act
-
-        return metric(model.run_with_hooks(target_tokens, fwd_hooks=[(n, patch) for n in names])).item()
-
-
 def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
     if receivers is None:
         return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
@@ -508,7 +456,7 @@ def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, rece
 
     def patch(act, hook):
         inp = hook.name.split("hook_")[-1]
-        layer = int(hook.name.split(".")[1])
+        layer = hook.layer()
         act = act.clone()
         for r_layer, r_head in receivers:
             if r_layer == layer:
@@ -523,9 +471,9 @@ def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, rece
 def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receiver_input):
     """Step 1 of path patching: the receivers' inputs with the sender patched and other heads frozen."""
     s_layer, s_head = sender
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    target_z = sol.cache_activations(model, target_tokens, z_names)
-    source_z = sol.cache_activations(model, source_tokens, z_names)
+    z_names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
+    target_z = patching.cache_activations(model, target_tokens, z_names)
+    source_z = patching.cache_activations(model, source_tokens, z_names)
 
     def freeze(z, hook):
         new = target_z[hook.name].clone()
@@ -533,7 +481,7 @@ def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receive
             new[:, :, s_head] = source_z[hook.name][:, :, s_head]
         return new
 
-    names = sorted({f"blocks.{layer}.attn.hook_{receiver_input}" for layer, _ in receivers})
+    names = sorted({act_name(receiver_input, layer) for layer, _ in receivers})
     stored = {}
 
     def store(act, hook):
@@ -544,18 +492,6 @@ def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receive
     return stored
 
 
-def _pp_whole_layer(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
-    if receivers is None:
-        return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
-    stored = _path_inputs(model, source_tokens, target_tokens, sender, receivers, receiver_input)
-
-    def patch(act, hook):
-        return stored[hook.name]
-
-    with torch.no_grad():
-        return metric(model.run_with_hooks(target_tokens, fwd_hooks=[(n, patch) for n in stored])).item()
-
-
 def _pp_swapped(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
     return sol.path_patch(model, target_tokens, source_tokens, metric, sender, receivers, receiver_input)
 
@@ -563,14 +499,15 @@ def _pp_swapped(model, source_tokens, target_tokens, metric, sender, receivers, 
 register(
     "path_patch", CHAPTER, sol.path_patch, _path_cases,
     mistakes=[
-        Mistake("other heads not frozen", _pp_no_freeze,
+        Mistake.edit("other heads not frozen", sol.path_patch, "new = target_z[hook.name].clone()", "new = z.clone()",
                 "In the first run, hold every head other than the sender at its value on the target run (patch "
                 "hook_z of every layer). Otherwise the sender's effect also reaches the receivers through the "
                 "heads in between, and you measure more than the direct path."),
         Mistake("patched q, k and v", _pp_qkv,
                 "Patch only the receivers' input named by receiver_input (hook_q, hook_k or hook_v): asking "
                 "whether the sender acts through the receivers' queries is a different question from keys."),
-        Mistake("every head of the receivers' layer", _pp_whole_layer,
+        Mistake.edit("every head of the receivers' layer", sol.path_patch,
+                     "act[:, :, r_head] = stored[hook.name][:, :, r_head]", "act[:] = stored[hook.name]",
                 "In the last run patch only the receiver heads' slice, act[:, :, head] for each receiver; the "
                 "other heads of that layer must read their normal input."),
         Mistake("source and target swapped", _pp_swapped,
@@ -601,8 +538,8 @@ def _attr_cases():
 
 def _attr_clean_grad(model, clean_tokens, corrupted_tokens, metric, component="z"):
     """Gradient taken on the clean run instead of the corrupted one."""
-    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    corrupted = sol.cache_activations(model, corrupted_tokens, names)
+    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
+    corrupted = patching.cache_activations(model, corrupted_tokens, names)
     acts = {}
 
     def keep(act, hook):
@@ -618,19 +555,6 @@ def _attr_sign(model, clean_tokens, corrupted_tokens, metric, component="z"):
     return -sol.attribution_patch(model, clean_tokens, corrupted_tokens, metric, component)
 
 
-def _attr_grad_only(model, clean_tokens, corrupted_tokens, metric, component="z"):
-    names = [sol.hook_name(component, layer) for layer in range(model.cfg.n_layers)]
-    acts = {}
-
-    def keep(act, hook):
-        acts[hook.name] = act
-
-    with torch.enable_grad():
-        value = metric(model.run_with_hooks(corrupted_tokens, fwd_hooks=[(n, keep) for n in names]))
-        grads = torch.autograd.grad(value, [acts[n] for n in names])
-    return torch.stack([g.sum((0, -1)) for g in grads]).float()
-
-
 def _attr_over_positions(model, clean_tokens, corrupted_tokens, metric, component="z"):
     return sol.attribution_patch(model, clean_tokens, corrupted_tokens, metric, component).sum(1)
 
@@ -643,7 +567,7 @@ register(
                 "patch into, f(corrupted + delta) ~ f(corrupted) + delta . grad f(corrupted)."),
         Mistake("sign", _attr_sign,
                 "The activation difference is clean minus corrupted (where you go to, minus where you start)."),
-        Mistake("gradient only", _attr_grad_only,
+        Mistake.edit("gradient only", sol.attribution_patch, "(delta * grad).sum(", "grad.sum(",
                 "Multiply the gradient by the activation difference (clean - corrupted) before summing: the "
                 "gradient alone says how sensitive the metric is, not how much this patch would change it."),
         Mistake("summed over positions", _attr_over_positions,
@@ -680,17 +604,17 @@ def _ablated_ratio(model, tokens, answer, wrong, ablate_heads, value_of):
     """ld with the heads `ablate_heads` replaced by value_of(hook_name) [.., head, d_head], over ld of the model."""
 
     def hook(z, hook):
-        layer = int(hook.name.split(".")[1])
+        layer = hook.layer()
         z = z.clone()
         for (l, h) in ablate_heads:
             if l == layer:
                 z[:, :, h] = value_of(hook.name, z)[..., h, :]
         return z
 
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+    names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
-        full = answer_logit_diff(model(tokens), answer, wrong).mean()
-        kept = answer_logit_diff(model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names]), answer, wrong).mean()
+        full = logit_diff(model(tokens), answer, wrong).mean()
+        kept = logit_diff(model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names]), answer, wrong).mean()
     return (kept / full).item()
 
 
@@ -700,17 +624,8 @@ def _complement(model, circuit):
 
 
 def _means(model, tokens, over=(0,)):
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-    return {n: z.mean(dim=over) for n, z in sol.cache_activations(model, tokens, names).items()}
-
-
-def _faith_zero(model, tokens, answer, wrong, circuit, mean_tokens):
-    return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: torch.zeros_like(z))
-
-
-def _faith_inverted(model, tokens, answer, wrong, circuit, mean_tokens):
-    means = _means(model, mean_tokens)
-    return _ablated_ratio(model, tokens, answer, wrong, list(map(tuple, circuit)), lambda n, z: means[n])
+    names = [act_name("z", layer) for layer in range(model.cfg.n_layers)]
+    return {n: z.mean(dim=over) for n, z in patching.cache_activations(model, tokens, names).items()}
 
 
 def _faith_pos_mean(model, tokens, answer, wrong, circuit, mean_tokens):
@@ -718,25 +633,23 @@ def _faith_pos_mean(model, tokens, answer, wrong, circuit, mean_tokens):
     return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: means[n])
 
 
-def _faith_own_means(model, tokens, answer, wrong, circuit, mean_tokens):
-    means = _means(model, tokens)
-    return _ablated_ratio(model, tokens, answer, wrong, _complement(model, circuit), lambda n, z: means[n])
-
-
 register(
     "circuit_faithfulness", CHAPTER, sol.circuit_faithfulness, _faith_cases,
     mistakes=[
-        Mistake("zero ablation", _faith_zero,
+        Mistake.edit("zero ablation", sol.circuit_faithfulness, "z[:, :, head] = means[hook.name][:, head]",
+                     "z[:, :, head] = 0",
                 "Replace the other heads' outputs by their MEAN over mean_tokens, not by zero: zero is an output "
                 "no head ever produces, so zero-ablation breaks the model in ways that have nothing to do with "
                 "the task."),
-        Mistake("ablated the circuit", _faith_inverted,
+        Mistake.edit("ablated the circuit", sol.circuit_faithfulness, "if (layer, head) not in keep:",
+                     "if (layer, head) in keep:",
                 "Keep the circuit and mean-ablate every OTHER head (that measures what the circuit does on its "
                 "own)."),
         Mistake("mean over positions too", _faith_pos_mean,
                 "Average over the prompts only (dim 0), position by position: a head's typical output at the "
                 "final position is not its typical output at <bos>."),
-        Mistake("means over the evaluated prompts", _faith_own_means,
+        Mistake.edit("means over the evaluated prompts", sol.circuit_faithfulness,
+                     "cache_activations(model, mean_tokens, names)", "cache_activations(model, tokens, names)",
                 "Take the means over mean_tokens (the reference distribution), not over the prompts you "
                 "evaluate."),
     ],

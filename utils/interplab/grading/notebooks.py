@@ -121,6 +121,14 @@ def signature_text(node: ast.FunctionDef) -> str:
     return f"({ast.unparse(node.args)}){ret}"
 
 
+def _private_helpers(ref) -> list[str]:
+    """The _private module-level names of the reference's module (helpers `import *` leaves out)."""
+    import sys
+
+    module = sys.modules[ref.__module__]
+    return sorted(n for n in vars(module) if n.startswith("_") and not n.startswith("__"))
+
+
 def inject_solutions(nb: dict) -> dict:
     """A copy of the notebook with every exercise function replaced by its reference solution."""
     import copy
@@ -148,6 +156,9 @@ def inject_solutions(nb: dict) -> dict:
             ref = refs[node.name]
             body = textwrap.dedent(inspect.getsource(ref)).rstrip().splitlines()
             header = [f"from {ref.__module__} import *  # injected reference solution"]
+            helpers = _private_helpers(ref)
+            if helpers:  # `import *` skips the answer key's _private helpers that references call
+                header.append(f"from {ref.__module__} import {', '.join(helpers)}")
             lines[start:node.end_lineno] = header + body
         cell["source"] = "\n".join(lines)
     return nb
