@@ -100,8 +100,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
+    # lazy, as every command here: `interplab --help` should not import torch
     from .grading.gradebook import NoNotebooks, format_rows, grade
-    from .grading.sandbox import SandboxUnavailable
+    from .grading.sandbox import SandboxUnavailable  # (same reason)
 
     try:
         rows = grade(args.submissions, out=args.out, time_limit=args.time_limit, sandbox=args.sandbox)
@@ -115,8 +116,9 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    # lazy, as every command here: `interplab --help` should not import torch
     from .grading.gradebook import grade_notebook
-    from .grading.sandbox import SandboxUnavailable
+    from .grading.sandbox import SandboxUnavailable  # (same reason)
 
     if not Path(args.notebook).is_file():
         print(f"interplab check: {args.notebook} is not a notebook file. Pass the path of your chapter notebook, "

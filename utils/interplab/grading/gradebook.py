@@ -27,7 +27,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..exercises import all_exercises
+from ..exercises import all_exercises, get
+from . import sandbox
+from . import sandbox as sb
+from .core import Observation, expected_outputs, judge, make_report
+from .plain import ProtocolError, decode
+from .protocol import FrameReader
+from .sandbox import cpu_seconds
+from .submission import Unreadable, parse_cell, plan, read_submission, reference_shapes
 
 STATUSES = ("passed", "failed", "wrong_type", "not_implemented", "error", "timeout", "missing", "syntax_error",
             "crashed", "used_reference", "unreadable", "no_exercises")
@@ -61,7 +68,6 @@ def expected_exercises(path: Path, cells: list[dict] | None) -> list[str]:
     chapter = chapter_of(path)
     names = [ex.name for ex in all_exercises() if ex.chapter == chapter] if chapter else []
     if not names and cells is not None:
-        from .submission import parse_cell
 
         registered = [ex.name for ex in all_exercises()]
         bound = set()
@@ -77,8 +83,6 @@ def expected_exercises(path: Path, cells: list[dict] | None) -> list[str]:
 def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None = None, sandbox: str = "auto",
                    limits: Limits | None = None) -> list[Row]:
     """Grade one submitted notebook; one Row per exercise plus a TOTAL row. Never raises for the submission's faults."""
-    from . import sandbox as sb
-    from .submission import Unreadable, plan, read_submission, reference_shapes
 
     path = Path(path)
     sub = label or path.name
@@ -97,7 +101,6 @@ def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None
         rows = [Row(sub, "*", "no_exercises", message="no function of this notebook is a registered exercise; "
                     "is it a chapter notebook (NN_slug.ipynb)?")]
         return rows + [_total(sub, rows, notes)]
-    from ..exercises import get
 
     p = plan(cells, names, reference_shapes(names))
     rows: dict[str, Row] = {}
@@ -181,8 +184,6 @@ class _Worker:
         import secrets
         import threading
 
-        from . import sandbox
-        from .protocol import FrameReader
 
         self.limits = limits
         self.secrets = secrets
@@ -236,7 +237,6 @@ class _Worker:
         """The reply ``event`` to request ``nonce``; raises _Stopped past the budgets or on any other frame."""
         import queue
 
-        from .sandbox import cpu_seconds
 
         start_cpu = cpu_seconds(self.proc.pid) or 0.0
         start_wall = time.monotonic()
@@ -290,7 +290,6 @@ class _Worker:
         return False
 
     def close(self) -> None:
-        from . import sandbox
 
         try:
             self.proc.stdin.close()  # the worker's cue to exit
@@ -313,8 +312,6 @@ class _Worker:
 
 
 def _case_observation(record: dict, blob: bytes):
-    from .core import Observation
-    from .plain import ProtocolError, decode
 
     status = record.get("status")
     if status not in ("ok", "timeout", "not_implemented", "exit", "error", "wrong_type"):
@@ -338,9 +335,6 @@ def _case_observation(record: dict, blob: bytes):
 def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits: Limits, mode: str,
                      borrowed: dict[str, str], defined_in: dict[str, int]) -> tuple[dict[str, Row], list[str]]:
     """Run workers until every exercise of ``names`` has a row; returns the rows and notes on cells."""
-    from ..exercises import get
-    from .core import expected_outputs, judge, make_report
-    from .plain import ProtocolError
 
     rows: dict[str, Row] = {}
     notes: list[str] = []
@@ -508,7 +502,6 @@ def grade(paths: list[str | Path], out: str | Path | None = None, time_limit: fl
     "bwrap" or "none". Raises NoNotebooks when there is nothing to grade, and nothing else
     for a submission's faults.
     """
-    from . import sandbox as sb
 
     files = find_notebooks(paths)
     mode = sb.resolve(sandbox)

@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import interplab
+import interplab.solutions
+
 BWRAP_INSTALL = "sudo apt-get install -y bubblewrap"
 NOBODY = 65534
 
@@ -94,9 +97,6 @@ def note_once(mode: str, stream=None) -> None:
 
 def readonly_paths() -> list[str]:
     """What a worker needs to read: the Python installation and environment, the package and its data."""
-    import interplab
-    import interplab.solutions
-
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              str(Path(sys.executable).resolve().parent.parent)}
     for mod in (interplab, interplab.solutions):

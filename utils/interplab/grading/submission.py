@@ -17,6 +17,8 @@ import symtable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..exercises import get
+
 MAX_BYTES = 20_000_000  # a chapter notebook with outputs is well under this
 
 
@@ -335,7 +337,6 @@ def reference_shapes(exercises: list[str]) -> dict[str, str]:
     import inspect
     import textwrap
 
-    from ..exercises import get
 
     out = {}
     for n in exercises:

@@ -19,6 +19,13 @@ import os
 import sys
 import types
 
+import torch  # noqa: F401 - imported before the submission can shadow anything
+
+import interplab
+from interplab import grading
+from interplab.exercises import get, shared_model
+from interplab.grading import core
+from interplab.grading.plain import to_bytes
 from interplab.grading.protocol import write_frame
 
 
@@ -65,14 +72,6 @@ def main() -> None:
 
     def send(record: dict, blob: bytes = b"") -> None:
         write_frame(fd, record, blob)
-
-    import torch  # noqa: F401 - imported before the submission can shadow anything
-
-    import interplab
-    from interplab import grading
-    from interplab.exercises import get, shared_model
-    from interplab.grading import core
-    from interplab.grading.plain import to_bytes
 
     def check(fn, name=None, strict=None):  # in the grader, a notebook's check() only passes the function on
         return fn
