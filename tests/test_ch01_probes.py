@@ -1,4 +1,5 @@
-"""Chapter 01 (linear probes): the probes against scikit-learn, and properties of the helpers."""
+"""Chapter 01 (linear probes): `interplab.probes` and the answer key against scikit-learn, properties of the helpers,
+and the library's own copies of exercises held to the exercises' cases."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import inspect
 
 import pytest
 import torch
-from interplab import tinyworld
-from interplab.solutions import ch01_probes as P
+
+from interplab import grading, probes, tinyworld
+from interplab.exercises import get
+from interplab.solutions import ch01_probes as sol
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -16,8 +19,8 @@ sklearn = pytest.importorskip("sklearn")
 def room_data(model):
     """Residual vectors at the name X of "where is X" at every depth, with a document-level split."""
     docs = tinyworld.generate(600, seed=11, split="test", families=["rooms"])
-    (ex, acts) = P.latent_dataset(model, docs, "room")["question"]
-    return ex, acts, P.document_split(ex["doc"], 0.25, seed=0)
+    (ex, acts) = probes.latent_dataset(model, docs, "room")["question"]
+    return ex, acts, probes.document_split(ex["doc"], 0.25, seed=0)
 
 
 def _sklearn_probe(x, y, weight_decay, n_classes):
@@ -45,16 +48,16 @@ def test_torch_probe_matches_sklearn_logistic_regression(room_data):
     the '?', so both probes sit at chance and flip between tied answers; there we compare objectives only)."""
     ex, acts, is_test = room_data
     y = ex["label"]
-    weight_decay = inspect.signature(P.train_probe).parameters["weight_decay"].default
+    weight_decay = inspect.signature(probes.train_probe).parameters["weight_decay"].default
     for depth in range(acts.shape[0]):
-        x_tr, x_te = P.standardize(acts[depth][~is_test], acts[depth][is_test])
-        W, b = P.train_probe(x_tr, y[~is_test], 8)
+        x_tr, x_te = probes.standardize(acts[depth][~is_test], acts[depth][is_test])
+        W, b = probes.train_probe(x_tr, y[~is_test], 8)
         Ws, bs, clf = _sklearn_probe(x_tr, y[~is_test], weight_decay, 8)
-        ours_obj = P.probe_loss(W, b, x_tr, y[~is_test], weight_decay).item()
-        theirs_obj = P.probe_loss(Ws, bs, x_tr, y[~is_test], weight_decay).item()
+        ours_obj = probes.probe_loss(W, b, x_tr, y[~is_test], weight_decay).item()
+        theirs_obj = probes.probe_loss(Ws, bs, x_tr, y[~is_test], weight_decay).item()
         assert ours_obj == pytest.approx(theirs_obj, abs=2e-3), f"depth {depth}: objective {ours_obj} vs {theirs_obj}"
         if depth > 0:
-            ours, theirs = P.probe_accuracy(W, b, x_te, y[is_test]), clf.score(x_te.numpy(), y[is_test].numpy())
+            ours, theirs = probes.probe_accuracy(W, b, x_te, y[is_test]), clf.score(x_te.numpy(), y[is_test].numpy())
             assert abs(ours - theirs) <= 0.01 + 1e-9, f"depth {depth}: torch {ours:.3f} vs sklearn {theirs:.3f}"
 
 
@@ -62,15 +65,15 @@ def test_torch_probe_matches_sklearn_logistic_regression(room_data):
 def test_binary_probe_matches_sklearn(model):
     """Truth at the answer: a binary, worse-conditioned problem, given 500 Adam steps."""
     docs = tinyworld.generate(1200, seed=12, split="test", families=["truth"])
-    ex, acts = P.latent_dataset(model, docs, "truth")["answer"]
-    is_test = P.document_split(ex["doc"], 0.3, seed=1)
+    ex, acts = probes.latent_dataset(model, docs, "truth")["answer"]
+    is_test = probes.document_split(ex["doc"], 0.3, seed=1)
     y = ex["label"]
     weight_decay = 3e-3
     for depth in range(1, acts.shape[0]):
-        x_tr, x_te = P.standardize(acts[depth][~is_test], acts[depth][is_test])
-        W, b = P.train_probe(x_tr, y[~is_test], 2, weight_decay=weight_decay, steps=500)
+        x_tr, x_te = probes.standardize(acts[depth][~is_test], acts[depth][is_test])
+        W, b = probes.train_probe(x_tr, y[~is_test], 2, weight_decay=weight_decay, steps=500)
         _, _, clf = _sklearn_probe(x_tr, y[~is_test], weight_decay, 2)
-        ours, theirs = P.probe_accuracy(W, b, x_te, y[is_test]), clf.score(x_te.numpy(), y[is_test].numpy())
+        ours, theirs = probes.probe_accuracy(W, b, x_te, y[is_test]), clf.score(x_te.numpy(), y[is_test].numpy())
         assert abs(ours - theirs) <= 0.01 + 1e-9, f"depth {depth}: torch {ours:.3f} vs sklearn {theirs:.3f}"
 
 
@@ -78,13 +81,13 @@ def test_train_probe_works_with_gradients_off():
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     y = (x[:, 0] > 0).long()
     with torch.no_grad():
-        W, b = P.train_probe(x, y, 2, steps=50)
-    assert P.probe_accuracy(W, b, x, y) > 0.9 and not W.requires_grad
+        W, b = probes.train_probe(x, y, 2, steps=50)
+    assert probes.probe_accuracy(W, b, x, y) > 0.9 and not W.requires_grad
 
 
 def test_train_probe_rejects_bad_labels():
     with pytest.raises(ValueError, match="labels must lie"):
-        P.train_probe(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 3)
+        probes.train_probe(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 3)
 
 
 def test_auroc_matches_sklearn():
@@ -95,14 +98,14 @@ def test_auroc_matches_sklearn():
         scores = (torch.randn(n, generator=g) * 3).round()  # many ties
         labels = torch.randint(0, 2, (n,), generator=g)
         labels[:2] = torch.tensor([0, 1])
-        assert P.auroc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+        assert sol.auroc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
 
 
 def test_auroc_needs_both_classes():
     with pytest.raises(ValueError, match="positive and one negative"):
-        P.auroc(torch.randn(4), torch.ones(4, dtype=torch.long))
+        sol.auroc(torch.randn(4), torch.ones(4, dtype=torch.long))
     with pytest.raises(ValueError, match="0/1"):
-        P.auroc(torch.randn(3), torch.tensor([0, 1, 2]))
+        sol.auroc(torch.randn(3), torch.tensor([0, 1, 2]))
 
 
 def test_mass_mean_probe_is_nearest_centroid():
@@ -111,40 +114,40 @@ def test_mass_mean_probe_is_nearest_centroid():
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, 5, (200,), generator=g)
     x = torch.randn(200, 7, generator=g) + y[:, None].float() * 0.7
-    W, b = P.mass_mean_probe(x, y, 5)
-    ours = P.probe_logits(W, b, x).argmax(-1).numpy()
+    W, b = sol.mass_mean_probe(x, y, 5)
+    ours = probes.probe_logits(W, b, x).argmax(-1).numpy()
     theirs = NearestCentroid().fit(x.numpy(), y.numpy()).predict(x.numpy())
     assert (ours == theirs).all()
 
 
 def test_mass_mean_probe_needs_every_class():
     with pytest.raises(ValueError, match="every class"):
-        P.mass_mean_probe(torch.randn(4, 2), torch.tensor([0, 0, 2, 2]), 3)
+        sol.mass_mean_probe(torch.randn(4, 2), torch.tensor([0, 0, 2, 2]), 3)
 
 
 def test_document_split_never_leaks():
     g = torch.Generator().manual_seed(2)
     doc = torch.randint(0, 100, (1000,), generator=g)
     for seed in range(5):
-        is_test = P.document_split(doc, 0.2, seed)
+        is_test = probes.document_split(doc, 0.2, seed)
         assert not set(doc[is_test].tolist()) & set(doc[~is_test].tolist())
         assert len(set(doc[is_test].tolist())) == round(0.2 * len(torch.unique(doc)))
     with pytest.raises(ValueError):
-        P.document_split(doc, 1.0)
+        probes.document_split(doc, 1.0)
 
 
 def test_control_labels_are_a_function_of_the_type():
     types = torch.tensor([4, 1, 4, 9, 1, 9, 9])
-    labels = P.control_task_labels(types, 8, seed=5)
+    labels = sol.control_task_labels(types, 8, seed=5)
     for t in types.unique():
         assert len(labels[types == t].unique()) == 1
-    assert torch.equal(labels, P.control_task_labels(types, 8, seed=5))
+    assert torch.equal(labels, sol.control_task_labels(types, 8, seed=5))
 
 
 def test_room_labels_agree_with_the_answers():
     """The label of every question is the answer the document gives right after it."""
     docs = tinyworld.generate(50, seed=13, split="test")
-    doc, pos, label, person = P.room_query_labels(docs)
+    doc, pos, label, person = probes.room_query_labels(docs)
     assert len(doc) > 0
     for i, p, c, x in zip(doc.tolist(), pos.tolist(), label.tolist(), person.tolist()):
         assert docs[i].tokens[p - 2 : p + 1] == ["where", "is", tinyworld.NAMES[x]]
@@ -153,24 +156,28 @@ def test_room_labels_agree_with_the_answers():
 
 def test_latent_examples_positions():
     docs = tinyworld.generate(30, seed=14, split="test", families=["reviews", "truth"])
-    sent = P.latent_examples(docs, "sentiment", "review end")
-    assert all(docs[i].tokens[p] == "." and docs[i].tokens[p + 1] == "overall"
-               for i, p in zip(sent["doc"].tolist(), sent["position"].tolist()))
-    truth = P.latent_examples(docs, "truth", "value")
-    assert all(docs[i].tokens[p] == docs[i].meta["value"] for i, p in zip(truth["doc"].tolist(), truth["position"].tolist()))
-    ans = P.latent_examples(docs, "truth", "answer")
+    sent = probes.latent_examples(docs, "sentiment", "review end")
+    assert all(
+        docs[i].tokens[p] == "." and docs[i].tokens[p + 1] == "overall"
+        for i, p in zip(sent["doc"].tolist(), sent["position"].tolist())
+    )
+    truth = probes.latent_examples(docs, "truth", "value")
+    assert all(
+        docs[i].tokens[p] == docs[i].meta["value"] for i, p in zip(truth["doc"].tolist(), truth["position"].tolist())
+    )
+    ans = probes.latent_examples(docs, "truth", "answer")
     assert all(docs[i].tokens[p] == "is" for i, p in zip(ans["doc"].tolist(), ans["position"].tolist()))
 
 
 def test_residual_dataset_matches_run_with_cache(model):
     docs = tinyworld.generate(6, seed=15, split="test", families=["rooms"])
-    ex = P.latent_examples(docs, "room", "before")
+    ex = probes.latent_examples(docs, "room", "before")
     order = torch.randperm(len(ex["doc"]), generator=torch.Generator().manual_seed(0))  # any order works
-    acts = P.residual_dataset(model, docs, ex["doc"][order], ex["position"][order])
+    acts = probes.residual_dataset(model, docs, ex["doc"][order], ex["position"][order])
     for k, (i, p) in enumerate(zip(ex["doc"][order].tolist(), ex["position"][order].tolist())):
         ids = torch.tensor([tinyworld.encode(docs[i].tokens)])
         _, cache = model.run_with_cache(ids)
-        for depth, name in enumerate(P.resid_hook_names(model)):
+        for depth, name in enumerate(probes.resid_hook_names(model)):
             torch.testing.assert_close(acts[depth, k], cache[name][0, p], rtol=1e-4, atol=1e-4)
 
 
@@ -178,16 +185,16 @@ def test_raw_space_probe_equals_standardized_probe():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(80, 6, generator=g) * torch.tensor([1.0, 10, 0.1, 3, 1, 5]) + 2
     y = (x[:, 0] + x[:, 2] * 10 > 2).long()
-    W, b = P.raw_space_probe(x, y, 2)
-    (z,) = P.standardize(x)
-    Wz, bz = P.train_probe(z, y, 2)
-    torch.testing.assert_close(P.probe_logits(W, b, x), P.probe_logits(Wz, bz, z), rtol=1e-4, atol=1e-4)
+    W, b = probes.raw_space_probe(x, y, 2)
+    (z,) = probes.standardize(x)
+    Wz, bz = probes.train_probe(z, y, 2)
+    torch.testing.assert_close(probes.probe_logits(W, b, x), probes.probe_logits(Wz, bz, z), rtol=1e-4, atol=1e-4)
 
 
 def test_bench_probes_reports_both_timings():
-    from interplab.bench_probes import bench_probes
+    from interplab.bench.ch01_probes import run
 
-    out = bench_probes(n_docs=60, quiet=True)
+    out = run(n_docs=60, quiet=True)
     assert out["torch_seconds"] > 0 and out["sklearn_seconds"] > 0
     assert len(out["torch_accuracy"]) == len(out["sklearn_accuracy"])
 
@@ -205,57 +212,85 @@ def standin():
 
 def test_residual_dataset_reads_each_word_at_its_last_token(standin):
     docs = tinyworld.generate(20, seed=14, split="test", families=["rooms"])
-    doc, pos, _, _ = P.room_query_labels(docs)
+    doc, pos, _, _ = probes.room_query_labels(docs)
     doc, pos = torch.cat([doc, doc]), torch.cat([pos, pos - 1])  # the name and the "is" before it
-    acts = P.residual_dataset(standin, docs, doc, pos, batch_size=4)
+    acts = probes.residual_dataset(standin, docs, doc, pos, batch_size=4)
     assert acts.shape == (standin.cfg.n_layers + 1, len(doc), standin.cfg.d_model)
     mt = tinyworld.tokens_for(standin, docs)
     assert (mt.last[doc, pos] > pos).any(), "the subword tokenizer should move some positions"
     _, cache = standin.run_with_cache(mt.ids)
-    for depth, name in enumerate(P.resid_hook_names(standin)):
+    for depth, name in enumerate(probes.resid_hook_names(standin)):
         expected = cache[name][doc, mt.last[doc, pos]]
         torch.testing.assert_close(acts[depth], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_residual_dataset_on_tinyworld_reads_the_word_positions(model):
     docs = tinyworld.generate(10, seed=15, split="test", families=["rooms"])
-    doc, pos, _, _ = P.room_query_labels(docs)
-    acts = P.residual_dataset(model, docs, doc, pos)
+    doc, pos, _, _ = probes.room_query_labels(docs)
+    acts = probes.residual_dataset(model, docs, doc, pos)
     ids, _ = tinyworld.batch_tokens(docs)
     _, cache = model.run_with_cache(ids)
-    torch.testing.assert_close(acts[-1], cache[P.resid_hook_names(model)[-1]][doc, pos], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(acts[-1], cache[probes.resid_hook_names(model)[-1]][doc, pos], atol=1e-4, rtol=1e-4)
 
 
 def test_prefix_tokens_point_at_the_end_of_each_word(standin, model):
     docs = tinyworld.generate(20, seed=16, split="test", families=["rooms"])
-    doc, pos, _, _ = P.room_query_labels(docs)
-    ids, at = P.prefix_tokens(standin, docs, doc, pos)
+    doc, pos, _, _ = probes.room_query_labels(docs)
+    ids, at = probes.prefix_tokens(standin, docs, doc, pos)
     tok = standin.tokenizer
     assert ids.shape[1] == int(at.max()) + 1
     for row, (d, p) in enumerate(zip(doc.tolist(), pos.tolist())):
         assert tok.decode(ids[row, : at[row] + 1].tolist()).endswith(docs[d].tokens[p])
         assert tok.decode(ids[row, 1 : at[row] + 1].tolist()) == " ".join(docs[d].tokens[1 : p + 1])
-    ids, at = P.prefix_tokens(model, docs, doc, pos)  # one token per word: positions unchanged
+    ids, at = probes.prefix_tokens(model, docs, doc, pos)  # one token per word: positions unchanged
     assert torch.equal(at, pos) and ids.shape[1] == int(pos.max()) + 1
 
 
 def test_word_token_ids(standin, model):
-    assert P.word_token_ids(model, tinyworld.ROOMS) == [tinyworld.token_id(r) for r in tinyworld.ROOMS]
-    ids = P.word_token_ids(standin, tinyworld.ROOMS + ["true", "false"])
+    assert probes.word_token_ids(model, tinyworld.ROOMS) == [tinyworld.token_id(r) for r in tinyworld.ROOMS]
+    ids = probes.word_token_ids(standin, tinyworld.ROOMS + ["true", "false"])
     for w, i in zip(tinyworld.ROOMS + ["true", "false"], ids):
         assert (" " + w).startswith(standin.tokenizer.decode([i])) and standin.tokenizer.decode([i]).startswith(" ")
     with pytest.raises(ValueError, match="same token"):
-        P.word_token_ids(standin, ["kitchen", "garden", "kitchen"])
+        probes.word_token_ids(standin, ["kitchen", "garden", "kitchen"])
 
 
 def test_steering_effect_runs_on_a_subword_model(standin):
     """The causal test of the chapter on the gpt2-small route: answers among the room words' first tokens."""
     docs = tinyworld.generate(40, seed=17, split="test", families=["rooms"])
-    doc, pos, label, _ = P.room_query_labels(docs)
-    tokens, at = P.prefix_tokens(standin, docs, doc, pos)
-    rooms = P.word_token_ids(standin, tinyworld.ROOMS)
+    doc, pos, label, _ = probes.room_query_labels(docs)
+    tokens, at = probes.prefix_tokens(standin, docs, doc, pos)
+    rooms = probes.word_token_ids(standin, tinyworld.ROOMS)
     W = torch.randn(standin.cfg.d_model, len(tinyworld.ROOMS), generator=torch.Generator().manual_seed(0))
-    out = P.steering_effect(standin, tokens, at, label, {1: {"probe": W}}, rooms)
+    out = probes.steering_effect(standin, tokens, at, label, {1: {"probe": W}}, rooms)
     assert 0.0 <= out["clean"] <= 1.0 and set(out[1]) == {"probe", "random"}
     logits = standin(tokens)[torch.arange(len(at)), at][:, rooms]
     assert out["clean"] == pytest.approx((logits.argmax(-1) == label).float().mean().item())
+
+
+# --- the library's copies of exercises agree with the answer key ---------------------------------------------
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", ["room_query_labels", "document_split", "train_probe"])
+def test_library_copy_passes_the_exercise_and_equals_the_reference(name):
+    ours = getattr(probes, name)
+    report = grading.run(name, ours)
+    assert report.passed, report
+    ex = get(name)
+    for case in ex.cases():
+        assert _same(ours(*case.args, **case.kwargs), ex.reference(*case.args, **case.kwargs)), case.label
+
+
+def test_train_probe_in_the_answer_key_matches_the_library_on_real_features(room_data):
+    ex, acts, is_test = room_data
+    x_tr, _ = probes.standardize(acts[2][~is_test], acts[2][is_test])
+    ours, theirs = probes.train_probe(x_tr, ex["label"][~is_test], 8), sol.train_probe(x_tr, ex["label"][~is_test], 8)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

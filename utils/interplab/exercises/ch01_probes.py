@@ -7,22 +7,19 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import probes, tinyworld
+from ..grading.compare import compare
+from ..hooks import act_name
+from ..paths import chapter_of
 from ..solutions import ch01_probes as sol
 from ..tinyworld import ROOMS, Doc
-from ..paths import chapter_of
-from . import Case, Mistake, register, shared_model
+from . import Case, Mistake, gen, register, shared_model
 
 CHAPTER = chapter_of(__name__)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @functools.cache
 def _docs(n: int, seed: int, families: tuple[str, ...]) -> tuple[Doc, ...]:
-    from .. import tinyworld
-
     return tuple(tinyworld.generate(n, seed=seed, split="test", families=list(families)))
 
 
@@ -30,8 +27,12 @@ def _hand_made_rooms_doc() -> Doc:
     """Alice moves twice; Bob stays; questions about both, the last one after Bob's room was mentioned last."""
     d = Doc("rooms", meta={"people": ["Alice", "Bob"], "questions": []})
     where: dict[str, str] = {}
-    for person, words, room in [("Alice", "", "kitchen"), ("Bob", "", "hall"),
-                                ("Alice", "then", "attic"), ("Alice", "later", "cellar")]:
+    for person, words, room in [
+        ("Alice", "", "kitchen"),
+        ("Bob", "", "hall"),
+        ("Alice", "then", "attic"),
+        ("Alice", "later", "cellar"),
+    ]:
         d.add(f"{words} {person}")
         where[person] = room
         d.add([room, "."])
@@ -46,6 +47,7 @@ def _hand_made_rooms_doc() -> Doc:
 
 # --- room_query_labels ---------------------------------------------------------------------------
 
+
 def _labels_cases():
     return [
         Case("one hand-made rooms document (Alice moves twice)", ([_hand_made_rooms_doc()],)),
@@ -56,10 +58,8 @@ def _labels_cases():
 
 
 def _labels_token_ids(docs):
-    from ..tinyworld import token_id
-
     doc, pos, label, person = sol.room_query_labels(docs)
-    ids = torch.tensor([token_id(ROOMS[int(c)]) for c in label], dtype=torch.long)
+    ids = torch.tensor([tinyworld.token_id(ROOMS[int(c)]) for c in label], dtype=torch.long)
     return doc, pos, ids, person
 
 
@@ -91,30 +91,49 @@ def _labels_answer_position(docs):
 
 
 register(
-    "room_query_labels", CHAPTER, sol.room_query_labels, _labels_cases,
+    "room_query_labels",
+    CHAPTER,
+    sol.room_query_labels,
+    _labels_cases,
     mistakes=[
-        Mistake("vocabulary ids as labels", _labels_token_ids,
-                "Labels are class indices 0 .. 7: ROOMS.index(room), not the room word's token id."),
-        Mistake("index among rooms documents only", _labels_rooms_only_index,
-                "`doc` must index the full `docs` list (use enumerate(docs) and skip other families), "
-                "not count only the rooms documents."),
-        Mistake("first room", _labels_first_room,
-                "People move: the label is where X is at the question, doc.rooms[position][X], not the room X "
-                "was first in."),
-        Mistake("last room mentioned", _labels_last_room_mentioned,
-                "The label is X's room, which is not always the most recently mentioned room; read it from the "
-                "annotation doc.rooms[position][X]. (A probe for 'the last room word' would be a different latent.)"),
-        Mistake("answer position", _labels_answer_position,
-                "The position is that of the name X ending 'where is X' (where the model must produce the room), "
-                "not that of the room word after it: by then the answer is in the text."),
+        Mistake(
+            "vocabulary ids as labels",
+            _labels_token_ids,
+            "Labels are class indices 0 .. 7: ROOMS.index(room), not the room word's token id.",
+        ),
+        Mistake(
+            "index among rooms documents only",
+            _labels_rooms_only_index,
+            "`doc` must index the full `docs` list (use enumerate(docs) and skip other families), "
+            "not count only the rooms documents.",
+        ),
+        Mistake(
+            "first room",
+            _labels_first_room,
+            "People move: the label is where X is at the question, doc.rooms[position][X], not the room X "
+            "was first in.",
+        ),
+        Mistake(
+            "last room mentioned",
+            _labels_last_room_mentioned,
+            "The label is X's room, which is not always the most recently mentioned room; read it from the "
+            "annotation doc.rooms[position][X]. (A probe for 'the last room word' would be a different latent.)",
+        ),
+        Mistake(
+            "answer position",
+            _labels_answer_position,
+            "The position is that of the name X ending 'where is X' (where the model must produce the room), "
+            "not that of the room word after it: by then the answer is in the text.",
+        ),
     ],
 )
 
 
 # --- document_split -----------------------------------------------------------------------------------
 
+
 def _split_cases():
-    g = _gen(10)
+    g = gen(10)
     rnd = torch.randint(0, 30, (80,), generator=g).sort().values
     doc, _, _, _ = sol.room_query_labels(list(_docs(40, 4, ("rooms",))))
     return [
@@ -146,32 +165,45 @@ def _split_count_rows(doc, test_fraction=0.25, seed=0):
 
 
 register(
-    "document_split", CHAPTER, sol.document_split, _split_cases,
+    "document_split",
+    CHAPTER,
+    sol.document_split,
+    _split_cases,
     mistakes=[
-        Mistake("split examples, not documents", _split_rows,
-                "This splits examples, so questions from one document land on both sides and the test set shares "
-                "context with the training set (leakage). Permute the unique document ids instead."),
-        Mistake("permutation used as ids", _split_perm_as_ids,
-                "The permutation gives positions in the sorted list of document ids, not ids: use "
-                "docs[perm[:n_test]] with docs = torch.unique(doc) (ids need not be 0 .. n_docs-1)."),
-        Mistake("n_test counts examples", _split_count_rows,
-                "n_test is a number of documents: round(test_fraction * len(docs)), not of examples."),
+        Mistake(
+            "split examples, not documents",
+            _split_rows,
+            "This splits examples, so questions from one document land on both sides and the test set shares "
+            "context with the training set (leakage). Permute the unique document ids instead.",
+        ),
+        Mistake(
+            "permutation used as ids",
+            _split_perm_as_ids,
+            "The permutation gives positions in the sorted list of document ids, not ids: use "
+            "docs[perm[:n_test]] with docs = torch.unique(doc) (ids need not be 0 .. n_docs-1).",
+        ),
+        Mistake(
+            "n_test counts examples",
+            _split_count_rows,
+            "n_test is a number of documents: round(test_fraction * len(docs)), not of examples.",
+        ),
     ],
 )
 
 
 # --- train_probe ------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _real_room_features(n_docs: int = 24):
     docs = list(_docs(n_docs, 5, ("rooms",)))
     doc, pos, label, _ = sol.room_query_labels(docs)
-    acts = sol.residual_dataset(shared_model(), docs, doc, pos)
+    acts = probes.residual_dataset(shared_model(), docs, doc, pos)
     return acts[2], label
 
 
 def _probe_cases():
-    g = _gen(20)
+    g = gen(20)
     centres = torch.randn(3, 5, generator=g) * 2
     y = torch.arange(40) % 3
     x = centres[y] + torch.randn(40, 5, generator=g)
@@ -181,16 +213,20 @@ def _probe_cases():
     return [
         Case("3 classes, 40 points in 5 dims, 25 steps", (x, y, 3), {"weight_decay": 0.05, "steps": 25, "lr": 0.1}),
         Case("binary, 30 points in 8 dims, 30 steps", (xb, yb, 2), {"weight_decay": 0.01, "steps": 30, "lr": 0.05}),
-        Case("a class that never occurs (its logit is only pushed down)", (x, y, 4),
-             {"weight_decay": 0.05, "steps": 10, "lr": 0.1}),
-        Case("TinyWorld rooms: blocks.1.hook_resid_post at '?', 8 rooms, 20 steps", (xr, yr, 8),
-             {"weight_decay": 0.001, "steps": 20, "lr": 0.01}),
+        Case(
+            "a class that never occurs (its logit is only pushed down)",
+            (x, y, 4),
+            {"weight_decay": 0.05, "steps": 10, "lr": 0.1},
+        ),
+        Case(
+            "TinyWorld rooms: blocks.1.hook_resid_post at '?', 8 rooms, 20 steps",
+            (xr, yr, 8),
+            {"weight_decay": 0.001, "steps": 20, "lr": 0.01},
+        ),
     ]
 
 
 def _compare_probe(expected, got):
-    from ..grading.compare import compare
-
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         return compare(expected, got)
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in got):
@@ -198,8 +234,20 @@ def _compare_probe(expected, got):
     return compare(tuple(expected), tuple(got), rtol=1e-3, atol=1e-4)
 
 
-def _fit(x, y, n_classes, weight_decay, steps, lr, *, zero_grad=True, decay_bias=False, reduction="mean",
-         init="zeros", opt_decay=False):
+def _fit(
+    x,
+    y,
+    n_classes,
+    weight_decay,
+    steps,
+    lr,
+    *,
+    zero_grad=True,
+    decay_bias=False,
+    reduction="mean",
+    init="zeros",
+    opt_decay=False,
+):
     d = x.shape[1]
     if init == "zeros":
         W = torch.zeros(d, n_classes, requires_grad=True)
@@ -227,20 +275,38 @@ def _mk(**flags):
 
 
 register(
-    "train_probe", CHAPTER, sol.train_probe, _probe_cases,
+    "train_probe",
+    CHAPTER,
+    sol.train_probe,
+    _probe_cases,
     mistakes=[
-        Mistake("no zero_grad", _mk(zero_grad=False),
-                "Gradients accumulate in .grad: call opt.zero_grad() at the start of every step."),
-        Mistake("bias decayed", _mk(decay_bias=True),
-                "Decay only the weights: the penalty is weight_decay * (W ** 2).sum(), without the bias."),
-        Mistake("weight decay in the optimizer", _mk(opt_decay=True),
-                "Put the penalty in the loss (weight_decay * (W ** 2).sum()); Adam's weight_decay= argument adds "
-                "weight_decay * p to every gradient, bias included, which is a different objective."),
-        Mistake("summed loss", _mk(reduction="sum"),
-                "Average the cross-entropy over the examples (the mean, F.cross_entropy's default), don't sum it: "
-                "the sum makes the weight decay's strength depend on the dataset's size."),
-        Mistake("random initialisation", _mk(init="random"),
-                "Start W and b at zero (torch.zeros), so the fit is deterministic and the same as the reference."),
+        Mistake(
+            "no zero_grad",
+            _mk(zero_grad=False),
+            "Gradients accumulate in .grad: call opt.zero_grad() at the start of every step.",
+        ),
+        Mistake(
+            "bias decayed",
+            _mk(decay_bias=True),
+            "Decay only the weights: the penalty is weight_decay * (W ** 2).sum(), without the bias.",
+        ),
+        Mistake(
+            "weight decay in the optimizer",
+            _mk(opt_decay=True),
+            "Put the penalty in the loss (weight_decay * (W ** 2).sum()); Adam's weight_decay= argument adds "
+            "weight_decay * p to every gradient, bias included, which is a different objective.",
+        ),
+        Mistake(
+            "summed loss",
+            _mk(reduction="sum"),
+            "Average the cross-entropy over the examples (the mean, F.cross_entropy's default), don't sum it: "
+            "the sum makes the weight decay's strength depend on the dataset's size.",
+        ),
+        Mistake(
+            "random initialisation",
+            _mk(init="random"),
+            "Start W and b at zero (torch.zeros), so the fit is deterministic and the same as the reference.",
+        ),
     ],
     compare=_compare_probe,
 )
@@ -248,8 +314,9 @@ register(
 
 # --- mass_mean_probe -----------------------------------------------------------------------------------
 
+
 def _mass_mean_cases():
-    g = _gen(30)
+    g = gen(30)
     y5 = torch.tensor([0, 1, 1, 0, 1])
     x5 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 3.0], [3.0, 1.0], [2.0, 2.0]])
     y = torch.randint(0, 4, (50,), generator=g)
@@ -283,25 +350,36 @@ def _mm_divide_by_n(x, y, n_classes):
 
 
 register(
-    "mass_mean_probe", CHAPTER, sol.mass_mean_probe, _mass_mean_cases,
+    "mass_mean_probe",
+    CHAPTER,
+    sol.mass_mean_probe,
+    _mass_mean_cases,
     mistakes=[
-        Mistake("no bias", _mm_no_bias,
-                "Without b[c] = -0.5 * ||mu_c||^2 the probe favours classes with large means; with it, "
-                "argmax(x @ W + b) is the nearest class mean (expand ||x - mu_c||^2 to see why)."),
-        Mistake("bias sign", _mm_bias_sign,
-                "The bias is MINUS half the squared norm of each class mean: b[c] = -0.5 * ||mu_c||^2."),
-        Mistake("divided by all examples", _mm_divide_by_n,
-                "Divide each class's sum by the number of examples IN THAT CLASS (torch.bincount(y)), not by n."),
+        Mistake(
+            "no bias",
+            _mm_no_bias,
+            "Without b[c] = -0.5 * ||mu_c||^2 the probe favours classes with large means; with it, "
+            "argmax(x @ W + b) is the nearest class mean (expand ||x - mu_c||^2 to see why).",
+        ),
+        Mistake(
+            "bias sign",
+            _mm_bias_sign,
+            "The bias is MINUS half the squared norm of each class mean: b[c] = -0.5 * ||mu_c||^2.",
+        ),
+        Mistake(
+            "divided by all examples",
+            _mm_divide_by_n,
+            "Divide each class's sum by the number of examples IN THAT CLASS (torch.bincount(y)), not by n.",
+        ),
     ],
 )
 
 
 # --- auroc --------------------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _model_sentiment_scores():
-    from .. import tinyworld
-
     docs = list(_docs(40, 6, ("reviews",)))
     ids, _ = tinyworld.batch_tokens(docs)
     pos = torch.tensor([d.answer_positions[-1] for d in docs])
@@ -312,16 +390,23 @@ def _model_sentiment_scores():
 
 
 def _auroc_cases():
-    g = _gen(40)
+    g = gen(40)
     s = torch.randn(60, generator=g)
     lab = (s + torch.randn(60, generator=g) > 0).long()
     score, label = _model_sentiment_scores()
     return [
-        Case("no ties, 3 positives, 2 negatives", (torch.tensor([0.9, 0.2, 0.7, 0.4, 0.1]), torch.tensor([1, 0, 1, 1, 0]))),
-        Case("ties between a positive and a negative", (torch.tensor([1.0, 1.0, 0.5, 0.5, 2.0, 0.0]),
-                                                        torch.tensor([1, 0, 1, 0, 1, 0]))),
-        Case("boolean labels, a score that is mostly wrong", (torch.tensor([0.1, 0.8, 0.3, 0.9]),
-                                                              torch.tensor([True, False, True, False]))),
+        Case(
+            "no ties, 3 positives, 2 negatives",
+            (torch.tensor([0.9, 0.2, 0.7, 0.4, 0.1]), torch.tensor([1, 0, 1, 1, 0])),
+        ),
+        Case(
+            "ties between a positive and a negative",
+            (torch.tensor([1.0, 1.0, 0.5, 0.5, 2.0, 0.0]), torch.tensor([1, 0, 1, 0, 1, 0])),
+        ),
+        Case(
+            "boolean labels, a score that is mostly wrong",
+            (torch.tensor([0.1, 0.8, 0.3, 0.9]), torch.tensor([True, False, True, False])),
+        ),
         Case("every score equal (AUROC 0.5)", (torch.zeros(6), torch.tensor([0, 1, 0, 1, 1, 0]))),
         Case("random: 60 noisy scores, rounded (many ties)", ((s * 2).round() / 2, lab)),
         Case("the model's own logit(positive) - logit(negative) on 40 reviews", (score, label)),
@@ -343,26 +428,40 @@ def _auroc_accuracy(scores, labels):
 
 
 register(
-    "auroc", CHAPTER, sol.auroc, _auroc_cases,
+    "auroc",
+    CHAPTER,
+    sol.auroc,
+    _auroc_cases,
     mistakes=[
-        Mistake("ties count zero", _auroc_strict,
-                "A tie between a positive and a negative counts one half, not zero (an uninformative constant "
-                "score must get AUROC 0.5)."),
-        Mistake("flipped", _auroc_flipped,
-                "You computed the probability that a NEGATIVE outscores a positive: AUROC is P(score of a random "
-                "positive > score of a random negative)."),
-        Mistake("accuracy at threshold 0", _auroc_accuracy,
-                "That is the accuracy of `score > 0`; AUROC uses no threshold: compare every positive with every "
-                "negative (or use ranks)."),
+        Mistake(
+            "ties count zero",
+            _auroc_strict,
+            "A tie between a positive and a negative counts one half, not zero (an uninformative constant "
+            "score must get AUROC 0.5).",
+        ),
+        Mistake(
+            "flipped",
+            _auroc_flipped,
+            "You computed the probability that a NEGATIVE outscores a positive: AUROC is P(score of a random "
+            "positive > score of a random negative).",
+        ),
+        Mistake(
+            "accuracy at threshold 0",
+            _auroc_accuracy,
+            "That is the accuracy of `score > 0`; AUROC uses no threshold: compare every positive with every "
+            "negative (or use ranks).",
+        ),
     ],
-    atol=1e-6, rtol=1e-6,
+    atol=1e-6,
+    rtol=1e-6,
 )
 
 
 # --- control_task_labels ----------------------------------------------------------------------------------
 
+
 def _control_cases():
-    g = _gen(50)
+    g = gen(50)
     _, _, _, person = sol.room_query_labels(list(_docs(30, 7, ("rooms",))))
     return [
         Case("3 types, repeated, 2 classes", (torch.tensor([0, 1, 2, 0, 1, 2, 2]), 2, 0)),
@@ -388,27 +487,38 @@ def _control_compact(types, n_classes, seed=0):
 
 
 register(
-    "control_task_labels", CHAPTER, sol.control_task_labels, _control_cases,
+    "control_task_labels",
+    CHAPTER,
+    sol.control_task_labels,
+    _control_cases,
     mistakes=[
-        Mistake("one label per example", _control_per_example,
-                "Draw one label per TYPE and give it to every example of that type. Labels drawn per example "
-                "cannot be learned at all, so they measure nothing; the point of a control task is that a probe "
-                "CAN fit it, by memorising type -> label."),
-        Mistake("ignores the seed", _control_unseeded,
-                "Use generator=torch.Generator().manual_seed(seed), so the control task is the same every run."),
-        Mistake("table over unique types", _control_compact,
-                "Make the table types.max() + 1 long and index it by the type id itself (table[types]), not by "
-                "the type's rank among the types present."),
+        Mistake(
+            "one label per example",
+            _control_per_example,
+            "Draw one label per TYPE and give it to every example of that type. Labels drawn per example "
+            "cannot be learned at all, so they measure nothing; the point of a control task is that a probe "
+            "CAN fit it, by memorising type -> label.",
+        ),
+        Mistake(
+            "ignores the seed",
+            _control_unseeded,
+            "Use generator=torch.Generator().manual_seed(seed), so the control task is the same every run.",
+        ),
+        Mistake(
+            "table over unique types",
+            _control_compact,
+            "Make the table types.max() + 1 long and index it by the type id itself (table[types]), not by "
+            "the type's rank among the types present.",
+        ),
     ],
 )
 
 
 # --- edited_logits --------------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _edit_batch():
-    from .. import tinyworld
-
     docs = list(_docs(6, 8, ("rooms",)))
     ids, _ = tinyworld.batch_tokens(docs)
     pos = torch.tensor([d.answer_positions[0] for d in docs])  # the name of the first question
@@ -417,11 +527,9 @@ def _edit_batch():
 
 def _edit_cases():
     model = shared_model()
-    from .. import tinyworld
-
     ids, pos = _edit_batch()
     d = model.cfg.d_model
-    g = _gen(60)
+    g = gen(60)
     rand = torch.randn(d, generator=g) * 3
     room = model.W_U[:, tinyworld.token_id("attic")].detach() - model.W_U[:, tinyworld.token_id("kitchen")].detach()
     last = model.cfg.n_layers - 1
@@ -429,18 +537,36 @@ def _edit_cases():
         Case("layer 1, add a random direction", (model, ids, 1, pos, rand), {"mode": "add", "alpha": 1.0}),
         Case("layer 0, subtract 2x a random direction", (model, ids, 0, pos, rand), {"mode": "subtract", "alpha": 2.0}),
         Case("layer 2, project out a random direction", (model, ids, 2, pos, rand), {"mode": "project_out"}),
-        Case(f"layer {last}, add attic - kitchen (unembedding), alpha 3",
-             (model, ids, last, pos, room), {"mode": "add", "alpha": 3.0}),
-        Case(f"layer {last - 1}, project out attic - kitchen", (model, ids, last - 1, pos, room * 5),
-             {"mode": "project_out"}),
+        Case(
+            f"layer {last}, add attic - kitchen (unembedding), alpha 3",
+            (model, ids, last, pos, room),
+            {"mode": "add", "alpha": 3.0},
+        ),
+        Case(
+            f"layer {last - 1}, project out attic - kitchen",
+            (model, ids, last - 1, pos, room * 5),
+            {"mode": "project_out"},
+        ),
     ]
 
 
-def _edit_impl(model, tokens, layer, positions, direction, mode="add", alpha=1.0, *, every_position=False,
-               hook_name=None, normalise=True, read_last=False):
+def _edit_impl(
+    model,
+    tokens,
+    layer,
+    positions,
+    direction,
+    mode="add",
+    alpha=1.0,
+    *,
+    every_position=False,
+    hook="resid_post",
+    normalise=True,
+    read_last=False,
+):
     rows = torch.arange(tokens.shape[0])
 
-    def hook(resid, hook):
+    def edit(resid, hook):
         resid = resid.clone()
         v = resid if every_position else resid[rows, positions]
         if mode == "add":
@@ -455,8 +581,7 @@ def _edit_impl(model, tokens, layer, positions, direction, mode="add", alpha=1.0
         resid[rows, positions] = v
         return resid
 
-    name = hook_name or f"blocks.{layer}.hook_resid_post"
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(name.format(layer=layer), hook)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(act_name(hook, layer), edit)])
     return logits[:, -1] if read_last else logits[rows, positions]
 
 
@@ -468,19 +593,35 @@ def _mk_edit(**flags):
 
 
 register(
-    "edited_logits", CHAPTER, sol.edited_logits, _edit_cases,
+    "edited_logits",
+    CHAPTER,
+    sol.edited_logits,
+    _edit_cases,
     mistakes=[
-        Mistake("every position edited", _mk_edit(every_position=True),
-                "Edit only the vector at (b, positions[b]) of each row: resid[rows, positions], with "
-                "rows = torch.arange(batch). Editing every position also changes the context."),
-        Mistake("resid_pre", _mk_edit(hook_name="blocks.{layer}.hook_resid_pre"),
-                "Edit AFTER block `layer`: the hook is f'blocks.{layer}.hook_resid_post' (hook_resid_pre is before it)."),
-        Mistake("projection without normalising", _mk_edit(normalise=False),
-                "Project out the UNIT vector u = direction / direction.norm(): v - (v . u) u. With an unnormalised "
-                "direction the edit is not a projection."),
-        Mistake("logits at the last position", _mk_edit(read_last=True),
-                "Rows are right-padded, so the last position is padding for most rows: return the logits at "
-                "(b, positions[b])."),
+        Mistake(
+            "every position edited",
+            _mk_edit(every_position=True),
+            "Edit only the vector at (b, positions[b]) of each row: resid[rows, positions], with "
+            "rows = torch.arange(batch). Editing every position also changes the context.",
+        ),
+        Mistake(
+            "resid_pre",
+            _mk_edit(hook="resid_pre"),
+            "Edit AFTER block `layer`: the hook is f'blocks.{layer}.hook_resid_post' (hook_resid_pre is before it).",
+        ),
+        Mistake(
+            "projection without normalising",
+            _mk_edit(normalise=False),
+            "Project out the UNIT vector u = direction / direction.norm(): v - (v . u) u. With an unnormalised "
+            "direction the edit is not a projection.",
+        ),
+        Mistake(
+            "logits at the last position",
+            _mk_edit(read_last=True),
+            "Rows are right-padded, so the last position is padding for most rows: return the logits at "
+            "(b, positions[b]).",
+        ),
     ],
-    rtol=1e-3, atol=1e-3,
+    rtol=1e-3,
+    atol=1e-3,
 )

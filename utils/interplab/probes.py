@@ -1,0 +1,420 @@
+"""Linear probes and the experiments around them (chapter 01): labelled datasets, residual vectors, probes, edits.
+
+- Labels: `room_query_labels` ("where is X" questions and X's room), `latent_examples` and
+  `LATENTS` (room, sentiment, truth at two positions each, with the type a control task
+  memorises and the group a generalisation test holds out).
+- Activations: `residual_dataset` (the residual stream at every depth, at chosen word
+  positions, through any model's tokenizer), `latent_dataset`, `prefix_tokens`, `word_token_ids`.
+- Probes: `train_probe` (full-batch Adam on logistic regression), `probe_logits`,
+  `probe_loss`, `probe_accuracy`, `standardize`, `raw_space_probe`, `document_split`.
+- Causal tests: `steering_effect`, `ablated_accuracy`, `orthonormal_basis`, `random_like`,
+  `random_directions`.
+
+A probe is a pair ``(W, b)`` with ``W`` of shape [d_model, n_classes] and ``b`` of shape
+[n_classes]: its logits are ``x @ W + b``. Binary latents (sentiment, truth) use two
+classes, so every probe has the same form.
+
+`room_query_labels`, `document_split` and `train_probe` are also exercises of chapter 01:
+the versions here are the library's own, and tests hold them to the exercises' cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .activations import collect
+from .hooks import act_name
+from .tinyworld import NAMES, RELATIONS, ROOMS, Doc, token_id, tokens_for
+
+# --- labels and splits ----------------------------------------------------------------------------------
+
+
+def room_query_labels(
+    docs: Sequence[Doc],
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """One labelled example per question "where is X" of the rooms documents among ``docs``.
+
+    Returns (doc, position, label, person), four int64 tensors: the index of the document
+    in ``docs``, the position of the name X, X's room there (ROOMS index, from the
+    annotation ``doc.rooms[position]``) and NAMES.index(X).
+    """
+    rows = []
+    for i, d in enumerate(docs):
+        if d.family != "rooms":
+            continue
+        for pos in range(2, len(d.tokens)):
+            if d.tokens[pos - 2 : pos] == ["where", "is"]:
+                person = d.tokens[pos]
+                rows.append((i, pos, ROOMS.index(d.rooms[pos][person]), NAMES.index(person)))
+    columns = list(zip(*rows)) if rows else [(), (), (), ()]
+    return tuple(torch.tensor(column, dtype=torch.long) for column in columns)
+
+
+def document_split(doc: Int[Tensor, " n"], test_fraction: float = 0.25, seed: int = 0) -> Bool[Tensor, " n"]:
+    """A test-set mask that holds out whole documents: round(test_fraction * n_documents) of them, drawn with ``seed``.
+
+    Examples of one document share their context, so they all land on the same side.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    ids = torch.unique(doc)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return torch.isin(doc, ids[order[: round(test_fraction * len(ids))]])
+
+
+# --- probes ------------------------------------------------------------------------------------------------
+
+
+def probe_logits(W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"]) -> Float[Tensor, "n k"]:
+    """The logits of a linear probe: x @ W + b."""
+    return x @ W + b
+
+
+def probe_loss(
+    W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"], weight_decay: float
+) -> Tensor:
+    """Mean cross-entropy of the probe plus weight_decay * (sum of squared weights); the bias is not decayed."""
+    return F.cross_entropy(probe_logits(W, b, x), y) + weight_decay * W.pow(2).sum()
+
+
+def train_probe(
+    x: Float[Tensor, "n d"],
+    y: Int[Tensor, " n"],
+    n_classes: int,
+    weight_decay: float = 3e-3,
+    steps: int = 200,
+    lr: float = 0.02,
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+    """A multinomial logistic-regression probe (W, b), fitted with full-batch Adam from zero.
+
+    The loss is `probe_loss` (mean cross-entropy plus ``weight_decay`` * ||W||^2, the bias
+    not decayed); `steps` steps of Adam at ``lr``, with gradients on even if the caller
+    turned them off. Returns (W, b), detached, with the dtype of x.
+    """
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(f"labels must lie in 0 .. {n_classes - 1}, got values from {int(y.min())} to {int(y.max())}")
+    x = x.detach()
+    W = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = probe_loss(W, b, x, y, weight_decay)
+            loss.backward()
+            opt.step()
+    return W.detach(), b.detach()
+
+
+def probe_accuracy(
+    W: Float[Tensor, "d k"], b: Float[Tensor, " k"], x: Float[Tensor, "n d"], y: Int[Tensor, " n"]
+) -> float:
+    """Fraction of examples whose highest-scoring class is the label."""
+    return (probe_logits(W, b, x).argmax(-1) == y).float().mean().item()
+
+
+# --- datasets of latents ---------------------------------------------------------------------------------
+
+LATENTS = {
+    # latent: (family, positions, classes)
+    "room": ("rooms", ("before", "question"), ROOMS),
+    "sentiment": ("reviews", ("review end", "answer"), ["negative", "positive"]),
+    "truth": ("truth", ("value", "answer"), ["false", "true"]),
+}
+
+
+def latent_examples(docs: Sequence[Doc], latent: str, where: str) -> dict[str, Tensor]:
+    """Labelled positions for one latent: {"doc", "position", "label", "type", "group"} (int64 tensors).
+
+    - room: the room of the person asked about (ROOMS index); where = "question" (the name
+      X that ends "where is X") or "before" (the "is" just before it, where the text has not
+      yet said who is asked about: a control); type = group = NAMES.index(X).
+    - sentiment: 1 for a positive review, 0 for a negative one; where = "review end" (the
+      "." that ends the last review sentence) or "answer" (the ":" of "overall :");
+      type = token id of the review's last adjective; group = 1 if any sentence is negated.
+    - truth: 1 for a true claim, 0 for a false one; where = "value" (the claimed value,
+      e.g. "Paris" in "Alice lives in Paris") or "answer" (the "is" of "this is");
+      type = token id of the claimed value; group = the relation's index in RELATIONS.
+
+    `type` is what a control task assigns random labels to (a word a probe could memorise
+    the label from); `group` is what the generalisation tests hold out.
+    """
+    if latent not in LATENTS:
+        raise ValueError(f"latent must be one of {list(LATENTS)}, not {latent!r}")
+    family, wheres, _ = LATENTS[latent]
+    if where not in wheres:
+        raise ValueError(f"for {latent!r}, where must be one of {wheres}, not {where!r}")
+    keys = ("doc", "position", "label", "type", "group")
+    if latent == "room":
+        doc, pos, label, person = room_query_labels(docs)
+        return dict(zip(keys, (doc, pos - int(where == "before"), label, person, person.clone())))
+    rows = []
+    for i, d in enumerate(docs):
+        if d.family != family:
+            continue
+        answer = d.answer_positions[-1]
+        if latent == "sentiment":
+            end = answer - 2  # the "." before "overall :"
+            pos = end if where == "review end" else answer
+            rows.append(
+                (i, pos, int(d.meta["sentiment"] > 0), token_id(d.tokens[end - 1]), int(any(d.meta["negated"])))
+            )
+        else:
+            value = d.tokens.index(d.meta["value"], 3)
+            pos = value if where == "value" else answer
+            rows.append((i, pos, d.meta["truth"], token_id(d.meta["value"]), list(RELATIONS).index(d.meta["relation"])))
+    cols = list(zip(*rows)) if rows else [[]] * len(keys)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in zip(keys, cols)}
+
+
+def resid_hook_names(model) -> list[str]:
+    """The residual stream at every depth: the embeddings, then the output of each block."""
+    return [act_name("resid_pre", 0)] + [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
+
+
+@torch.no_grad()
+def residual_dataset(
+    model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"], batch_size: int = 128
+) -> Float[Tensor, "depth n d_model"]:
+    """Residual-stream vectors at (doc[i], word position[i]) at every depth (see `resid_hook_names`).
+
+    Positions count TinyWorld words. The documents go through the model's own tokenizer
+    (`interplab.tinyworld.tokens_for`), and each word is read at its last token, where
+    the whole word has been seen: with TinyWorld's tokenizer that is the word itself,
+    with GPT-2's it may be the last of several pieces. Only the documents that occur in
+    `doc` are run, and only the asked-for positions are kept, so memory grows with the
+    number of examples.
+    """
+    used = torch.unique(doc)
+    mt = tokens_for(model, [docs[i] for i in used.tolist()])
+    row = torch.searchsorted(used, doc)
+    token_pos = mt.last[row, position]
+    if (token_pos < 0).any():
+        raise ValueError("a position lies past the end of its document")
+    mask = torch.zeros(mt.ids.shape, dtype=torch.bool)
+    mask[row, token_pos] = True
+    if int(mask.sum()) != len(doc):
+        raise ValueError("two examples share a (document, position); each must be unique")
+    acts = collect(model, mt.ids, resid_hook_names(model), mask=mask, batch_size=batch_size, progress=False)
+    # collect keeps positions in (row, position) order; put them back in the examples' order
+    order = torch.argsort(row * mt.ids.shape[1] + token_pos)
+    out = torch.empty(len(acts), len(doc), model.cfg.d_model)
+    for depth, name in enumerate(resid_hook_names(model)):
+        out[depth, order] = acts[name]
+    return out
+
+
+def latent_dataset(model, docs: Sequence[Doc], latent: str) -> dict[str, tuple[dict[str, Tensor], Tensor]]:
+    """For each position of a latent (see `LATENTS`): its examples and their residual vectors at every depth.
+
+    Returns {where: (examples, acts)}, examples as from `latent_examples` and acts of shape
+    [depth, n, d_model]; all positions come from one pass over the documents.
+    """
+    wheres = LATENTS[latent][1]
+    examples = {w: latent_examples(docs, latent, w) for w in wheres}
+    acts = residual_dataset(
+        model,
+        docs,
+        torch.cat([e["doc"] for e in examples.values()]),
+        torch.cat([e["position"] for e in examples.values()]),
+    )
+    out, start = {}, 0
+    for w, e in examples.items():
+        n = len(e["doc"])
+        out[w] = (e, acts[:, start : start + n])
+        start += n
+    return out
+
+
+def standardize(x_train: Float[Tensor, "n d"], *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """Centre and scale every feature with the TRAINING set's mean and std (applied to all sets)."""
+    mean, std = x_train.mean(0), x_train.std(0) + eps
+    return tuple((x - mean) / std for x in (x_train, *others))
+
+
+def raw_space_probe(
+    x_train: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, fit=None
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+    """A probe fit on standardized features, rewritten to act on raw residual vectors.
+
+    With z = (x - mean) / std, z @ W + b = x @ (W / std) + (b - (mean / std) @ W), so the
+    returned (W', b') classify raw vectors exactly as (W, b) classifies standardized ones;
+    the columns of W' are the probe's directions in the residual stream itself.
+    `fit(z, y, n_classes) -> (W, b)` defaults to `train_probe` (e.g. `mass_mean_probe`).
+    """
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    W, b = (fit or train_probe)((x_train - mean) / std, y, n_classes)
+    return W / std[:, None], b - (mean / std) @ W
+
+
+# --- causal tests: steering and ablating along probe directions ------------------------------------------
+
+
+def random_like(direction: Float[Tensor, " d"], seed: int = 0) -> Float[Tensor, " d"]:
+    """A random direction (isotropic Gaussian) with the same norm as `direction`."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(direction.shape, generator=g, dtype=direction.dtype)
+    return r / r.norm() * direction.norm()
+
+
+def random_directions(d: int, k: int, seed: int = 0) -> Float[Tensor, "d k"]:
+    """k random Gaussian directions in d dimensions (columns), e.g. a random subspace to compare with a probe's."""
+    return torch.randn(d, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _answers(model, tokens, positions, class_tokens, hook_name=None, edit=None, chunk: int = 32) -> Tensor:
+    """The model's answer (index into class_tokens) at each example's position.
+
+    With `edit(v, rows) -> v'`, the vectors v at (b, positions[b]) of `hook_name` are replaced
+    first. Examples are run in chunks of similar length, each cut after its last position,
+    so that little time goes into padding.
+    """
+    order = torch.argsort(positions)
+    answers = torch.empty(len(positions), dtype=torch.long)
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        pos = positions[idx]
+        toks = tokens[idx, : int(pos.max()) + 1]
+        rows = torch.arange(len(idx))
+        hooks = []
+        if edit is not None:
+
+            def hook(resid, hook, idx=idx, pos=pos, rows=rows):
+                resid = resid.clone()
+                resid[rows, pos] = edit(resid[rows, pos], idx)
+                return resid
+
+            hooks = [(hook_name, hook)]
+        logits = model.run_with_hooks(toks, fwd_hooks=hooks)[rows, pos]
+        answers[idx] = logits[:, list(class_tokens)].argmax(-1).cpu()
+    return answers
+
+
+@torch.no_grad()
+def steering_effect(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    probes: dict[int, dict[str, Float[Tensor, "d k"]]],
+    class_tokens: Sequence[int],
+    scale: float = 0.5,
+    seed: int = 0,
+) -> dict:
+    """Push each example from its true class s towards t = (s + 1) % k along each probe's directions.
+
+    For each layer in `probes` ({layer: {name: W}}), after that block, at each example's
+    position, add a vector of norm `scale` x (the mean residual norm there) along
+    W[:, t] - W[:, s]; the baseline "random" adds a random direction of the same norm
+    (one per example). The model's answer is its highest logit among `class_tokens`.
+
+    Returns {"clean": accuracy without edits, layer: {name: {"to_target": fraction of
+    answers that become t, "still_correct": fraction that stay s}}} with "random" among
+    the names.
+    """
+    targets = (labels + 1) % len(class_tokens)
+    rows = torch.arange(len(tokens))
+    names = [act_name("resid_post", layer) for layer in probes]
+    at = torch.zeros(tokens.shape, dtype=torch.bool)
+    at[rows, positions.cpu()] = True
+    resid = collect(
+        model, tokens, names, mask=at, batch_size=32, progress=False
+    )  # only these hooks, only these positions
+    out: dict = {"clean": (_answers(model, tokens, positions, class_tokens) == labels).float().mean().item()}
+    gen = torch.Generator().manual_seed(seed)
+    for layer, by_name in probes.items():
+        hook_name = act_name("resid_post", layer)
+        norm = resid[hook_name].norm(dim=-1).mean()
+        edits = {}
+        for name, W in by_name.items():
+            d = (W[:, targets] - W[:, labels]).T.float()
+            edits[name] = d / d.norm(dim=-1, keepdim=True) * scale * norm
+        r = torch.randn(len(tokens), model.cfg.d_model, generator=gen)
+        edits["random"] = r / r.norm(dim=-1, keepdim=True) * scale * norm
+        out[layer] = {}
+        for name, e in edits.items():
+            answer = _answers(
+                model, tokens, positions, class_tokens, hook_name, lambda v, idx, e=e: v + e[idx].to(v.device, v.dtype)
+            )
+            out[layer][name] = {
+                "to_target": (answer == targets).float().mean().item(),
+                "still_correct": (answer == labels).float().mean().item(),
+            }
+    return out
+
+
+def orthonormal_basis(directions: Float[Tensor, "d k"]) -> Float[Tensor, "d r"]:
+    """An orthonormal basis of the span of the columns (QR; near-zero columns dropped)."""
+    q, r = torch.linalg.qr(directions)
+    keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
+    return q[:, keep]
+
+
+@torch.no_grad()
+def ablated_accuracy(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    layer: int,
+    directions: Float[Tensor, "d k"],
+    class_tokens: Sequence[int],
+) -> float:
+    """The model's accuracy (among the class tokens) after projecting out the span of `directions`.
+
+    The edit is the same as `edited_logits`'s "project_out", for a whole subspace at once:
+    v - Q Q^T v with Q an orthonormal basis of the span, at each example's position after
+    block `layer`.
+    """
+    q = orthonormal_basis(directions.to(torch.float32))
+
+    def project_out(v, idx):
+        qq = q.to(v.device, v.dtype)
+        return v - (v @ qq) @ qq.T
+
+    answers = _answers(model, tokens, positions, class_tokens, act_name("resid_post", layer), project_out)
+    return (answers == labels).float().mean().item()
+
+
+# --- examples as any model's tokens ---------------------------------------------------------------------
+
+
+def prefix_tokens(
+    model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"]
+) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+    """Each example's document as `model`'s tokens, one row per example, and where its word position went.
+
+    Positions count TinyWorld words; the returned token positions are each word's last
+    token (see `residual_dataset`), where the model predicts the next word. Rows are
+    right-padded and cut after the last asked-for position; the ids are on the model's
+    device.
+
+    Returns:
+        (ids [n, pos], token_positions [n]).
+    """
+    mt = tokens_for(model, [docs[i] for i in doc.tolist()])
+    token_pos = mt.last[torch.arange(len(doc)), position]
+    if (token_pos < 0).any():
+        raise ValueError("a position lies past the end of its document")
+    return mt.ids[:, : int(token_pos.max()) + 1].to(model.cfg.device), token_pos
+
+
+def word_token_ids(model, words: Sequence[str]) -> list[int]:
+    """For each word, the token the model predicts to start it in running text (its answer token).
+
+    With TinyWorld's tokenizer this is the word's own id. With a subword tokenizer it is
+    the first token of the word after a space (" kitchen" in GPT-2), as the word appears
+    mid-sentence. Raises ValueError when two words start with the same token: the model's
+    logits could not tell them apart.
+    """
+    mt = tokens_for(model, [["<bos>", "the", w] for w in words])
+    ids = [int(mt.ids[i, mt.first[i, 2]]) for i in range(len(words))]
+    if len(set(ids)) < len(ids):
+        clash = [w for w, i in zip(words, ids) if ids.count(i) > 1]
+        raise ValueError(f"these words start with the same token for {model.cfg.model_name}: {clash}")
+    return ids
