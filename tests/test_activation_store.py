@@ -86,9 +86,11 @@ def test_refuses_to_overwrite_and_damaged_stores(model, batch, store, tmp_path):
     data = bytearray(f.read_bytes() + b"\0" * 8)
     data[100] ^= 0xFF
     f.write_bytes(bytes(data))
-    open_store(path)  # the size is right...
+    open_store(path, verify=False)  # the size is right...
     with pytest.raises(StoreError, match="corrupt"):
         open_store(path, verify=True)
+    with pytest.raises(StoreError, match="corrupt"):  # ...and the default, cheap check sees the flipped byte
+        open_store(path)
     # interrupted (no header)
     (path / "header.json").unlink()
     with pytest.raises(StoreError, match="interrupted"):

@@ -1,4 +1,8 @@
-"""The gradebook: correct, partly wrong and broken submissions each get the right rows."""
+"""The gradebook: correct, partly wrong and broken submissions each get the right rows.
+
+The correct submission is answered honestly (tests/honest_ch00.py): a copy of the answer key
+would be graded "used_reference". Hostile submissions are in test_grading_hostile.py.
+"""
 
 import csv
 import json
@@ -6,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from honest_ch00 import notebook
 
-from interplab.grading.gradebook import grade, grade_notebook
+from interplab.grading.gradebook import NoNotebooks, grade
 from interplab.grading.notebooks import cell_source, inject_solutions, read_notebook, write_notebook
 
 
@@ -26,15 +31,16 @@ def submissions(tmp_path_factory, repo):
     folder = tmp_path_factory.mktemp("submissions")
     shipped = read_notebook(repo / "chapters" / "00_orientation.ipynb")
 
-    write_notebook(inject_solutions(shipped), folder / "00_correct.ipynb")
+    write_notebook(notebook(), folder / "00_correct.ipynb")
+    write_notebook(inject_solutions(shipped), folder / "00_answer_key.ipynb")
 
-    partly = inject_solutions(shipped)
+    partly = notebook()
     _replace_def(partly, "previous_token_score",
                  "def previous_token_score(pattern):\n    return pattern.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)")
     _replace_def(partly, "ablate_head", "def ablate_head(z, head):\n    raise NotImplementedError")
     write_notebook(partly, folder / "00_partly.ipynb")
 
-    broken = inject_solutions(shipped)
+    broken = notebook()
     _replace_def(broken, "per_token_loss", "def per_token_loss(logits, tokens):\n    return logits[:, :-1 +")
     _replace_def(broken, "answer_logit_diff", "def answer_logits_difference(logits, a, w):\n    return 0")
     _replace_def(broken, "previous_token_score",
@@ -87,6 +93,12 @@ def test_broken_submission_gets_a_clear_row_for_each_fault(rows):
     assert _status(rows, sub, "TOTAL").n_passed == 0
 
 
+def test_a_copy_of_the_answer_key_is_not_a_pass(rows):
+    rows, _ = rows
+    mine = [r for r in rows if r.submission == "00_answer_key.ipynb" and r.exercise != "TOTAL"]
+    assert mine and all(r.status == "used_reference" and r.score == 0 for r in mine), mine
+
+
 def test_unreadable_notebook(rows):
     rows, _ = rows
     r = [r for r in rows if r.submission == "00_garbage.ipynb" and r.exercise != "TOTAL"]
@@ -97,7 +109,7 @@ def test_csv_and_json_have_every_row(rows):
     rows, out = rows
     with open(out) as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 4 * 6
+    assert len(table) == len(rows) == 5 * 6
     assert json.loads(out.with_suffix(".json").read_text())[0].keys() == table[0].keys()
 
 
@@ -106,3 +118,11 @@ def test_cli_check_reports_on_one_notebook(submissions):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1
     assert "3/5 exercises passed" in r.stdout and "previous_token_score" in r.stdout
+
+
+def test_nothing_to_grade_is_an_error_that_says_so(tmp_path):
+    with pytest.raises(NoNotebooks, match="holds no .ipynb files"):
+        grade([tmp_path], progress=False)
+    r = subprocess.run([sys.executable, "-m", "interplab.cli", "grade", str(tmp_path), "--out", str(tmp_path / "g.csv")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "nothing to grade" in r.stderr and not (tmp_path / "g.csv").exists()

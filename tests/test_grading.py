@@ -1,14 +1,13 @@
 """check() and run(): reports, fallbacks, and protection against anything a learner's function does."""
 
-import os
 import sys
 
 import pytest
 import torch
 
 import interplab
-from interplab.grading import ExerciseFailed, exercise_names, reference, run, show_solution, stats
 from interplab.exercises import get
+from interplab.grading import ExerciseFailed, exercise_names, reference, run, show_solution, stats
 from interplab.solutions import ch00_orientation as sol
 
 

@@ -18,7 +18,8 @@ A store is a folder: one raw float32 file per hook (``<hook>.f32``, row-major
 [n_rows, d]) and ``header.json`` (format, model, hooks, shapes, dtype, SHA-256 of each
 file). The header is written last, so a folder without one is an interrupted write;
 `open_store` refuses it, and refuses files whose size does not match the header
-(truncated); ``verify=True`` also re-hashes the files (corrupt).
+(truncated), and checks the contents cheaply by default (small stores re-hashed, large ones
+sampled); ``verify=True`` re-hashes everything (corrupt).
 
 For runs that outgrow the course's trainer, `saelens_config` writes the SAELens 6
 training configuration with the same hyperparameters as `train_dictionary`, and `run_saelens`
@@ -153,7 +154,8 @@ def write_store(
         "format": FORMAT, "version": VERSION, "dtype": DTYPE, "rows": n_rows, "sequences": n_seq,
         "model": model_name or getattr(model.cfg, "model_name", None),
         "d_model": int(model.cfg.d_model),
-        "hooks": {n: {"file": _file_name(n), "shape": [n_rows, widths[n]], "sha256": hashes[n].hexdigest()}
+        "hooks": {n: {"file": _file_name(n), "shape": [n_rows, widths[n]], "sha256": hashes[n].hexdigest(),
+                      "sample_sha256": _sample_hash(folder / _file_name(n))}
                   for n in names},
         "seconds": round(time.time() - t0, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -230,15 +232,73 @@ class ActivationStore:
                 while block := f.read(chunk_rows * d * _ITEMSIZE):
                     h.update(block)
             if h.hexdigest() != info["sha256"]:
-                raise StoreError(f"{self.path / info['file']} is corrupt: its SHA-256 does not match header.json")
+                raise StoreError(f"{self.path / info['file']} is corrupt: its SHA-256 does not match header.json. "
+                                 f"Write the store again with write_store(..., overwrite=True).")
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{h}: {tuple(i['shape'])}" for h, i in self.header["hooks"].items())
         return f"ActivationStore({str(self.path)!r}, model={self.header.get('model')!r}, {shapes})"
 
 
-def open_store(path: str | Path, verify: bool = False) -> ActivationStore:
-    """Open a store written by `write_store`; checks the header and file sizes (and, with verify, hashes)."""
+QUICK_VERIFY_BYTES = 256 << 20  # stores up to this size are fully re-hashed on every open (well under a second)
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def _sample_hash(path: Path) -> str:
+    """SHA-256 of 64 evenly spaced 64 KB blocks of a file: a cheap check for flipped or zeroed bytes."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(_SAMPLES):
+            f.seek(max(0, (size - _SAMPLE_BYTES) * k // max(1, _SAMPLES - 1)))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _damaged(hp: Path, what: str) -> StoreError:
+    return StoreError(f"{hp} is damaged: {what}. The store cannot be read safely; write it again with "
+                      f"write_store(..., overwrite=True) (or `python -m interplab.activation_store write ...`).")
+
+
+def _check_header(header, folder: Path, hp: Path) -> None:
+    """Every field open_store relies on, with the store's own error for anything malformed."""
+    if not isinstance(header, dict):
+        raise _damaged(hp, "it is not a JSON object")
+    if header.get("format") != FORMAT or header.get("dtype") != DTYPE:
+        raise StoreError(f"{hp} is not an {FORMAT} header of {DTYPE} data")
+    version = header.get("version", 0)
+    if not isinstance(version, int):
+        raise _damaged(hp, f"its version is {version!r}, not a number")
+    if version > VERSION:
+        raise StoreError(f"{folder} was written by a newer interplab (store version {version})")
+    hooks = header.get("hooks")
+    if not isinstance(hooks, dict) or not hooks:
+        raise _damaged(hp, "it lists no hooks")
+    rows = header.get("rows")
+    for hook, info in hooks.items():
+        if not isinstance(info, dict):
+            raise _damaged(hp, f"the entry of {hook!r} is not an object")
+        name, shape, digest = info.get("file"), info.get("shape"), info.get("sha256")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise _damaged(hp, f"the file of {hook!r} is {name!r}, not a file name inside the store "
+                               f"(a store never reads outside its own folder)")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)):
+            raise _damaged(hp, f"the shape of {hook!r} is {shape!r}, not [rows, width]")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise _damaged(hp, f"the sha256 of {hook!r} is missing or malformed")
+        if type(rows) is int and shape[0] != rows:
+            raise _damaged(hp, f"{hook!r} has {shape[0]} rows but the store says {rows}")
+    if type(rows) is not int:
+        raise _damaged(hp, f"its row count is {rows!r}, not a number")
+
+
+def open_store(path: str | Path, verify: bool | None = None) -> ActivationStore:
+    """Open a store written by `write_store`, checking its header, file sizes and contents.
+
+    ``verify=None`` (the default) is a cheap check: stores up to 256 MB are fully re-hashed, larger
+    ones are checked on 64 sampled blocks per file; ``verify=True`` re-hashes everything,
+    ``verify=False`` checks sizes only.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise StoreError(f"{folder} is not a folder (an activation store is a folder with {HEADER})")
@@ -248,13 +308,10 @@ def open_store(path: str | Path, verify: bool = False) -> ActivationStore:
                          f"store. Write it again with write_store(..., overwrite=True).")
     try:
         header = json.loads(hp.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{hp} is not valid JSON ({e})") from e
-    if header.get("format") != FORMAT or header.get("dtype") != DTYPE:
-        raise StoreError(f"{hp} is not an {FORMAT} header of {DTYPE} data")
-    if header.get("version", 0) > VERSION:
-        raise StoreError(f"{folder} was written by a newer interplab (store version {header['version']})")
-    for hook, info in header.get("hooks", {}).items():
+    _check_header(header, folder, hp)
+    for hook, info in header["hooks"].items():
         f = folder / info["file"]
         n, d = info["shape"]
         want = n * d * _ITEMSIZE
@@ -265,8 +322,14 @@ def open_store(path: str | Path, verify: bool = False) -> ActivationStore:
             raise StoreError(f"{f} has {have:,} bytes, but header.json says {n:,} x {d} float32 = {want:,}: "
                              f"the file is {'truncated' if have < want else 'longer than recorded'}")
     store = ActivationStore(folder, header)
-    if verify:
+    total = sum(i["shape"][0] * i["shape"][1] * _ITEMSIZE for i in header["hooks"].values())
+    if verify or (verify is None and total <= QUICK_VERIFY_BYTES):
         store.verify()
+    elif verify is None:
+        for hook, info in header["hooks"].items():
+            if isinstance(info.get("sample_sha256"), str) and _sample_hash(folder / info["file"]) != info["sample_sha256"]:
+                raise StoreError(f"{folder / info['file']} is corrupt: sampled blocks do not match header.json "
+                                 f"(store of {hook}). Write the store again with write_store(..., overwrite=True).")
     return store
 
 

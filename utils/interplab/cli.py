@@ -100,9 +100,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    from .grading.gradebook import format_rows, grade
+    # lazy, as every command here: `interplab --help` should not import torch
+    from .grading.gradebook import NoNotebooks, format_rows, grade
+    from .grading.sandbox import SandboxUnavailable  # (same reason)
 
-    rows = grade(args.submissions, out=args.out, time_limit=args.time_limit)
+    try:
+        rows = grade(args.submissions, out=args.out, time_limit=args.time_limit, sandbox=args.sandbox)
+    except (NoNotebooks, SandboxUnavailable) as e:
+        print(f"interplab grade: {e}", file=sys.stderr)
+        return 2
     print(format_rows(rows))
     if args.out:
         print(f"wrote {Path(args.out).with_suffix('.csv')} and {Path(args.out).with_suffix('.json')}")
@@ -110,9 +116,19 @@ def cmd_grade(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    # lazy, as every command here: `interplab --help` should not import torch
     from .grading.gradebook import grade_notebook
+    from .grading.sandbox import SandboxUnavailable  # (same reason)
 
-    rows = grade_notebook(args.notebook, time_limit=args.time_limit)
+    if not Path(args.notebook).is_file():
+        print(f"interplab check: {args.notebook} is not a notebook file. Pass the path of your chapter notebook, "
+              f"e.g. interplab check chapters/00_orientation.ipynb", file=sys.stderr)
+        return 2
+    try:
+        rows = grade_notebook(args.notebook, time_limit=args.time_limit, sandbox=args.sandbox)
+    except SandboxUnavailable as e:
+        print(f"interplab check: {e}", file=sys.stderr)
+        return 2
     for r in rows:
         if r.exercise == "TOTAL":
             print(f"\n{r.message}")
@@ -160,12 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("grade", help="grade submitted notebooks into a gradebook (CSV and JSON)")
     gr.add_argument("submissions", nargs="+", help="notebooks, or folders of notebooks")
     gr.add_argument("--out", default="grades.csv", help="CSV path; the JSON goes beside it (default grades.csv)")
-    gr.add_argument("--time-limit", type=float, default=30.0, help="seconds per case (default 30)")
+    gr.add_argument("--time-limit", type=float, default=30.0,
+                    help="CPU seconds per case (default 30); a sleeping function is stopped by a wall-clock backstop")
+    gr.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                    help="auto (default): bubblewrap where it works, else limits only, with a note of what is not "
+                         "protected; bwrap: require bubblewrap; none: no sandbox (trusted work only)")
     gr.set_defaults(func=cmd_grade)
 
     ck = sub.add_parser("check", help="check the exercises of your own chapter notebook")
     ck.add_argument("notebook")
-    ck.add_argument("--time-limit", type=float, default=30.0)
+    ck.add_argument("--time-limit", type=float, default=30.0, help="CPU seconds per case (default 30)")
+    ck.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                    help="where your notebook runs (see interplab grade --help)")
     ck.set_defaults(func=cmd_check)
 
     ls = sub.add_parser("exercises", help="list every exercise with its cases and known mistakes")

@@ -111,6 +111,8 @@ def load_folder(folder: str | Path, name: str | None = None, device: str | None 
     """Load a GPT-2 saved in Hugging Face format (config.json, model.safetensors, tokenizer.json).
 
     With ``check`` (the default) the files are first verified against the folder's SHA256SUMS.
+    A bundled folder (inside the package) must have one: without it a changed file could not be
+    told from the real one, so loading is refused.
     """
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer
@@ -122,8 +124,9 @@ def load_folder(folder: str | Path, name: str | None = None, device: str | None 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass 'tinyworld' or a folder saved by the trainer")
-    if check and (folder / "SHA256SUMS").is_file():
-        verify(folder, MODEL_FILES)
+    bundled = folder.resolve().is_relative_to(WEIGHTS_DIR.resolve())
+    if check and (bundled or (folder / "SHA256SUMS").is_file()):
+        verify(folder, MODEL_FILES)  # raises CorruptedFileError naming the missing SHA256SUMS
     try:
         hf_config = json.loads((folder / "config.json").read_text())
         state = load_file(str(folder / "model.safetensors"))
@@ -164,6 +167,11 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
         return load_folder(name, device=device)
     if not isinstance(name, str):
         raise TypeError(f"load_model takes a model name or a folder, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError("load_model got an empty model name. Pass 'tinyworld' for the bundled model, a folder "
+                         "saved by `python -m interplab.tinyworld.train` (e.g. load_model('runs/my_model')), or a "
+                         "TransformerLens name such as 'gpt2-small'. (An empty name is not read as the current "
+                         "folder; write './' if that is what you mean.)")
     if name in BUNDLED:
         return load_folder(BUNDLED[name], name=name, device=device)
     if os.path.sep in name or Path(name).is_dir():

@@ -8,13 +8,23 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from ..exercises import all_exercises, get
 from .core import CaseResult, ExerciseFailed, Report, check, run
 
-__all__ = ["check", "run", "Report", "CaseResult", "ExerciseFailed", "exercise_names", "reference",
-           "show_solution", "solution_source", "stats"]
+__all__ = [
+    "CaseResult",
+    "ExerciseFailed",
+    "Report",
+    "check",
+    "exercise_names",
+    "reference",
+    "run",
+    "show_solution",
+    "solution_source",
+    "stats",
+]
 
 
 def exercise_names(chapter: str | None = None) -> list[str]:

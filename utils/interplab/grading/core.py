@@ -18,14 +18,16 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..exercises import Exercise, get
 from .compare import compare, describe, matches
+from .plain import WrongType, to_plain
 
 PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 MAX_PRINTED = 2000  # characters of a learner's own printing kept per case
@@ -54,7 +56,7 @@ class Report:
     n_total: int
     failures: list[str] = field(default_factory=list)
     hint: str | None = None
-    kind: str = "passed"  # passed | wrong | not_implemented | error | timeout | mutation | side_effect
+    kind: str = "passed"  # passed | wrong | wrong_type | not_implemented | error | timeout | mutation | side_effect
     results: list[CaseResult] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -201,7 +203,11 @@ def _restore(model: torch.nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise ExerciseTimeout after ``seconds`` (Unix, main thread; elsewhere no limit)."""
+    """Raise ExerciseTimeout after ``seconds`` of CPU time (Unix, main thread; elsewhere no limit).
+
+    CPU time, not wall time: on a loaded machine a correct function gets the same budget
+    as on an idle one. A function that sleeps is stopped by the grader's wall-clock backstop.
+    """
     usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not usable or not seconds:
         yield
@@ -210,13 +216,13 @@ def time_limit(seconds: float):
     def on_alarm(signum, frame):
         raise ExerciseTimeout()
 
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old = signal.signal(signal.SIGPROF, on_alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 class _BoundedWriter(io.TextIOBase):
@@ -260,7 +266,7 @@ def call_safely(fn: Callable, args: tuple, kwargs: dict, seconds: float) -> tupl
     """
     out = _BoundedWriter()
     grad = torch.is_grad_enabled()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     torch.manual_seed(0)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), time_limit(seconds):
@@ -276,7 +282,7 @@ def call_safely(fn: Callable, args: tuple, kwargs: dict, seconds: float) -> tupl
         status, result = "error", e
     finally:
         torch.set_grad_enabled(grad)
-    return status, result, time.perf_counter() - t0, out.text()
+    return status, result, time.process_time() - t0, out.text()
 
 
 # --- running an exercise -----------------------------------------------------------------
@@ -308,75 +314,143 @@ def _mistake_hint(ex: Exercise, case_index: int, got: Any) -> str | None:
         status, out, _, _ = call_safely(m.fn, fresh(case.args), fresh(case.kwargs), ex.time_limit)
         for model in _models_in((case.args, case.kwargs)):
             _restore(model)
-        if status == "ok" and (_compare(ex, out, got) is None if ex.compare else matches(out, got, ex.rtol, ex.atol)):
+        try:
+            same = _compare(ex, out, got) is None if ex.compare else matches(out, got, ex.rtol, ex.atol)
+        except Exception:  # noqa: BLE001
+            same = False
+        if status == "ok" and same:
             return m.hint
     return None
 
 
+@dataclass
+class Observation:
+    """What calling a function on one case produced, before any verdict.
+
+    ``status`` is "ok", "timeout", "not_implemented", "exit", "error" or "wrong_type";
+    ``value`` is the plain output (see `plain.to_plain`) when the status is "ok".
+    In the grader this is all the worker sends back; the verdict is made elsewhere.
+    """
+
+    status: str
+    value: Any = None
+    message: str = ""  # the error, for a function that raised or returned a wrong type
+    mutated: str | None = None  # the argument the call changed in place
+    side_effects: list[str] = field(default_factory=list)
+    printed: str = ""
+    seconds: float = 0.0
+
+
+def observe(ex: Exercise, fn: Callable, case_index: int) -> Observation:
+    """Call ``fn`` on case ``case_index`` of ``ex`` with fresh inputs, under the exercise's CPU-time limit."""
+    case = ex.cases()[case_index]
+    pristine = (fresh(case.args), fresh(case.kwargs))
+    args, kwargs = fresh(case.args), fresh(case.kwargs)
+    models = _models_in((args, kwargs))
+    for m in models:
+        _snapshot(m)
+        _restore(m)
+    status, got, secs, printed = call_safely(fn, args, kwargs, ex.time_limit)
+    side_effects = [p for m in models for p in _restore(m)]
+    obs = Observation(status, None, "", None, side_effects, printed, secs)
+    if status == "ok":
+        try:
+            obs.value = to_plain(got)
+        except WrongType as e:
+            obs.status, obs.message = "wrong_type", f"your function {e}"
+        obs.mutated = _mutated_parameter(ex, pristine, (args, kwargs))
+    elif status == "exit":
+        obs.message = f"your function called {type(got).__name__} ({got!r}); functions must return a value, not exit"
+    elif status == "error":
+        obs.message = "your function raised an exception:\n" + learner_traceback(got)
+    return obs
+
+
+def judge(ex: Exercise, case_index: int, obs: Observation,
+          expected: Any | None = None) -> tuple[CaseResult, str | None]:
+    """The verdict on one observation: compares a plain output with the reference's own output."""
+    case = ex.cases()[case_index]
+    msg, hint, kind = "", None, None
+    if obs.status == "timeout":
+        msg = (f"your function used more than {ex.time_limit:g} s of CPU time on this case and was stopped "
+               f"(an endless loop?)")
+        kind = "timeout"
+    elif obs.status == "not_implemented":
+        msg = "NotImplementedError: the function body is still the stub"
+        hint = "Replace `raise NotImplementedError` with your implementation."
+        kind = "not_implemented"
+    elif obs.status in ("exit", "error"):
+        msg, kind = obs.message or "your function failed", "error"
+    elif obs.status == "wrong_type":
+        msg, kind = obs.message or "your function returned a value of the wrong type", "wrong_type"
+    elif obs.status != "ok":
+        msg, kind = f"unknown outcome {obs.status!r}", "error"
+    elif obs.mutated:
+        msg = (f"your function modified its input `{obs.mutated}` in place. Work on a copy (x = x.clone()) "
+               f"or use out-of-place operations (x = x + 1, not x += 1).")
+        kind = "mutation"
+        hint = _mistake_hint(ex, case_index, obs.value)
+    elif obs.side_effects:
+        msg = "your function " + "; and ".join(obs.side_effects) + "."
+        kind = "side_effect"
+    else:
+        exp = expected_outputs(ex)[case_index] if expected is None else expected
+        try:
+            diff = _compare(ex, exp, obs.value)
+        except Exception as e:  # noqa: BLE001 - a custom comparison meeting an output it did not expect
+            diff = f"your output could not be compared with the expected one ({type(e).__name__}: {e})"
+        if diff:
+            msg, kind = diff, "wrong"
+            hint = _mistake_hint(ex, case_index, obs.value)
+    if obs.printed and msg:
+        msg += "\n(your function printed:)\n" + _indent(obs.printed[:500])
+    return CaseResult(case.label, not msg, msg, hint, obs.seconds), kind
+
+
+def make_report(ex: Exercise, judged: list[tuple[CaseResult, str | None]]) -> Report:
+    """A Report from the verdicts on the cases run so far (cases not run are recorded as such)."""
+    results: list[CaseResult] = []
+    kind, hint = "passed", None
+    for r, k in judged:
+        results.append(r)
+        if not r.passed and kind == "passed":
+            kind, hint = k or "wrong", r.hint
+    stopped = next((k for r, k in judged if k in ("timeout", "not_implemented")), None)
+    for rest in ex.cases()[len(results):]:
+        why = {"timeout": "timed out", "not_implemented": "is not implemented"}.get(stopped, "stopped the run")
+        results.append(CaseResult(rest.label, False, f"not run (an earlier case {why})"))
+    n_passed = sum(r.passed for r in results)
+    failures = [f"{r.label}: {r.message}" for r in results if not r.passed]
+    if kind == "passed" and n_passed != len(results):
+        kind = "error"
+    return Report(ex.name, n_passed == len(results), n_passed, len(results), failures, hint, kind, results)
+
+
+def _exercise_of(name: Any, fn: Any = None) -> Exercise:
+    if isinstance(name, Exercise):
+        return name
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"run() needs the exercise's name as its first argument (a string such as 'per_token_loss'), "
+                        f"got {describe(name)}. Call it as run('per_token_loss', my_function); "
+                        f"interplab.grading.exercise_names() lists every exercise.")
+    return get(name)
+
+
 def run(name: str | Exercise, fn: Callable, *, stop_on_timeout: bool = True) -> Report:
     """Check ``fn`` against every case of exercise ``name``; never raises for the learner's faults."""
-    ex = name if isinstance(name, Exercise) else get(name)
+    ex = _exercise_of(name, fn)
     if not callable(fn):
         msg = f"check() needs a function, got {describe(fn)}"
         return Report(ex.name, False, 0, len(ex.cases()), [msg], kind="error",
                       results=[CaseResult("(no call)", False, msg)])
     expected = expected_outputs(ex)
-    results: list[CaseResult] = []
-    hint = None
-    kind = "passed"
-    for i, case in enumerate(ex.cases()):
-        pristine = (fresh(case.args), fresh(case.kwargs))
-        args, kwargs = fresh(case.args), fresh(case.kwargs)
-        models = _models_in((args, kwargs))
-        for m in models:
-            _snapshot(m)
-            _restore(m)
-        status, got, secs, printed = call_safely(fn, args, kwargs, ex.time_limit)
-        side_effects = [p for m in models for p in _restore(m)]
-        msg, this_hint, this_kind = "", None, None
-        if status == "timeout":
-            msg = f"your function ran for more than {ex.time_limit:g} s on this case and was stopped (an endless loop?)"
-            this_kind = "timeout"
-        elif status == "not_implemented":
-            msg = "NotImplementedError: the function body is still the stub"
-            this_hint = "Replace `raise NotImplementedError` with your implementation."
-            this_kind = "not_implemented"
-        elif status == "exit":
-            msg = f"your function called {type(got).__name__} ({got!r}); functions must return a value, not exit"
-            this_kind = "error"
-        elif status == "error":
-            msg = "your function raised an exception:\n" + learner_traceback(got)
-            this_kind = "error"
-        else:
-            changed = _mutated_parameter(ex, pristine, (args, kwargs))
-            if changed:
-                msg = (f"your function modified its input `{changed}` in place. Work on a copy (x = x.clone()) "
-                       f"or use out-of-place operations (x = x + 1, not x += 1).")
-                this_kind = "mutation"
-                this_hint = _mistake_hint(ex, i, got)
-            elif side_effects:
-                msg = "your function " + "; and ".join(side_effects) + "."
-                this_kind = "side_effect"
-            else:
-                diff = _compare(ex, expected[i], got)
-                if diff:
-                    msg = diff
-                    this_kind = "wrong"
-                    this_hint = _mistake_hint(ex, i, got)
-        if printed and msg:
-            msg += "\n(your function printed:)\n" + _indent(printed[:500])
-        passed = not msg
-        results.append(CaseResult(case.label, passed, msg, this_hint, secs))
-        if not passed and kind == "passed":
-            kind, hint = this_kind or "wrong", this_hint
-        if status in ("timeout", "not_implemented") and stop_on_timeout:
-            for rest in ex.cases()[i + 1:]:
-                results.append(CaseResult(rest.label, False, "not run (an earlier case " +
-                                          ("timed out" if status == "timeout" else "is not implemented") + ")"))
+    judged = []
+    for i in range(len(ex.cases())):
+        obs = observe(ex, fn, i)
+        judged.append(judge(ex, i, obs, expected[i]))
+        if obs.status in ("timeout", "not_implemented") and stop_on_timeout:
             break
-    n_passed = sum(r.passed for r in results)
-    failures = [f"{r.label}: {r.message}" for r in results if not r.passed]
-    return Report(ex.name, n_passed == len(results), n_passed, len(results), failures, hint, kind, results)
+    return make_report(ex, judged)
 
 
 class ExerciseFailed(AssertionError):
@@ -394,9 +468,19 @@ def check(fn: Callable, name: str | None = None, strict: bool | None = None) -> 
     the rest of the chapter still runs. With ``strict=True`` (or INTERPLAB_STRICT=1) a
     failure raises ExerciseFailed instead.
     """
+    if isinstance(fn, str):
+        raise TypeError(f"check() takes your function itself, not its name: write check({fn}) "
+                        f"(or check(my_function, name={fn!r})), not check({fn!r}).")
+    if not callable(fn):
+        raise TypeError(f"check() needs the function you wrote, got {describe(fn)}. Define the exercise's function "
+                        f"in a cell, then call check(that_function), for example "
+                        f"per_token_loss = check(per_token_loss).")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"check(fn, name=...) takes the exercise's name as a string, got {describe(name)}.")
     ex_name = name or getattr(fn, "__name__", None)
-    if not ex_name:
-        raise TypeError("check() could not tell which exercise this is; pass name='...'")
+    if not ex_name or ex_name == "<lambda>":
+        raise TypeError("check() could not tell which exercise this function is (it has no name of its own, "
+                        "e.g. a lambda); pass it explicitly: check(fn, name='per_token_loss').")
     ex = get(ex_name)
     report = run(ex, fn)
     strict = _strict_default() if strict is None else strict

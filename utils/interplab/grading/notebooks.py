@@ -82,7 +82,7 @@ class Definition:
     error: str | None = None  # a syntax error, if the cell does not parse
 
 
-_DEF_RE = re.compile(r"^\s*def\s+(\w+)\s*\(", re.M)
+_DEF_RE = re.compile(r"^\s*def\s+(\w+)\s*\(", re.MULTILINE)
 
 
 def find_definitions(nb: dict, names: set[str] | None = None) -> dict[str, Definition]:
@@ -135,7 +135,7 @@ def inject_solutions(nb: dict) -> dict:
     import inspect
     import textwrap
 
-    from ..exercises import all_exercises
+    from ..exercises import all_exercises  # lazy: the registry imports every chapter's answer key
 
     refs = {ex.name: ex.reference for ex in all_exercises()}
     nb = copy.deepcopy(nb)
