@@ -25,14 +25,14 @@ if _os.environ.get(threads.ENV, "").strip().lower() != "off":
 
 def check(fn, name=None, strict=None):
     """Check your exercise function; see `interplab.grading.check`."""
-    from .grading import check as _check
+    from .grading import check as _check  # lazy: `import interplab` stays light until a check runs
 
     return _check(fn, name=name, strict=strict)
 
 
 def show_solution(name):
     """Print the reference solution of an exercise; see `interplab.grading.show_solution`."""
-    from .grading import show_solution as _show
+    from .grading import show_solution as _show  # lazy, as in check
 
     return _show(name)
 
