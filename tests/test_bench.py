@@ -126,7 +126,7 @@ def test_a_real_section_end_to_end(tmp_path):
     """The probes section, shrunk, through main(): files written, table rows present."""
     import unittest.mock as mock
 
-    tiny = {"probes": {"n_docs": 60, "steps": 10}}
+    tiny = {"probes": {"n_docs": 60, "repeats": 1}}
     real_run = bench.run
     with mock.patch.object(bench, "run", lambda sections, quick, overrides=None: real_run(sections, quick, tiny)):
         assert bench.main(["--quick", "--only", "probes", "--out", str(tmp_path)]) == 0

@@ -294,3 +294,87 @@ def test_train_probe_in_the_answer_key_matches_the_library_on_real_features(room
     x_tr, _ = probes.standardize(acts[2][~is_test], acts[2][is_test])
     ours, theirs = probes.train_probe(x_tr, ex["label"][~is_test], 8), sol.train_probe(x_tr, ex["label"][~is_test], 8)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+# --- fit_probe: the library's fast fit (L-BFGS) reaches scikit-learn's optimum ------------------------------
+
+
+def _blobs(n, d, k, seed, points_seed=None):
+    """n points around k Gaussian class centres (the centres depend on seed only, the points also on points_seed)."""
+    centres = 0.7 * torch.randn(k, d, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed if points_seed is None else points_seed)
+    y = torch.arange(n) % k
+    return torch.randn(n, d, generator=g) + centres[y], y
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_fit_probe_reaches_the_sklearn_optimum(k):
+    """Same objective value (1e-4 relative) and the same accuracy as scikit-learn run to a tight tolerance."""
+    x, y = _blobs(300, 12, k, seed=k)
+    x_te, y_te = _blobs(200, 12, k, seed=k, points_seed=100 + k)  # the same class centres, fresh points
+    for weight_decay in (3e-3, 3e-2):
+        W, b = probes.fit_probe(x, y, k, weight_decay=weight_decay)
+        Ws, bs, clf = _sklearn_probe(x, y, weight_decay, k)
+        ours, theirs = (
+            probes.probe_loss(W, b, x, y, weight_decay).item(),
+            probes.probe_loss(Ws, bs, x, y, weight_decay).item(),
+        )
+        assert ours == pytest.approx(theirs, rel=1e-4), f"k={k}, weight_decay={weight_decay}: {ours} vs {theirs}"
+        assert ours >= theirs * (1 - 1e-5), "the fit went below scikit-learn's optimum: the objectives differ"
+        for xs in (x, x_te):  # the same predictions on every point, train and test
+            assert torch.equal(probes.probe_logits(W, b, xs).argmax(-1), torch.from_numpy(clf.predict(xs.numpy())))
+
+
+def test_fit_probe_matches_sklearn_on_real_features(room_data):
+    """Every depth of the room probe against scikit-learn run to a tight tolerance: at the default tol (which stops on
+    the gradient, as scikit-learn's) the objective is within 1e-4 of the optimum, at tol=1e-6 within 1e-4 relative;
+    test accuracy within 1 point."""
+    ex, acts, is_test = room_data
+    y = ex["label"]
+    for depth in range(acts.shape[0]):
+        x_tr, x_te = probes.standardize(acts[depth][~is_test], acts[depth][is_test])
+        W, b = probes.fit_probe(x_tr, y[~is_test], 8)
+        Ws, bs, clf = _sklearn_probe(x_tr, y[~is_test], 3e-3, 8)
+        ours = probes.probe_loss(W, b, x_tr, y[~is_test], 3e-3).item()
+        theirs = probes.probe_loss(Ws, bs, x_tr, y[~is_test], 3e-3).item()
+        assert ours == pytest.approx(theirs, abs=1e-4), f"depth {depth}: objective {ours} vs {theirs}"
+        tight = probes.probe_loss(*probes.fit_probe(x_tr, y[~is_test], 8, tol=1e-6), x_tr, y[~is_test], 3e-3).item()
+        assert tight == pytest.approx(theirs, rel=1e-4), f"depth {depth}, tol 1e-6: objective {tight} vs {theirs}"
+        if depth > 0:  # at the embeddings both sit at chance and flip between tied answers
+            theirs_acc = clf.score(x_te.numpy(), y[is_test].numpy())
+            assert abs(probes.probe_accuracy(W, b, x_te, y[is_test]) - theirs_acc) <= 0.01 + 1e-9, f"depth {depth}"
+
+
+def test_fit_probe_is_deterministic_and_ignores_the_callers_autograd_state():
+    x, y = _blobs(120, 6, 3, seed=7)
+    W, b = probes.fit_probe(x, y, 3)
+    with torch.no_grad():
+        W1, b1 = probes.fit_probe(x, y, 3)
+    with torch.inference_mode():
+        W2, b2 = probes.fit_probe(x.clone(), y.clone(), 3)  # inference tensors in, as from a hooked forward pass
+    x_req = x.clone().requires_grad_()
+    W3, b3 = probes.fit_probe(x_req, y, 3)
+    for Wi, bi in [(W1, b1), (W2, b2), (W3, b3), probes.fit_probe(x, y, 3)]:
+        assert torch.equal(W, Wi) and torch.equal(b, bi)
+    assert W.shape == (6, 3) and b.shape == (3,) and not W.requires_grad and not W3.requires_grad
+    assert W.dtype == x.dtype and probes.fit_probe(x.double(), y, 3)[0].dtype == torch.float64
+    assert probes.probe_accuracy(W, b, x, y) > 0.8
+
+
+def test_fit_probe_handles_a_class_that_never_occurs():
+    x, y = _blobs(90, 5, 3, seed=8)
+    W, b = probes.fit_probe(x, y, 4)  # class 3 has no example: its logit only goes down
+    assert torch.isfinite(W).all() and torch.isfinite(b).all()
+    assert (probes.probe_logits(W, b, x).argmax(-1) != 3).all()
+
+
+def test_fit_probe_rejects_bad_input():
+    x, y = _blobs(20, 3, 2, seed=9)
+    with pytest.raises(ValueError, match="labels must lie"):
+        probes.fit_probe(x, y + 1, 2)
+    with pytest.raises(ValueError, match="one label per row"):
+        probes.fit_probe(x, y[:-1], 2)
+    with pytest.raises(ValueError, match="empty"):
+        probes.fit_probe(x[:0], y[:0], 2)
+    with pytest.raises(ValueError, match="tol > 0"):
+        probes.fit_probe(x, y, 2, tol=0)

@@ -8,7 +8,7 @@
 Every section measures the reference implementation and, where there is one, a peer
 library on the same data in the same process, and reports the ratio:
 
-    probes       torch probes (train_probe, Adam) vs scikit-learn LogisticRegression: time, accuracy
+    probes       torch probes (fit_probe, L-BFGS) vs scikit-learn LogisticRegression, 1 thread each: time, accuracy
     lens         tuned-lens training time; per-layer KL to the model's output, tuned lens vs logit lens
     sae          interplab's TopK SAE trainer vs SAELens's SAETrainer: tokens/s, explained variance,
                  L0, loss recovered
