@@ -14,23 +14,23 @@ REPO = Path(__file__).resolve().parents[1]
 EXERCISES = ["per_token_loss", "answer_logit_diff", "previous_token_score", "ablate_head", "head_ablation_loss"]
 
 HONEST = {
-    "per_token_loss": '''def per_token_loss(logits, tokens):
+    "per_token_loss": """def per_token_loss(logits, tokens):
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    return -torch.gather(logp, -1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)''',
-    "answer_logit_diff": '''def answer_logit_diff(logits, answer_ids, wrong_ids):
+    return -torch.gather(logp, -1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)""",
+    "answer_logit_diff": """def answer_logit_diff(logits, answer_ids, wrong_ids):
     last = logits[:, -1, :]
     rows = torch.arange(last.shape[0])
-    return last[rows, answer_ids] - last[rows, wrong_ids]''',
-    "previous_token_score": '''def previous_token_score(pattern):
+    return last[rows, answer_ids] - last[rows, wrong_ids]""",
+    "previous_token_score": """def previous_token_score(pattern):
     q = torch.arange(1, pattern.shape[-1])
-    return pattern[:, q, q - 1].mean(-1)''',
-    "ablate_head": '''def ablate_head(z, head):
-    return z.index_fill(2, torch.tensor([head]), 0.0)''',
-    "head_ablation_loss": '''def head_ablation_loss(model, tokens, layer, head):
+    return pattern[:, q, q - 1].mean(-1)""",
+    "ablate_head": """def ablate_head(z, head):
+    return z.index_fill(2, torch.tensor([head]), 0.0)""",
+    "head_ablation_loss": """def head_ablation_loss(model, tokens, layer, head):
     def zero(z, hook):
         return ablate_head(z, head)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
-    return float(per_token_loss(logits, tokens).mean())''',
+    return float(per_token_loss(logits, tokens).mean())""",
 }
 
 

@@ -33,8 +33,15 @@ def batch():
 @pytest.fixture(scope="module")
 def store(model, batch, tmp_path_factory):
     ids, mask = batch
-    return write_store(tmp_path_factory.mktemp("store") / "resid", model, ids, [HOOK, "blocks.0.hook_resid_pre"],
-                       mask=mask, batch_size=16, progress=False)
+    return write_store(
+        tmp_path_factory.mktemp("store") / "resid",
+        model,
+        ids,
+        [HOOK, "blocks.0.hook_resid_pre"],
+        mask=mask,
+        batch_size=16,
+        progress=False,
+    )
 
 
 def test_round_trip_equals_collect(model, batch, store):
@@ -62,8 +69,8 @@ def test_writer_flushes_each_batch_before_the_next(model, batch, tmp_path):
         for start in range(0, len(ids), 10):
             f = path / f"{HOOK}.f32"
             seen.append(f.stat().st_size if f.exists() else 0)
-            m = mask[start:start + 10]
-            yield ids[start:start + 10], m
+            m = mask[start : start + 10]
+            yield ids[start : start + 10], m
             expected.append(expected[-1] + int(m.sum()) * model.cfg.d_model * 4)
 
     store = write_store(path, model, chunks(), HOOK, batch_size=4, progress=False)
@@ -118,8 +125,9 @@ def test_train_transcoder_from_mlp_pairs(model, tmp_path):
     ids, mask = chunks[0]
     ref_x, ref_y = mlp_io_pairs(model, ids, 0, mask)
     assert torch.allclose(x[: len(ref_x)], ref_x, atol=1e-5) and torch.allclose(y[: len(ref_y)], ref_y, atol=1e-5)
-    tc = train_transcoder(x, y, TranscoderConfig(d_in=model.cfg.d_model, d_sae=64, k=4), steps=5, batch_size=64,
-                          progress=False)
+    tc = train_transcoder(
+        x, y, TranscoderConfig(d_in=model.cfg.d_model, d_sae=64, k=4), steps=5, batch_size=64, progress=False
+    )
     assert tc.info["steps"] == 5
 
 
@@ -147,8 +155,16 @@ def test_saelens_config_matches_train_sae_settings(arch):
     from sae_lens.training.optim import get_lr_scheduler
 
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=out.lr)
-    sched = get_lr_scheduler(out.lr_scheduler_name, opt, out.total_training_steps, out.lr, out.lr_warm_up_steps,
-                             out.lr_decay_steps, out.lr_end, out.n_restart_cycles)
+    sched = get_lr_scheduler(
+        out.lr_scheduler_name,
+        opt,
+        out.total_training_steps,
+        out.lr,
+        out.lr_warm_up_steps,
+        out.lr_decay_steps,
+        out.lr_end,
+        out.n_restart_cycles,
+    )
     lrs = []
     for _ in range(out.total_training_steps):
         lrs.append(opt.param_groups[0]["lr"])
@@ -169,8 +185,30 @@ def test_saelens_config_refuses_transcoders():
 
 def test_saelens_config_command(tmp_path, capsys):
     out = tmp_path / "cfg.json"
-    assert main(["saelens-config", "--architecture", "batchtopk", "--d-in", "128", "--d-sae", "512", "-k", "8",
-                 "--steps", "100", "--batch-size", "256", "--lr", "1e-3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "saelens-config",
+                "--architecture",
+                "batchtopk",
+                "--d-in",
+                "128",
+                "--d-sae",
+                "512",
+                "-k",
+                "8",
+                "--steps",
+                "100",
+                "--batch-size",
+                "256",
+                "--lr",
+                "1e-3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     d = json.loads(out.read_text())
     assert d["sae"]["architecture"] == "batchtopk" and d["sae"]["k"] == 8 and d["sae"]["d_sae"] == 512
     assert d["training_tokens"] == 25_600 and d["train_batch_size_tokens"] == 256 and d["lr_decay_steps"] == 20

@@ -52,14 +52,17 @@ def _with_header(src, tmp_path, edit):
     return dst
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda h: h["hooks"][HOOK].pop("file"), "not a file name inside the store"),
-    (lambda h: h["hooks"][HOOK].update(file="../x"), "never reads outside its own folder"),
-    (lambda h: h["hooks"][HOOK].update(shape="wide"), "not \\[rows, width\\]"),
-    (lambda h: h["hooks"].update({HOOK: 3}), "is not an object"),
-    (lambda h: h.update(hooks=[]), "lists no hooks"),
-    (lambda h: h.update(rows="many"), "not a number"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda h: h["hooks"][HOOK].pop("file"), "not a file name inside the store"),
+        (lambda h: h["hooks"][HOOK].update(file="../x"), "never reads outside its own folder"),
+        (lambda h: h["hooks"][HOOK].update(shape="wide"), "not \\[rows, width\\]"),
+        (lambda h: h["hooks"].update({HOOK: 3}), "is not an object"),
+        (lambda h: h.update(hooks=[]), "lists no hooks"),
+        (lambda h: h.update(rows="many"), "not a number"),
+    ],
+)
 def test_malformed_store_header_gets_the_stores_own_error(small_store, tmp_path, edit, words):
     bad = _with_header(small_store, tmp_path, edit)
     with pytest.raises(StoreError, match=words) as e:

@@ -35,19 +35,26 @@ def submissions(tmp_path_factory, repo):
     write_notebook(inject_solutions(shipped), folder / "00_answer_key.ipynb")
 
     partly = notebook()
-    _replace_def(partly, "previous_token_score",
-                 "def previous_token_score(pattern):\n    return pattern.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)")
+    _replace_def(
+        partly,
+        "previous_token_score",
+        "def previous_token_score(pattern):\n    return pattern.diagonal(offset=0, dim1=-2, dim2=-1).mean(-1)",
+    )
     _replace_def(partly, "ablate_head", "def ablate_head(z, head):\n    raise NotImplementedError")
     write_notebook(partly, folder / "00_partly.ipynb")
 
     broken = notebook()
     _replace_def(broken, "per_token_loss", "def per_token_loss(logits, tokens):\n    return logits[:, :-1 +")
     _replace_def(broken, "answer_logit_diff", "def answer_logits_difference(logits, a, w):\n    return 0")
-    _replace_def(broken, "previous_token_score",
-                 "import sys\ndef previous_token_score(pattern):\n    print('spam' * 10**6)\n    sys.exit(0)")
+    _replace_def(
+        broken,
+        "previous_token_score",
+        "import sys\ndef previous_token_score(pattern):\n    print('spam' * 10**6)\n    sys.exit(0)",
+    )
     _replace_def(broken, "ablate_head", "def ablate_head(z, head):\n    while True:\n        pass")
-    _replace_def(broken, "head_ablation_loss",
-                 "import os\ndef head_ablation_loss(model, tokens, layer, head):\n    os._exit(7)")
+    _replace_def(
+        broken, "head_ablation_loss", "import os\ndef head_ablation_loss(model, tokens, layer, head):\n    os._exit(7)"
+    )
     write_notebook(broken, folder / "00_broken.ipynb")
 
     (folder / "00_garbage.ipynb").write_text("{ this is not json")
@@ -114,8 +121,12 @@ def test_csv_and_json_have_every_row(rows):
 
 
 def test_cli_check_reports_on_one_notebook(submissions):
-    r = subprocess.run([sys.executable, "-m", "interplab.cli", "check", str(submissions / "00_partly.ipynb")],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "interplab.cli", "check", str(submissions / "00_partly.ipynb")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1
     assert "3/5 exercises passed" in r.stdout and "previous_token_score" in r.stdout
 
@@ -123,6 +134,10 @@ def test_cli_check_reports_on_one_notebook(submissions):
 def test_nothing_to_grade_is_an_error_that_says_so(tmp_path):
     with pytest.raises(NoNotebooks, match="holds no .ipynb files"):
         grade([tmp_path], progress=False)
-    r = subprocess.run([sys.executable, "-m", "interplab.cli", "grade", str(tmp_path), "--out", str(tmp_path / "g.csv")],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "interplab.cli", "grade", str(tmp_path), "--out", str(tmp_path / "g.csv")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 2 and "nothing to grade" in r.stderr and not (tmp_path / "g.csv").exists()

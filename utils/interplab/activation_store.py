@@ -37,15 +37,17 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import tinyworld
+from .activations import iter_activations
 from .dictionaries import DEFAULT_HOOK, SAEConfig, mlp_in_hook, mlp_out_hook
 from .dictionaries.data import sae_token_mask
+from .models import load_model
 
 FORMAT = "interplab-activation-store"
 VERSION = 1
@@ -87,7 +89,7 @@ def write_store(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> "ActivationStore":
+) -> ActivationStore:
     """Run `model` over `tokens` and append the activations at `hooks` to files under `path`.
 
     Memory holds one batch of activations at a time (`interplab.activations.iter_activations`);
@@ -112,8 +114,6 @@ def write_store(
     """
     from tqdm.auto import tqdm
 
-    from .activations import iter_activations
-
     names = [hooks] if isinstance(hooks, str) else list(hooks)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"hooks must be one or more distinct hook names, got {names}")
@@ -129,8 +129,9 @@ def write_store(
     try:
         for ids, m in tqdm(_as_chunks(tokens, mask), disable=not progress, desc="writing activations", unit="chunk"):
             n_seq += ids.shape[0]
-            for batch in iter_activations(model, ids, names, mask=m, batch_size=batch_size,
-                                          dtype=torch.float32, progress=False):
+            for batch in iter_activations(
+                model, ids, names, mask=m, batch_size=batch_size, dtype=torch.float32, progress=False
+            ):
                 rows = None
                 for n in names:
                     a = batch[n]
@@ -151,12 +152,22 @@ def write_store(
     if n_rows == 0:
         raise ValueError("no activations were written (empty tokens or an all-False mask)")
     header = {
-        "format": FORMAT, "version": VERSION, "dtype": DTYPE, "rows": n_rows, "sequences": n_seq,
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": DTYPE,
+        "rows": n_rows,
+        "sequences": n_seq,
         "model": model_name or getattr(model.cfg, "model_name", None),
         "d_model": int(model.cfg.d_model),
-        "hooks": {n: {"file": _file_name(n), "shape": [n_rows, widths[n]], "sha256": hashes[n].hexdigest(),
-                      "sample_sha256": _sample_hash(folder / _file_name(n))}
-                  for n in names},
+        "hooks": {
+            n: {
+                "file": _file_name(n),
+                "shape": [n_rows, widths[n]],
+                "sha256": hashes[n].hexdigest(),
+                "sample_sha256": _sample_hash(folder / _file_name(n)),
+            }
+            for n in names
+        },
         "seconds": round(time.time() - t0, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -166,7 +177,7 @@ def write_store(
     return open_store(folder)
 
 
-def write_mlp_pairs(path: str | Path, model, tokens, layer: int, **kwargs) -> "ActivationStore":
+def write_mlp_pairs(path: str | Path, model, tokens, layer: int, **kwargs) -> ActivationStore:
     """`write_store` for a transcoder: the MLP's normalised input and its output at `layer`, row-aligned."""
     return write_store(path, model, tokens, [mlp_in_hook(layer), mlp_out_hook(layer)], **kwargs)
 
@@ -216,8 +227,9 @@ class ActivationStore:
         """The numpy memory map behind ``store[hook]`` (they share memory)."""
         if hook not in self._arrays:
             info = self.header["hooks"][hook]
-            self._arrays[hook] = np.memmap(self.path / info["file"], dtype=np.float32, mode="c",
-                                           shape=tuple(info["shape"]))
+            self._arrays[hook] = np.memmap(
+                self.path / info["file"], dtype=np.float32, mode="c", shape=tuple(info["shape"])
+            )
         return self._arrays[hook]
 
     def pair(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,14 +238,16 @@ class ActivationStore:
 
     def verify(self, chunk_rows: int = 65_536) -> None:
         """Re-hash every file in chunks against the header; raise StoreError on a mismatch."""
-        for hook, info in self.header["hooks"].items():
+        for info in self.header["hooks"].values():
             h, d = hashlib.sha256(), info["shape"][1]
             with open(self.path / info["file"], "rb") as f:
                 while block := f.read(chunk_rows * d * _ITEMSIZE):
                     h.update(block)
             if h.hexdigest() != info["sha256"]:
-                raise StoreError(f"{self.path / info['file']} is corrupt: its SHA-256 does not match header.json. "
-                                 f"Write the store again with write_store(..., overwrite=True).")
+                raise StoreError(
+                    f"{self.path / info['file']} is corrupt: its SHA-256 does not match header.json. "
+                    f"Write the store again with write_store(..., overwrite=True)."
+                )
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{h}: {tuple(i['shape'])}" for h, i in self.header["hooks"].items())
@@ -256,8 +270,10 @@ def _sample_hash(path: Path) -> str:
 
 
 def _damaged(hp: Path, what: str) -> StoreError:
-    return StoreError(f"{hp} is damaged: {what}. The store cannot be read safely; write it again with "
-                      f"write_store(..., overwrite=True) (or `python -m interplab.activation_store write ...`).")
+    return StoreError(
+        f"{hp} is damaged: {what}. The store cannot be read safely; write it again with "
+        f"write_store(..., overwrite=True) (or `python -m interplab.activation_store write ...`)."
+    )
 
 
 def _check_header(header, folder: Path, hp: Path) -> None:
@@ -280,8 +296,11 @@ def _check_header(header, folder: Path, hp: Path) -> None:
             raise _damaged(hp, f"the entry of {hook!r} is not an object")
         name, shape, digest = info.get("file"), info.get("shape"), info.get("sha256")
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-            raise _damaged(hp, f"the file of {hook!r} is {name!r}, not a file name inside the store "
-                               f"(a store never reads outside its own folder)")
+            raise _damaged(
+                hp,
+                f"the file of {hook!r} is {name!r}, not a file name inside the store "
+                f"(a store never reads outside its own folder)",
+            )
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)):
             raise _damaged(hp, f"the shape of {hook!r} is {shape!r}, not [rows, width]")
         if not (isinstance(digest, str) and len(digest) == 64):
@@ -304,8 +323,10 @@ def open_store(path: str | Path, verify: bool | None = None) -> ActivationStore:
         raise StoreError(f"{folder} is not a folder (an activation store is a folder with {HEADER})")
     hp = folder / HEADER
     if not hp.exists():
-        raise StoreError(f"{folder} has no {HEADER}: the write was interrupted or this is not an activation "
-                         f"store. Write it again with write_store(..., overwrite=True).")
+        raise StoreError(
+            f"{folder} has no {HEADER}: the write was interrupted or this is not an activation "
+            f"store. Write it again with write_store(..., overwrite=True)."
+        )
     try:
         header = json.loads(hp.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -319,23 +340,31 @@ def open_store(path: str | Path, verify: bool | None = None) -> ActivationStore:
         if have is None:
             raise StoreError(f"{f} is missing (store of {hook})")
         if have != want:
-            raise StoreError(f"{f} has {have:,} bytes, but header.json says {n:,} x {d} float32 = {want:,}: "
-                             f"the file is {'truncated' if have < want else 'longer than recorded'}")
+            raise StoreError(
+                f"{f} has {have:,} bytes, but header.json says {n:,} x {d} float32 = {want:,}: "
+                f"the file is {'truncated' if have < want else 'longer than recorded'}"
+            )
     store = ActivationStore(folder, header)
     total = sum(i["shape"][0] * i["shape"][1] * _ITEMSIZE for i in header["hooks"].values())
     if verify or (verify is None and total <= QUICK_VERIFY_BYTES):
         store.verify()
     elif verify is None:
         for hook, info in header["hooks"].items():
-            if isinstance(info.get("sample_sha256"), str) and _sample_hash(folder / info["file"]) != info["sample_sha256"]:
-                raise StoreError(f"{folder / info['file']} is corrupt: sampled blocks do not match header.json "
-                                 f"(store of {hook}). Write the store again with write_store(..., overwrite=True).")
+            if (
+                isinstance(info.get("sample_sha256"), str)
+                and _sample_hash(folder / info["file"]) != info["sample_sha256"]
+            ):
+                raise StoreError(
+                    f"{folder / info['file']} is corrupt: sampled blocks do not match header.json "
+                    f"(store of {hook}). Write the store again with write_store(..., overwrite=True)."
+                )
     return store
 
 
 # =====================================================================================
 # Handing a long run to SAELens
 # =====================================================================================
+
 
 def saelens_config(
     sae_cfg,
@@ -378,16 +407,28 @@ def saelens_config(
         device: where SAELens trains.
         **overrides: any other LanguageModelSAERunnerConfig field.
     """
-    from sae_lens import (BatchTopKTrainingSAEConfig, LanguageModelSAERunnerConfig, LoggingConfig,
-                          StandardTrainingSAEConfig, TopKTrainingSAEConfig)
+    from sae_lens import (
+        BatchTopKTrainingSAEConfig,
+        LanguageModelSAERunnerConfig,
+        LoggingConfig,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAEConfig,
+    )
 
     if getattr(sae_cfg, "is_transcoder", False) or getattr(sae_cfg, "d_out", sae_cfg.d_in) != sae_cfg.d_in:
-        raise NotImplementedError("SAELens 6's training runner trains SAEs only, not transcoders; train "
-                                  "transcoders with interplab.dictionaries.train_transcoder on a store")
+        raise NotImplementedError(
+            "SAELens 6's training runner trains SAEs only, not transcoders; train "
+            "transcoders with interplab.dictionaries.train_transcoder on a store"
+        )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
-    common = dict(d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae, apply_b_dec_to_input=sae_cfg.apply_b_dec_to_input,
-                  device=device, dtype="float32")
+    common = dict(
+        d_in=sae_cfg.d_in,
+        d_sae=sae_cfg.d_sae,
+        apply_b_dec_to_input=sae_cfg.apply_b_dec_to_input,
+        device=device,
+        dtype="float32",
+    )
     if sae_cfg.architecture == "standard":
         sae = StandardTrainingSAEConfig(l1_coefficient=sae_cfg.l1_coeff, **common)
     elif sae_cfg.architecture == "topk":
@@ -451,10 +492,10 @@ def run_saelens(cfg_path: str | Path, output_path: str | Path | None = None, n_d
     cfg = LanguageModelSAERunnerConfig.from_dict(d)
     kwargs = {}
     if cfg.model_name == "tinyworld":
-        from .models import load_model
-
-        kwargs = dict(override_model=load_model("tinyworld", device=cfg.device),
-                      override_dataset=tinyworld_token_dataset(n_docs, cfg.context_size, seed=cfg.seed))
+        kwargs = dict(
+            override_model=load_model("tinyworld", device=cfg.device),
+            override_dataset=tinyworld_token_dataset(n_docs, cfg.context_size, seed=cfg.seed),
+        )
     return LanguageModelSAETrainingRunner(cfg, **kwargs).run()
 
 
@@ -469,8 +510,11 @@ def _jsonable(x):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interplab.activation_store", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m interplab.activation_store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     w = sub.add_parser("write", help="write TinyWorld activations at hooks to a store on disk")
@@ -485,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("path")
     i.add_argument("--verify", action="store_true")
 
-    c = sub.add_parser("saelens-config", help="write the SAELens 6 training config matching train_dictionary's settings")
+    c = sub.add_parser(
+        "saelens-config", help="write the SAELens 6 training config matching train_dictionary's settings"
+    )
     c.add_argument("--architecture", default="topk", choices=["standard", "topk", "batchtopk"])
     c.add_argument("--d-in", type=int, default=None, help="default: the bundled model's d_model")
     c.add_argument("--d-sae", type=int, default=768)
@@ -508,8 +554,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     if a.cmd == "write":
-        from .models import load_model
-
         model = load_model("tinyworld", device="cpu")
         chunks = tinyworld_chunks(a.docs, seed=a.seed, split="train")
         if a.mlp_layer is not None:
@@ -532,13 +576,26 @@ def main(argv: list[str] | None = None) -> int:
 
     d_in = a.d_in
     if d_in is None:
-        from .models import load_model
-
         d_in = load_model("tinyworld", device="cpu").cfg.d_model
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=a.d_sae, architecture=a.architecture, k=a.k, l1_coeff=a.l1_coeff,
-                        hook_name=a.hook or DEFAULT_HOOK, model_name=a.model_name)
-    cfg = saelens_config(sae_cfg, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                         dataset_path=a.dataset_path, context_size=a.context_size, device=a.device)
+    sae_cfg = SAEConfig(
+        d_in=d_in,
+        d_sae=a.d_sae,
+        architecture=a.architecture,
+        k=a.k,
+        l1_coeff=a.l1_coeff,
+        hook_name=a.hook or DEFAULT_HOOK,
+        model_name=a.model_name,
+    )
+    cfg = saelens_config(
+        sae_cfg,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        dataset_path=a.dataset_path,
+        context_size=a.context_size,
+        device=a.device,
+    )
     text = json.dumps(_jsonable(cfg.to_dict()), indent=1) + "\n"
     if a.out == "-":
         sys.stdout.write(text)

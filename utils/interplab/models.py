@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import threads
+from .tinyworld.tokenizer import hf_tokenizer, is_tinyworld_tokenizer
 from .weights import WEIGHTS_DIR, CorruptedFileError, verify
 
 BUNDLED = {"tinyworld": WEIGHTS_DIR / "tinyworld"}
@@ -39,7 +40,7 @@ class ModelUnavailableError(RuntimeError):
 
 
 def best_device() -> str:
-    """"cuda" when a GPU is present, else "mps" on Apple silicon, else "cpu"."""
+    """ "cuda" when a GPU is present, else "mps" on Apple silicon, else "cpu"."""
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -49,7 +50,10 @@ def best_device() -> str:
 
 def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
         return False
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -119,8 +123,6 @@ def load_folder(folder: str | Path, name: str | None = None, device: str | None 
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .tinyworld.tokenizer import hf_tokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass 'tinyworld' or a folder saved by the trainer")
@@ -132,16 +134,27 @@ def load_folder(folder: str | Path, name: str | None = None, device: str | None 
         state = load_file(str(folder / "model.safetensors"))
     except Exception as e:  # unreadable even though present (no checksum file to catch it)
         raise CorruptedFileError(f"could not read the model in {folder}: {e}") from e
-    hf = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in hf_config.items() if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")}))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            **{
+                k: v
+                for k, v in hf_config.items()
+                if k not in ("architectures", "transformers_version", "dtype", "torch_dtype")
+            }
+        )
+    )
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
-        raise CorruptedFileError(f"{folder / 'model.safetensors'} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CorruptedFileError(
+            f"{folder / 'model.safetensors'} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     hf.tie_weights()
     cfg = _hooked_config(hf_config, name or folder.name)
     with quiet_transformer_lens():
         model = HookedTransformer(cfg, tokenizer=hf_tokenizer(folder), move_to_device=False)
-        model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=True,
-                                          center_writing_weights=True, center_unembed=True)
+        model.load_and_process_state_dict(
+            convert_gpt2_weights(hf, cfg), fold_ln=True, center_writing_weights=True, center_unembed=True
+        )
     model.eval()
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to device"
         return model.to(device or best_device())
@@ -168,10 +181,12 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
     if not isinstance(name, str):
         raise TypeError(f"load_model takes a model name or a folder, got {type(name).__name__}")
     if not name.strip():
-        raise ValueError("load_model got an empty model name. Pass 'tinyworld' for the bundled model, a folder "
-                         "saved by `python -m interplab.tinyworld.train` (e.g. load_model('runs/my_model')), or a "
-                         "TransformerLens name such as 'gpt2-small'. (An empty name is not read as the current "
-                         "folder; write './' if that is what you mean.)")
+        raise ValueError(
+            "load_model got an empty model name. Pass 'tinyworld' for the bundled model, a folder "
+            "saved by `python -m interplab.tinyworld.train` (e.g. load_model('runs/my_model')), or a "
+            "TransformerLens name such as 'gpt2-small'. (An empty name is not read as the current "
+            "folder; write './' if that is what you mean.)"
+        )
     if name in BUNDLED:
         return load_folder(BUNDLED[name], name=name, device=device)
     if os.path.sep in name or Path(name).is_dir():
@@ -183,9 +198,10 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
             f"Unknown model name {name!r}. The bundled, offline model is 'tinyworld'; a folder saved by "
             f"`python -m interplab.tinyworld.train` also works; online, any TransformerLens name works, "
             f"e.g. 'gpt2-small', 'gpt2-medium', 'pythia-70m'"
-            + (f" (names like yours: {', '.join(close)})" if close else "") + "."
+            + (f" (names like yours: {', '.join(close)})" if close else "")
+            + "."
         )
-    from .standin import load_standin, standin_requested
+    from .standin import load_standin, standin_requested  # here, not at the top: standin imports this module
 
     if standin_requested():  # tests of the real-model route (see interplab.standin)
         return load_standin(name, device)
@@ -214,16 +230,14 @@ def load_model(name: str | Path = "tinyworld", device: str | None = None, **kwar
 
 def is_tinyworld(model) -> bool:
     """Whether ``model`` is a TinyWorld model (the bundled one or one trained by the course)."""
-    from .tinyworld.tokenizer import is_tinyworld_tokenizer
-
     return model.tokenizer is not None and is_tinyworld_tokenizer(model.tokenizer)
 
 
 def tinyworld_only(model, why: str) -> bool:
     """For a section that needs TinyWorld: True on a TinyWorld model; otherwise say so, plainly, and return False.
 
-        if interplab.tinyworld_only(model, "it scores the probe against the generator's room labels"):
-            ...
+    if interplab.tinyworld_only(model, "it scores the probe against the generator's room labels"):
+        ...
     """
     if is_tinyworld(model):
         return True

@@ -1,8 +1,8 @@
 """Grading: `check` for notebooks, `run` for tools and tests, and the gradebook.
 
-    >>> from interplab.grading import run, exercise_names
-    >>> report = run("per_token_loss", my_function)            # doctest: +SKIP
-    >>> report.passed, report.n_passed, report.n_total, report.hint   # doctest: +SKIP
+>>> from interplab.grading import run, exercise_names
+>>> report = run("per_token_loss", my_function)            # doctest: +SKIP
+>>> report.passed, report.n_passed, report.n_total, report.hint   # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -63,8 +63,11 @@ class Report:
         if self.passed:
             return f"{self.name}: {self.n_passed}/{self.n_total} checks passed"
         first = next(r for r in self.results if not r.passed)
-        lines = [f"{self.name}: {self.n_passed}/{self.n_total} checks passed",
-                 f"First failing case: {first.label}", _indent(first.message)]
+        lines = [
+            f"{self.name}: {self.n_passed}/{self.n_total} checks passed",
+            f"First failing case: {first.label}",
+            _indent(first.message),
+        ]
         if self.hint:
             lines.append(f"Hint: {self.hint}")
         return "\n".join(lines)
@@ -72,8 +75,15 @@ class Report:
     __str__ = summary
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "passed": self.passed, "n_passed": self.n_passed, "n_total": self.n_total,
-                "kind": self.kind, "failures": self.failures, "hint": self.hint}
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "n_passed": self.n_passed,
+            "n_total": self.n_total,
+            "kind": self.kind,
+            "failures": self.failures,
+            "hint": self.hint,
+        }
 
 
 def _indent(text: str, pad: str = "  ") -> str:
@@ -81,6 +91,7 @@ def _indent(text: str, pad: str = "  ") -> str:
 
 
 # --- copies of inputs ---------------------------------------------------------------
+
 
 def fresh(x: Any) -> Any:
     """A copy of a case argument: tensors cloned, containers copied, modules shared."""
@@ -101,8 +112,9 @@ def fresh(x: Any) -> Any:
 def _changed_inputs(before: Any, after: Any, path: str = "") -> str | None:
     if isinstance(before, torch.Tensor):
         same = after.shape == before.shape and torch.equal(after, before) if isinstance(after, torch.Tensor) else False
-        if not same and not (before.is_floating_point() and torch.isnan(before).any()
-                             and torch.allclose(before, after, equal_nan=True)):
+        if not same and not (
+            before.is_floating_point() and torch.isnan(before).any() and torch.allclose(before, after, equal_nan=True)
+        ):
             return path or "an input tensor"
         return None
     if isinstance(before, (list, tuple)):
@@ -176,8 +188,10 @@ def _restore(model: torch.nn.Module) -> list[str]:
     """Undo a learner's side effects on a shared model; return what had to be undone."""
     problems = []
     if _leftover_hooks(model):
-        problems.append("left hooks attached to the model (use model.run_with_hooks or `with model.hooks(...)`, "
-                        "which remove them when the forward pass ends)")
+        problems.append(
+            "left hooks attached to the model (use model.run_with_hooks or `with model.hooks(...)`, "
+            "which remove them when the forward pass ends)"
+        )
         if hasattr(model, "reset_hooks"):
             model.reset_hooks(including_permanent=True)
         for m in model.modules():
@@ -188,8 +202,10 @@ def _restore(model: torch.nn.Module) -> list[str]:
     state = model.state_dict()
     changed = [k for k, v in snap.items() if k in state and not torch.equal(state[k], v)]
     if changed:
-        problems.append(f"changed the model's weights ({', '.join(changed[:3])}{'...' if len(changed) > 3 else ''}); "
-                        "they have been restored. Never edit parameters in place; work on copies or use hooks")
+        problems.append(
+            f"changed the model's weights ({', '.join(changed[:3])}{'...' if len(changed) > 3 else ''}); "
+            "they have been restored. Never edit parameters in place; work on copies or use hooks"
+        )
         with torch.no_grad():
             for k in changed:
                 state[k].copy_(snap[k])
@@ -200,6 +216,7 @@ def _restore(model: torch.nn.Module) -> list[str]:
 
 
 # --- time limit ----------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
@@ -247,8 +264,13 @@ class _BoundedWriter(io.TextIOBase):
 def learner_traceback(exc: BaseException) -> str:
     """The exception with only the learner's own frames (not interplab's, not libraries')."""
     frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if not f.filename.startswith(PACKAGE_DIR) and "site-packages" not in f.filename
-           and "/lib/python" not in f.filename]
+    own = [
+        f
+        for f in frames
+        if not f.filename.startswith(PACKAGE_DIR)
+        and "site-packages" not in f.filename
+        and "/lib/python" not in f.filename
+    ]
     lines = []
     for f in own[-3:]:
         where = "your code" if f.filename.startswith("<") or "ipykernel" in f.filename else Path(f.filename).name
@@ -286,6 +308,7 @@ def call_safely(fn: Callable, args: tuple, kwargs: dict, seconds: float) -> tupl
 
 
 # --- running an exercise -----------------------------------------------------------------
+
 
 def expected_outputs(ex: Exercise) -> list[Any]:
     """The reference's output on every case (computed once)."""
@@ -366,14 +389,17 @@ def observe(ex: Exercise, fn: Callable, case_index: int) -> Observation:
     return obs
 
 
-def judge(ex: Exercise, case_index: int, obs: Observation,
-          expected: Any | None = None) -> tuple[CaseResult, str | None]:
+def judge(
+    ex: Exercise, case_index: int, obs: Observation, expected: Any | None = None
+) -> tuple[CaseResult, str | None]:
     """The verdict on one observation: compares a plain output with the reference's own output."""
     case = ex.cases()[case_index]
     msg, hint, kind = "", None, None
     if obs.status == "timeout":
-        msg = (f"your function used more than {ex.time_limit:g} s of CPU time on this case and was stopped "
-               f"(an endless loop?)")
+        msg = (
+            f"your function used more than {ex.time_limit:g} s of CPU time on this case and was stopped "
+            f"(an endless loop?)"
+        )
         kind = "timeout"
     elif obs.status == "not_implemented":
         msg = "NotImplementedError: the function body is still the stub"
@@ -386,8 +412,10 @@ def judge(ex: Exercise, case_index: int, obs: Observation,
     elif obs.status != "ok":
         msg, kind = f"unknown outcome {obs.status!r}", "error"
     elif obs.mutated:
-        msg = (f"your function modified its input `{obs.mutated}` in place. Work on a copy (x = x.clone()) "
-               f"or use out-of-place operations (x = x + 1, not x += 1).")
+        msg = (
+            f"your function modified its input `{obs.mutated}` in place. Work on a copy (x = x.clone()) "
+            f"or use out-of-place operations (x = x + 1, not x += 1)."
+        )
         kind = "mutation"
         hint = _mistake_hint(ex, case_index, obs.value)
     elif obs.side_effects:
@@ -416,7 +444,7 @@ def make_report(ex: Exercise, judged: list[tuple[CaseResult, str | None]]) -> Re
         if not r.passed and kind == "passed":
             kind, hint = k or "wrong", r.hint
     stopped = next((k for r, k in judged if k in ("timeout", "not_implemented")), None)
-    for rest in ex.cases()[len(results):]:
+    for rest in ex.cases()[len(results) :]:
         why = {"timeout": "timed out", "not_implemented": "is not implemented"}.get(stopped, "stopped the run")
         results.append(CaseResult(rest.label, False, f"not run (an earlier case {why})"))
     n_passed = sum(r.passed for r in results)
@@ -430,9 +458,11 @@ def _exercise_of(name: Any, fn: Any = None) -> Exercise:
     if isinstance(name, Exercise):
         return name
     if not isinstance(name, str) or not name:
-        raise TypeError(f"run() needs the exercise's name as its first argument (a string such as 'per_token_loss'), "
-                        f"got {describe(name)}. Call it as run('per_token_loss', my_function); "
-                        f"interplab.grading.exercise_names() lists every exercise.")
+        raise TypeError(
+            f"run() needs the exercise's name as its first argument (a string such as 'per_token_loss'), "
+            f"got {describe(name)}. Call it as run('per_token_loss', my_function); "
+            f"interplab.grading.exercise_names() lists every exercise."
+        )
     return get(name)
 
 
@@ -441,8 +471,9 @@ def run(name: str | Exercise, fn: Callable, *, stop_on_timeout: bool = True) -> 
     ex = _exercise_of(name, fn)
     if not callable(fn):
         msg = f"check() needs a function, got {describe(fn)}"
-        return Report(ex.name, False, 0, len(ex.cases()), [msg], kind="error",
-                      results=[CaseResult("(no call)", False, msg)])
+        return Report(
+            ex.name, False, 0, len(ex.cases()), [msg], kind="error", results=[CaseResult("(no call)", False, msg)]
+        )
     expected = expected_outputs(ex)
     judged = []
     for i in range(len(ex.cases())):
@@ -469,18 +500,24 @@ def check(fn: Callable, name: str | None = None, strict: bool | None = None) -> 
     failure raises ExerciseFailed instead.
     """
     if isinstance(fn, str):
-        raise TypeError(f"check() takes your function itself, not its name: write check({fn}) "
-                        f"(or check(my_function, name={fn!r})), not check({fn!r}).")
+        raise TypeError(
+            f"check() takes your function itself, not its name: write check({fn}) "
+            f"(or check(my_function, name={fn!r})), not check({fn!r})."
+        )
     if not callable(fn):
-        raise TypeError(f"check() needs the function you wrote, got {describe(fn)}. Define the exercise's function "
-                        f"in a cell, then call check(that_function), for example "
-                        f"per_token_loss = check(per_token_loss).")
+        raise TypeError(
+            f"check() needs the function you wrote, got {describe(fn)}. Define the exercise's function "
+            f"in a cell, then call check(that_function), for example "
+            f"per_token_loss = check(per_token_loss)."
+        )
     if name is not None and not isinstance(name, str):
         raise TypeError(f"check(fn, name=...) takes the exercise's name as a string, got {describe(name)}.")
     ex_name = name or getattr(fn, "__name__", None)
     if not ex_name or ex_name == "<lambda>":
-        raise TypeError("check() could not tell which exercise this function is (it has no name of its own, "
-                        "e.g. a lambda); pass it explicitly: check(fn, name='per_token_loss').")
+        raise TypeError(
+            "check() could not tell which exercise this function is (it has no name of its own, "
+            "e.g. a lambda); pass it explicitly: check(fn, name='per_token_loss')."
+        )
     ex = get(ex_name)
     report = run(ex, fn)
     strict = _strict_default() if strict is None else strict
@@ -490,6 +527,8 @@ def check(fn: Callable, name: str | None = None, strict: bool | None = None) -> 
     print(f"\u274c {report.summary()}", file=sys.stdout)
     if strict:
         raise ExerciseFailed(report.summary())
-    print(f"\u21aa The rest of this chapter uses the reference solution for `{ex.name}`. "
-          f"Fix your function and run this cell again; show_solution('{ex.name}') prints the reference.")
+    print(
+        f"\u21aa The rest of this chapter uses the reference solution for `{ex.name}`. "
+        f"Fix your function and run this cell again; show_solution('{ex.name}') prints the reference."
+    )
     return ex.reference

@@ -36,8 +36,20 @@ from .protocol import FrameReader
 from .sandbox import cpu_seconds
 from .submission import Unreadable, parse_cell, plan, read_submission, reference_shapes
 
-STATUSES = ("passed", "failed", "wrong_type", "not_implemented", "error", "timeout", "missing", "syntax_error",
-            "crashed", "used_reference", "unreadable", "no_exercises")
+STATUSES = (
+    "passed",
+    "failed",
+    "wrong_type",
+    "not_implemented",
+    "error",
+    "timeout",
+    "missing",
+    "syntax_error",
+    "crashed",
+    "used_reference",
+    "unreadable",
+    "no_exercises",
+)
 FIELDS = ["submission", "exercise", "status", "n_passed", "n_total", "score", "message"]
 
 
@@ -68,7 +80,6 @@ def expected_exercises(path: Path, cells: list[dict] | None) -> list[str]:
     chapter = chapter_of(path)
     names = [ex.name for ex in all_exercises() if ex.chapter == chapter] if chapter else []
     if not names and cells is not None:
-
         registered = [ex.name for ex in all_exercises()]
         bound = set()
         for c in cells:
@@ -80,8 +91,13 @@ def expected_exercises(path: Path, cells: list[dict] | None) -> list[str]:
     return names
 
 
-def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None = None, sandbox: str = "auto",
-                   limits: Limits | None = None) -> list[Row]:
+def grade_notebook(
+    path: str | Path,
+    time_limit: float = 30.0,
+    label: str | None = None,
+    sandbox: str = "auto",
+    limits: Limits | None = None,
+) -> list[Row]:
     """Grade one submitted notebook; one Row per exercise plus a TOTAL row. Never raises for the submission's faults."""
 
     path = Path(path)
@@ -93,24 +109,34 @@ def grade_notebook(path: str | Path, time_limit: float = 30.0, label: str | None
         cells, notes = read_submission(path)
     except Unreadable as e:
         names = expected_exercises(path, None)
-        rows = [Row(sub, n, "unreadable", message=str(e)) for n in names] or [Row(sub, "*", "unreadable",
-                                                                                  message=str(e))]
+        rows = [Row(sub, n, "unreadable", message=str(e)) for n in names] or [
+            Row(sub, "*", "unreadable", message=str(e))
+        ]
         return rows + [_total(sub, rows)]
     names = expected_exercises(path, cells)
     if not names:
-        rows = [Row(sub, "*", "no_exercises", message="no function of this notebook is a registered exercise; "
-                    "is it a chapter notebook (NN_slug.ipynb)?")]
+        rows = [
+            Row(
+                sub,
+                "*",
+                "no_exercises",
+                message="no function of this notebook is a registered exercise; "
+                "is it a chapter notebook (NN_slug.ipynb)?",
+            )
+        ]
         return rows + [_total(sub, rows, notes)]
 
     p = plan(cells, names, reference_shapes(names))
     rows: dict[str, Row] = {}
     for n, why in p.missing.items():
-        rows[n] = Row(sub, n, "syntax_error" if why.startswith("syntax error") else "missing", 0,
-                      len(get(n).cases()), message=why)
+        rows[n] = Row(
+            sub, n, "syntax_error" if why.startswith("syntax error") else "missing", 0, len(get(n).cases()), message=why
+        )
     todo = [n for n in names if n not in rows]
     if todo:
-        graded, cell_notes = _grade_exercises(path, sub, [p.cells[i] for i in p.run], todo, limits, mode, p.borrowed,
-                                              p.defined_in)
+        graded, cell_notes = _grade_exercises(
+            path, sub, [p.cells[i] for i in p.run], todo, limits, mode, p.borrowed, p.defined_in
+        )
         rows.update(graded)
         notes += cell_notes
     ordered = [rows[n] for n in names]
@@ -165,7 +191,7 @@ class _Tail:
             pass
 
     def text(self) -> str:
-        return b"".join(self.buf)[-self.limit:].decode(errors="replace")
+        return b"".join(self.buf)[-self.limit :].decode(errors="replace")
 
 
 class _Stopped(Exception):
@@ -184,23 +210,34 @@ class _Worker:
         import secrets
         import threading
 
-
         self.limits = limits
         self.secrets = secrets
         read_fd, write_fd = os.pipe()
         argv = [sys.executable, "-m", "interplab.grading.worker", "--fd", str(write_fd)]
         cmd, workdir = sandbox.command(mode, argv, private, copy, limits.tmp_size)
         drop = mode == "bwrap" and os.geteuid() == 0
-        job = {"exercises": exercises, "case_cpu": limits.case_cpu, "cell_cpu": limits.cell_cpu,
-               "nonce": secrets.token_hex(16), "drop_uid": sandbox.NOBODY if drop else None,
-               "drop_gid": sandbox.NOBODY if drop else None}
+        job = {
+            "exercises": exercises,
+            "case_cpu": limits.case_cpu,
+            "cell_cpu": limits.cell_cpu,
+            "nonce": secrets.token_hex(16),
+            "drop_uid": sandbox.NOBODY if drop else None,
+            "drop_gid": sandbox.NOBODY if drop else None,
+        }
         self.nonce = job["nonce"]
         total_cpu = STARTUP_SECONDS + limits.cell_cpu * 50 + limits.exercise_cpu(50) * max(1, len(exercises))
         self.known_children = sandbox.children_now()
         limit = sandbox.limiter(limits.memory, total_cpu, limits.file_size, limits.nproc, limits.nofile)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=sandbox.environment(workdir), cwd=str(private), pass_fds=(write_fd,),
-                                     preexec_fn=limit)  # noqa: PLW1509 - it only calls setsid and setrlimit
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=sandbox.environment(workdir),
+            cwd=str(private),
+            pass_fds=(write_fd,),
+            preexec_fn=limit,
+        )  # noqa: PLW1509 - it only calls setsid and setrlimit
         os.close(write_fd)
         self.out, self.err = _Tail(self.proc.stdout), _Tail(self.proc.stderr)
         self.frames: queue.Queue = queue.Queue(maxsize=1)  # at most two frames held in memory
@@ -232,11 +269,9 @@ class _Worker:
             pass  # the worker is gone; the next read says so
         return nonce
 
-    def receive(self, event: str, nonce: str, cpu_budget: float, what: str,
-                on_progress=None) -> tuple[dict, bytes]:
+    def receive(self, event: str, nonce: str, cpu_budget: float, what: str, on_progress=None) -> tuple[dict, bytes]:
         """The reply ``event`` to request ``nonce``; raises _Stopped past the budgets or on any other frame."""
         import queue
-
 
         start_cpu = cpu_seconds(self.proc.pid) or 0.0
         start_wall = time.monotonic()
@@ -251,35 +286,55 @@ class _Worker:
                 used = cpu_seconds(self.proc.pid)
                 now = time.monotonic()
                 if used is not None and used - start_cpu > cpu_budget:
-                    raise _Stopped("timeout", f"{what} used more than {cpu_budget:.0f} s of CPU time and was stopped "
-                                              f"(an endless loop?)")
+                    raise _Stopped(
+                        "timeout",
+                        f"{what} used more than {cpu_budget:.0f} s of CPU time and was stopped (an endless loop?)",
+                    )
                 if used is not None and used - last_cpu > 0.02:
                     last_cpu, last_busy = used, now
                 elif used is not None and now - last_busy > self.limits.idle:
-                    raise _Stopped("timeout", f"{what} used no CPU time for {self.limits.idle:.0f} s and was stopped "
-                                              f"(it was sleeping or waiting for something?)")
+                    raise _Stopped(
+                        "timeout",
+                        f"{what} used no CPU time for {self.limits.idle:.0f} s and was stopped "
+                        f"(it was sleeping or waiting for something?)",
+                    )
                 if time.monotonic() - start_wall > wall:
-                    raise _Stopped("timeout", f"{what} did not finish within {wall:.0f} s of wall-clock time and was "
-                                              f"stopped (it was sleeping or waiting for something?)")
+                    raise _Stopped(
+                        "timeout",
+                        f"{what} did not finish within {wall:.0f} s of wall-clock time and was "
+                        f"stopped (it was sleeping or waiting for something?)",
+                    )
                 continue
             if kind == "eof":
                 code = self.proc.wait(timeout=30) if self._exited() else None
-                raise _Stopped("crashed", f"the Python process running {what} died"
-                                          + (f" (exit code {code})" if code is not None else "")
-                                          + f": {_last_line(self.err.text()) or 'no message'}")
+                raise _Stopped(
+                    "crashed",
+                    f"the Python process running {what} died"
+                    + (f" (exit code {code})" if code is not None else "")
+                    + f": {_last_line(self.err.text()) or 'no message'}",
+                )
             if kind == "violation":
-                raise _Stopped("crashed", f"the worker broke the grading protocol while running {what} ({payload}); "
-                                          f"nothing it sent was counted")
+                raise _Stopped(
+                    "crashed",
+                    f"the worker broke the grading protocol while running {what} ({payload}); "
+                    f"nothing it sent was counted",
+                )
             record, blob = payload
             if record.get("nonce") != nonce:
-                raise _Stopped("crashed", f"the worker sent a message that answers no request while running {what} "
-                                          f"(something wrote into the grader's channel); nothing it sent was counted")
+                raise _Stopped(
+                    "crashed",
+                    f"the worker sent a message that answers no request while running {what} "
+                    f"(something wrote into the grader's channel); nothing it sent was counted",
+                )
             if record.get("event") == "cell" and on_progress is not None:
                 on_progress(record)
                 continue
             if record.get("event") != event:
-                raise _Stopped("crashed", f"the worker sent {str(record.get('event'))[:40]!r} where {event!r} was "
-                                          f"due while running {what}; nothing it sent was counted")
+                raise _Stopped(
+                    "crashed",
+                    f"the worker sent {str(record.get('event'))[:40]!r} where {event!r} was "
+                    f"due while running {what}; nothing it sent was counted",
+                )
             return record, blob
 
     def _exited(self) -> bool:
@@ -323,17 +378,30 @@ def _case_observation(record: dict, blob: bytes):
 
     mutated = record.get("mutated")
     side = record.get("side_effects") or []
-    obs = Observation(status, None, text("message"), mutated[:200] if isinstance(mutated, str) else None,
-                      [x[:500] for x in side if isinstance(x, str)][:5] if isinstance(side, list) else [],
-                      text("printed", 1000), float(record["seconds"]) if isinstance(record.get("seconds"),
-                                                                                      (int, float)) else 0.0)
+    obs = Observation(
+        status,
+        None,
+        text("message"),
+        mutated[:200] if isinstance(mutated, str) else None,
+        [x[:500] for x in side if isinstance(x, str)][:5] if isinstance(side, list) else [],
+        text("printed", 1000),
+        float(record["seconds"]) if isinstance(record.get("seconds"), (int, float)) else 0.0,
+    )
     if status == "ok":
         obs.value = decode(record.get("value"), blob)
     return obs
 
 
-def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits: Limits, mode: str,
-                     borrowed: dict[str, str], defined_in: dict[str, int]) -> tuple[dict[str, Row], list[str]]:
+def _grade_exercises(
+    path: Path,
+    sub: str,
+    cells: list,
+    names: list[str],
+    limits: Limits,
+    mode: str,
+    borrowed: dict[str, str],
+    defined_in: dict[str, int],
+) -> tuple[dict[str, Row], list[str]]:
     """Run workers until every exercise of ``names`` has a row; returns the rows and notes on cells."""
 
     rows: dict[str, Row] = {}
@@ -361,16 +429,22 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                     expected_ready = True
                 worker.receive("ready", worker.nonce, STARTUP_SECONDS, "the grader's start-up")
                 run_cells = [c for c in cells if c.number not in skip]
-                nonce = worker.request({"op": "cells", "cells": [{"number": c.number, "source": c.raw}
-                                                                  for c in run_cells]})
+                nonce = worker.request(
+                    {"op": "cells", "cells": [{"number": c.number, "source": c.raw} for c in run_cells]}
+                )
                 worker.last_cell = None
 
                 def progress(rec: dict, worker=worker) -> None:
                     worker.last_cell = rec.get("number") if isinstance(rec.get("number"), int) else None
 
                 try:
-                    reply, _ = worker.receive("cells", nonce, limits.cell_cpu * (len(run_cells) + 1) + 30,
-                                              "the notebook's cells", on_progress=progress)
+                    reply, _ = worker.receive(
+                        "cells",
+                        nonce,
+                        limits.cell_cpu * (len(run_cells) + 1) + 30,
+                        "the notebook's cells",
+                        on_progress=progress,
+                    )
                 except _Stopped as e:
                     if worker.last_cell is not None and worker.last_cell not in skip:
                         skip[worker.last_cell] = e.message.replace("the notebook's cells", "it")
@@ -391,9 +465,12 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                     rec, _ = worker.receive("exercise", nonce, 60, f"`{n}`")
                     state = rec.get("state")
                     if state != "ok":
-                        why = (f"no function called `{n}` is defined once the notebook has run (was its cell deleted, "
-                               f"or the function renamed?)" if state == "missing"
-                               else str(rec.get("message", "it is not a function"))[:300])
+                        why = (
+                            f"no function called `{n}` is defined once the notebook has run (was its cell deleted, "
+                            f"or the function renamed?)"
+                            if state == "missing"
+                            else str(rec.get("message", "it is not a function"))[:300]
+                        )
                         if defined_in.get(n) in raised:
                             why += f"; cell {defined_in[n]}, where it should be, {raised[defined_in[n]]}"
                         status = "missing" if state == "missing" else "error"
@@ -413,14 +490,21 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                         try:
                             obs = _case_observation(rec, blob)
                         except (ProtocolError, ValueError, TypeError) as e:
-                            raise _Stopped("crashed", f"the worker sent an output the grader could not read while "
-                                                      f"running `{n}` ({e}); nothing it sent was counted") from e
+                            raise _Stopped(
+                                "crashed",
+                                f"the worker sent an output the grader could not read while "
+                                f"running `{n}` ({e}); nothing it sent was counted",
+                            ) from e
                         uses_ref = uses_ref or rec.get("reference_called") is True
                         judged.append(judge(ex, i, obs, expected_outputs(ex)[i]))
                         if obs.status in ("timeout", "not_implemented"):
                             break
-                    rows[n] = _row(sub, n, make_report(ex, judged), borrowed.get(n) or
-                                   ("it returns the reference function's own result" if uses_ref else None))
+                    rows[n] = _row(
+                        sub,
+                        n,
+                        make_report(ex, judged),
+                        borrowed.get(n) or ("it returns the reference function's own result" if uses_ref else None),
+                    )
                     if rows[n].status != "passed":
                         failed.append(n)
                     current = None
@@ -430,14 +514,20 @@ def _grade_exercises(path: Path, sub: str, cells: list, names: list[str], limits
                     failed.append(current)
                 elif not rows:  # never got to an exercise: start-up itself failed
                     for n in pending:
-                        rows[n] = Row(sub, n, "crashed" if e.kind == "crashed" else "timeout", 0,
-                                      len(get(n).cases()), message=f"the grader's worker failed before grading: "
-                                                                   f"{e.message}")
+                        rows[n] = Row(
+                            sub,
+                            n,
+                            "crashed" if e.kind == "crashed" else "timeout",
+                            0,
+                            len(get(n).cases()),
+                            message=f"the grader's worker failed before grading: {e.message}",
+                        )
             finally:
                 worker.close()
     for n in names:
-        rows.setdefault(n, Row(sub, n, "crashed", message="the grader could not run this exercise "
-                                                          "(the worker kept dying)"))
+        rows.setdefault(
+            n, Row(sub, n, "crashed", message="the grader could not run this exercise (the worker kept dying)")
+        )
     return rows, notes
 
 
@@ -447,14 +537,26 @@ def _last_line(text: str) -> str:
 
 
 def _row(sub: str, name: str, report, borrowed: str | None) -> Row:
-    status = {"passed": "passed", "not_implemented": "not_implemented", "timeout": "timeout", "error": "error",
-              "wrong_type": "wrong_type"}.get(report.kind, "failed")
+    status = {
+        "passed": "passed",
+        "not_implemented": "not_implemented",
+        "timeout": "timeout",
+        "error": "error",
+        "wrong_type": "wrong_type",
+    }.get(report.kind, "failed")
     msg = report.summary() if not report.passed else ""
     score = round(report.n_passed / report.n_total, 4) if report.n_total else 0.0
     if borrowed:
-        return Row(sub, name, "used_reference", 0, report.n_total, 0.0,
-                   f"not counted: the exercise uses the reference answer instead of its own code ({borrowed}); "
-                   f"its output matched on {report.n_passed}/{report.n_total} cases")
+        return Row(
+            sub,
+            name,
+            "used_reference",
+            0,
+            report.n_total,
+            0.0,
+            f"not counted: the exercise uses the reference answer instead of its own code ({borrowed}); "
+            f"its output matched on {report.n_passed}/{report.n_total} cases",
+        )
     return Row(sub, name, status, report.n_passed, report.n_total, score, msg)
 
 
@@ -465,8 +567,15 @@ def _total(sub: str, rows: list[Row], notes: list[str] | None = None) -> Row:
     msg = f"{passed}/{n} exercises passed"
     if notes:
         msg += "; notes: " + "; ".join(notes[:10]) + (f" (+{len(notes) - 10} more)" if len(notes) > 10 else "")
-    return Row(sub, "TOTAL", "passed" if n and passed == n else "incomplete", passed, n,
-               round(passed / n, 4) if n else 0.0, msg)
+    return Row(
+        sub,
+        "TOTAL",
+        "passed" if n and passed == n else "incomplete",
+        passed,
+        n,
+        round(passed / n, 4) if n else 0.0,
+        msg,
+    )
 
 
 class NoNotebooks(ValueError):
@@ -488,14 +597,22 @@ def find_notebooks(paths: list[str | Path]) -> list[Path]:
         else:
             problems.append(f"{p} does not exist")
     if not files:
-        raise NoNotebooks("nothing to grade: " + "; ".join(problems) + ". Pass the folder of submitted notebooks "
-                          "(each NN_slug.ipynb or NN_anything.ipynb, e.g. 00_alice.ipynb), or the notebooks "
-                          "themselves: interplab grade submissions/ --out grades.csv")
+        raise NoNotebooks(
+            "nothing to grade: " + "; ".join(problems) + ". Pass the folder of submitted notebooks "
+            "(each NN_slug.ipynb or NN_anything.ipynb, e.g. 00_alice.ipynb), or the notebooks "
+            "themselves: interplab grade submissions/ --out grades.csv"
+        )
     return files
 
 
-def grade(paths: list[str | Path], out: str | Path | None = None, time_limit: float = 30.0,
-          progress: bool = True, sandbox: str = "auto", limits: Limits | None = None) -> list[Row]:
+def grade(
+    paths: list[str | Path],
+    out: str | Path | None = None,
+    time_limit: float = 30.0,
+    progress: bool = True,
+    sandbox: str = "auto",
+    limits: Limits | None = None,
+) -> list[Row]:
     """Grade notebooks (files or folders of .ipynb); write CSV (and JSON beside it) if ``out`` is given.
 
     ``time_limit`` is CPU seconds per case; ``sandbox`` is "auto" (bubblewrap where it works),
@@ -517,8 +634,14 @@ def grade(paths: list[str | Path], out: str | Path | None = None, time_limit: fl
             try:
                 rows += grade_notebook(f, label=label, sandbox=mode, limits=limits)
             except Exception as e:  # noqa: BLE001 - a fault of the grader itself must not lose the class's rows
-                rows += [Row(label, "*", "crashed", message=f"the grader failed on this notebook: "
-                                                           f"{type(e).__name__}: {str(e)[:300]}")]
+                rows += [
+                    Row(
+                        label,
+                        "*",
+                        "crashed",
+                        message=f"the grader failed on this notebook: {type(e).__name__}: {str(e)[:300]}",
+                    )
+                ]
             if out is not None:
                 write(rows, out)  # keep what is done even if grading is interrupted later
     finally:

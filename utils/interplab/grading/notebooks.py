@@ -67,8 +67,9 @@ def to_python(source: str) -> str:
 
         return TransformerManager().transform_cell(source)
     except Exception:
-        return "\n".join("pass  # " + line if line.lstrip().startswith(("%", "!")) else line
-                         for line in source.splitlines())
+        return "\n".join(
+            "pass  # " + line if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()
+        )
 
 
 @dataclass
@@ -96,15 +97,21 @@ def find_definitions(nb: dict, names: set[str] | None = None) -> dict[str, Defin
         except SyntaxError as e:
             for name in _DEF_RE.findall(raw):
                 if names is None or name in names:
-                    found[name] = Definition(name, index, None, "\n".join(imports),
-                                             f"syntax error in cell {index + 1}, line {e.lineno}: {e.msg}")
+                    found[name] = Definition(
+                        name,
+                        index,
+                        None,
+                        "\n".join(imports),
+                        f"syntax error in cell {index + 1}, line {e.lineno}: {e.msg}",
+                    )
             continue
         for node in tree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 imports.append(ast.get_source_segment(src, node) or ast.unparse(node))
             if isinstance(node, ast.FunctionDef) and (names is None or node.name in names):
-                found[node.name] = Definition(node.name, index, ast.get_source_segment(src, node) or ast.unparse(node),
-                                              "\n".join(imports))
+                found[node.name] = Definition(
+                    node.name, index, ast.get_source_segment(src, node) or ast.unparse(node), "\n".join(imports)
+                )
     return found
 
 
@@ -159,7 +166,7 @@ def inject_solutions(nb: dict) -> dict:
             helpers = _private_helpers(ref)
             if helpers:  # `import *` skips the answer key's _private helpers that references call
                 header.append(f"from {ref.__module__} import {', '.join(helpers)}")
-            lines[start:node.end_lineno] = header + body
+            lines[start : node.end_lineno] = header + body
         cell["source"] = "\n".join(lines)
     return nb
 

@@ -47,8 +47,10 @@ def to_plain(x: Any, path: str = "", _depth: int = 0, _count: list | None = None
             y = y.to_dense()
         return torch.Tensor.clone(y, memory_format=torch.contiguous_format).cpu()
     if issubclass(t, torch.Tensor):  # a subclass: its methods are the learner's, not torch's
-        raise WrongType(f"returned a {_type_name(x)}{where}, a subclass of torch.Tensor; return a plain torch.Tensor "
-                        f"(for example torch.as_tensor(x) or x.detach().clone())")
+        raise WrongType(
+            f"returned a {_type_name(x)}{where}, a subclass of torch.Tensor; return a plain torch.Tensor "
+            f"(for example torch.as_tensor(x) or x.detach().clone())"
+        )
     if x is None or t is bool or t is str:
         if t is str and len(x) > MAX_STR:
             raise WrongType(f"returned a string of {len(x)} characters{where}; that is too long to be an answer")
@@ -58,8 +60,10 @@ def to_plain(x: Any, path: str = "", _depth: int = 0, _count: list | None = None
     if t is float:
         return float(x)
     if t is tuple or t is list:
-        items = [to_plain(v, f"{path}[{i}]", _depth + 1, count) for i, v in enumerate(list.__iter__(x) if t is list
-                                                                                          else tuple.__iter__(x))]
+        items = [
+            to_plain(v, f"{path}[{i}]", _depth + 1, count)
+            for i, v in enumerate(list.__iter__(x) if t is list else tuple.__iter__(x))
+        ]
         return tuple(items) if t is tuple else items
     if t is dict:
         out = {}
@@ -71,13 +75,18 @@ def to_plain(x: Any, path: str = "", _depth: int = 0, _count: list | None = None
     import numpy as np
 
     if issubclass(t, (np.ndarray, np.generic)):
-        raise WrongType(f"returned a numpy {_type_name(x)}{where}; return a torch.Tensor (torch.as_tensor(x)) or, "
-                        f"for one number, a Python float/int (x.item())")
-    raise WrongType(f"returned a {_type_name(x)}{where}; an answer must be a torch.Tensor, a number, a bool, a string, "
-                    f"None, or a tuple/list/dict of these")
+        raise WrongType(
+            f"returned a numpy {_type_name(x)}{where}; return a torch.Tensor (torch.as_tensor(x)) or, "
+            f"for one number, a Python float/int (x.item())"
+        )
+    raise WrongType(
+        f"returned a {_type_name(x)}{where}; an answer must be a torch.Tensor, a number, a bool, a string, "
+        f"None, or a tuple/list/dict of these"
+    )
 
 
 # --- carrying plain values between processes without pickle ------------------------------
+
 
 def encode(x: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """(JSON-able structure, tensors by key) for a value that `to_plain` already produced."""

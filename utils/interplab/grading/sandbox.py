@@ -45,9 +45,26 @@ def bwrap_works() -> bool:
         ok = False
         if exe and sys.platform.startswith("linux"):
             try:
-                r = subprocess.run([exe, *_user_ns(), "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid",
-                                    "--die-with-parent", "--proc", "/proc", "--dev", "/dev", "true"],
-                                   capture_output=True, timeout=30, check=False)
+                r = subprocess.run(
+                    [
+                        exe,
+                        *_user_ns(),
+                        "--ro-bind",
+                        "/",
+                        "/",
+                        "--unshare-net",
+                        "--unshare-pid",
+                        "--die-with-parent",
+                        "--proc",
+                        "/proc",
+                        "--dev",
+                        "/dev",
+                        "true",
+                    ],
+                    capture_output=True,
+                    timeout=30,
+                    check=False,
+                )
                 ok = r.returncode == 0
             except (OSError, subprocess.TimeoutExpired):
                 ok = False
@@ -60,7 +77,7 @@ def _user_ns() -> list[str]:
 
 
 def resolve(mode: str) -> str:
-    """"bwrap" or "none" for a requested mode ("auto", "bwrap" or "none")."""
+    """ "bwrap" or "none" for a requested mode ("auto", "bwrap" or "none")."""
     if mode not in ("auto", "bwrap", "none"):
         raise ValueError(f"unknown sandbox {mode!r}: use auto, bwrap or none")
     if mode == "none":
@@ -69,23 +86,29 @@ def resolve(mode: str) -> str:
         return "bwrap"
     if mode == "bwrap":
         raise SandboxUnavailable(
-            "--sandbox bwrap was asked for, but bubblewrap is " +
-            ("not installed" if not shutil.which("bwrap") else "installed and cannot create namespaces here") +
-            f". Install it with `{BWRAP_INSTALL}` (Debian/Ubuntu; `dnf install bubblewrap` on Fedora), or grade "
-            f"with --sandbox none, which does not isolate submissions from your files.")
+            "--sandbox bwrap was asked for, but bubblewrap is "
+            + ("not installed" if not shutil.which("bwrap") else "installed and cannot create namespaces here")
+            + f". Install it with `{BWRAP_INSTALL}` (Debian/Ubuntu; `dnf install bubblewrap` on Fedora), or grade "
+            f"with --sandbox none, which does not isolate submissions from your files."
+        )
     return "none"
 
 
 def fallback_note() -> str:
-    why = ("--sandbox none was chosen" if bwrap_works() else
-           "bubblewrap is " + ("not installed" if not shutil.which("bwrap") else "not usable here"))
-    return (f"note: grading WITHOUT a sandbox ({why}" +
-            "). Each submission still runs in its own process with CPU-time, memory, process, file-size and "
-            "open-file limits, in a private temporary folder, and every process it starts is killed when it ends; "
-            "but its code runs with your user's rights: it can read and change your files (other submissions, the "
-            "gradebook, your home folder, the installed package) and use the network. Grade only trusted work "
-            f"this way, or install bubblewrap (`{BWRAP_INSTALL}`) and grade again." +
-            (" The grader runs as root, so the submissions do too." if os.geteuid() == 0 else ""))
+    why = (
+        "--sandbox none was chosen"
+        if bwrap_works()
+        else "bubblewrap is " + ("not installed" if not shutil.which("bwrap") else "not usable here")
+    )
+    return (
+        f"note: grading WITHOUT a sandbox ({why}"
+        + "). Each submission still runs in its own process with CPU-time, memory, process, file-size and "
+        "open-file limits, in a private temporary folder, and every process it starts is killed when it ends; "
+        "but its code runs with your user's rights: it can read and change your files (other submissions, the "
+        "gradebook, your home folder, the installed package) and use the network. Grade only trusted work "
+        f"this way, or install bubblewrap (`{BWRAP_INSTALL}`) and grade again."
+        + (" The grader runs as root, so the submissions do too." if os.geteuid() == 0 else "")
+    )
 
 
 def note_once(mode: str, stream=None) -> None:
@@ -97,8 +120,13 @@ def note_once(mode: str, stream=None) -> None:
 
 def readonly_paths() -> list[str]:
     """What a worker needs to read: the Python installation and environment, the package and its data."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             str(Path(sys.executable).resolve().parent.parent)}
+    paths = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        str(Path(sys.executable).resolve().parent.parent),
+    }
     for mod in (interplab, interplab.solutions):
         paths.update(str(Path(p).resolve()) for p in getattr(mod, "__path__", []))
     for p in os.environ.get("PYTHONPATH", "").split(os.pathsep):
@@ -119,8 +147,17 @@ def command(mode: str, argv: list[str], private: Path, notebook_copy: Path, tmp_
     """(the command that runs ``argv`` in the sandbox, the working folder the worker sees)."""
     if mode == "none":
         return argv, str(private)
-    cmd = [shutil.which("bwrap") or "bwrap", *_user_ns(), "--unshare-pid", "--unshare-net", "--unshare-ipc",
-           "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    cmd = [
+        shutil.which("bwrap") or "bwrap",
+        *_user_ns(),
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+    ]
     for d in SYSTEM_DIRS:
         cmd += ["--ro-bind-try", d, d]
     ro = readonly_paths()
@@ -130,9 +167,27 @@ def command(mode: str, argv: list[str], private: Path, notebook_copy: Path, tmp_
             cmd += ["--perms", "0755", "--dir", d]
     for p in ro:
         cmd += ["--ro-bind", p, p]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp", "--perms", "0777", "--size", str(tmp_bytes),
-            "--tmpfs", WORKDIR,
-            "--ro-bind", str(notebook_copy), f"{WORKDIR}/{notebook_copy.name}", "--chdir", WORKDIR]
+    cmd += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--tmpfs",
+        "/tmp",
+        "--perms",
+        "0777",
+        "--size",
+        str(tmp_bytes),
+        "--tmpfs",
+        WORKDIR,
+        "--ro-bind",
+        str(notebook_copy),
+        f"{WORKDIR}/{notebook_copy.name}",
+        "--chdir",
+        WORKDIR,
+    ]
     if os.geteuid() == 0:
         cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     return cmd + ["--", *argv], WORKDIR
@@ -140,11 +195,23 @@ def command(mode: str, argv: list[str], private: Path, notebook_copy: Path, tmp_
 
 def environment(workdir: str) -> dict[str, str]:
     """The worker's environment: nothing secret of the grader's (tokens, keys), only what Python needs."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": "/tmp",
-           "LANG": os.environ.get("LANG", "C.UTF-8"), "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{workdir}/.matplotlib",
-           "IPYTHONDIR": f"{workdir}/.ipython", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "INTERPLAB_STRICT": "0", "XDG_CACHE_HOME": f"{workdir}/.cache"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": workdir,
+        "TMPDIR": "/tmp",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": f"{workdir}/.matplotlib",
+        "IPYTHONDIR": f"{workdir}/.ipython",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONNOUSERSITE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "INTERPLAB_STRICT": "0",
+        "XDG_CACHE_HOME": f"{workdir}/.cache",
+    }
     for k in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "INTERPLAB_BLOCK_NETWORK", "INTERPLAB_STANDIN"):
         if k in os.environ:
             env[k] = os.environ[k]
@@ -178,8 +245,13 @@ def limiter(memory_bytes: int, cpu_seconds: float, file_bytes: int, nproc: int, 
 
     def apply() -> None:
         os.setsid()
-        limits = [("RLIMIT_AS", memory_bytes), ("RLIMIT_FSIZE", file_bytes), ("RLIMIT_NOFILE", nofile),
-                  ("RLIMIT_NPROC", procs), ("RLIMIT_CORE", 0)]
+        limits = [
+            ("RLIMIT_AS", memory_bytes),
+            ("RLIMIT_FSIZE", file_bytes),
+            ("RLIMIT_NOFILE", nofile),
+            ("RLIMIT_NPROC", procs),
+            ("RLIMIT_CORE", 0),
+        ]
         for name, value in limits:
             if hasattr(resource, name):
                 try:
@@ -206,7 +278,7 @@ def _stat(pid: int) -> list[str] | None:
             data = f.read().decode(errors="replace")
     except OSError:
         return None
-    return data[data.rfind(")") + 2:].split()  # fields from the state on; the name may hold spaces
+    return data[data.rfind(")") + 2 :].split()  # fields from the state on; the name may hold spaces
 
 
 def _all_stats() -> dict[int, list[str]]:

@@ -27,9 +27,13 @@ class Unreadable(ValueError):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -52,8 +56,10 @@ def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise Unreadable(f"{path.name} is {_kind(st.st_mode)}, not a notebook file; it was not read")
         if st.st_size > limit:
-            raise Unreadable(f"{path.name} is {st.st_size / 1e6:.0f} MB; a notebook over {limit / 1e6:.0f} MB is "
-                             f"not graded (clear its outputs and submit it again)")
+            raise Unreadable(
+                f"{path.name} is {st.st_size / 1e6:.0f} MB; a notebook over {limit / 1e6:.0f} MB is "
+                f"not graded (clear its outputs and submit it again)"
+            )
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, 1 << 20)
@@ -194,8 +200,9 @@ def parse_cell(number: int, raw: str) -> Cell:
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         line = getattr(e, "lineno", None)
         cell.tree = None
-        cell.error = f"syntax error in cell {number}" + (f", line {line}" if line else "") + \
-                     f": {getattr(e, 'msg', None) or e}"
+        cell.error = (
+            f"syntax error in cell {number}" + (f", line {line}" if line else "") + f": {getattr(e, 'msg', None) or e}"
+        )
         return cell
     cell.star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(cell.tree))
     return cell
@@ -204,10 +211,25 @@ def parse_cell(number: int, raw: str) -> Cell:
 # --- borrowed answers --------------------------------------------------------------------
 
 _REFERENCE_MODULES = ("interplab.solutions", "interplab.exercises", "interplab.grading")
-_REFERENCE_ATTRS = {"solutions", "reference", "show_solution", "solution_source", "expected_outputs", "_expected",
-                    "REGISTRY", "exercises"}
-_REFERENCE_FUNCS = {"reference", "show_solution", "solution_source", "get", "REGISTRY", "all_exercises",
-                    "expected_outputs"}
+_REFERENCE_ATTRS = {
+    "solutions",
+    "reference",
+    "show_solution",
+    "solution_source",
+    "expected_outputs",
+    "_expected",
+    "REGISTRY",
+    "exercises",
+}
+_REFERENCE_FUNCS = {
+    "reference",
+    "show_solution",
+    "solution_source",
+    "get",
+    "REGISTRY",
+    "all_exercises",
+    "expected_outputs",
+}
 
 
 def _reference_names(cells: list[Cell], exercises: set[str]) -> tuple[set[str], set[str]]:
@@ -259,8 +281,12 @@ def borrowed(node: ast.AST, ref_names: tuple[set[str], set[str]], exercises: set
             mods = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
             if any(m.startswith(("interplab.solutions", "interplab.exercises")) for m in mods):
                 return "it imports the answer key"
-        if isinstance(n, ast.Constant) and isinstance(n.value, str) and "solutions" in n.value and \
-                ("interplab" in n.value or "." in n.value):
+        if (
+            isinstance(n, ast.Constant)
+            and isinstance(n.value, str)
+            and "solutions" in n.value
+            and ("interplab" in n.value or "." in n.value)
+        ):
             return f"it names the answer key ({n.value[:40]!r})"
     return None
 
@@ -289,14 +315,17 @@ def _bindings_of(tree: ast.Module, name: str) -> list[ast.AST]:
                 binds = any(isinstance(t, ast.Name) and t.id == name for tg in targets for t in ast.walk(tg))
                 if binds and not (s.value is not None and _is_passthrough_check(s.value, name)):
                     found.append(s)
-            elif isinstance(s, (ast.Import, ast.ImportFrom)) and \
-                    any((a.asname or a.name.split(".")[0]) == name for a in s.names):
+            elif isinstance(s, (ast.Import, ast.ImportFrom)) and any(
+                (a.asname or a.name.split(".")[0]) == name for a in s.names
+            ):
                 found.append(s)
             for attr in ("body", "orelse", "finalbody", "handlers"):
                 inner = getattr(s, attr, None)
                 if isinstance(inner, list):
-                    visit([x for x in inner if isinstance(x, ast.stmt)] +
-                          [y for x in inner if isinstance(x, ast.ExceptHandler) for y in x.body])
+                    visit(
+                        [x for x in inner if isinstance(x, ast.stmt)]
+                        + [y for x in inner if isinstance(x, ast.ExceptHandler) for y in x.body]
+                    )
             if isinstance(s, ast.Match):
                 for case in s.cases:
                     visit(case.body)
@@ -306,6 +335,7 @@ def _bindings_of(tree: ast.Module, name: str) -> list[ast.AST]:
 
 
 # --- the plan ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -320,8 +350,12 @@ def _shape(node: ast.AST) -> str:
     """A function's code without its docstring, annotations and decorators, for spotting a pasted answer."""
     node = copy.deepcopy(node)
     body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         body = body[1:]
     for n in ast.walk(node):
         if isinstance(n, ast.arg):
@@ -336,7 +370,6 @@ def reference_shapes(exercises: list[str]) -> dict[str, str]:
     """The code shape of each exercise's reference (what show_solution prints)."""
     import inspect
     import textwrap
-
 
     out = {}
     for n in exercises:
@@ -368,13 +401,18 @@ def plan(cells: list[dict], exercises: list[str], references: dict[str, str] | N
     needed: set[int] = {i for i, c in enumerate(parsed) if c.star}
     for ex in exercises:
         where = binders.get(ex, [])
-        broken = [c for c in parsed if c.error and re.search(rf"^\s*(async\s+)?def\s+{re.escape(ex)}\s*\(", c.raw, re.MULTILINE)]
+        broken = [
+            c
+            for c in parsed
+            if c.error and re.search(rf"^\s*(async\s+)?def\s+{re.escape(ex)}\s*\(", c.raw, re.MULTILINE)
+        ]
         if broken and (not where or broken[-1].number > parsed[where[-1]].number):
             result.missing[ex] = broken[-1].error
             continue
         if not where:
-            result.missing[ex] = (f"no function called `{ex}` is defined in the notebook "
-                                  f"(was its cell deleted, or the function renamed?)")
+            result.missing[ex] = (
+                f"no function called `{ex}` is defined in the notebook (was its cell deleted, or the function renamed?)"
+            )
             continue
         needed.update(where)
         result.defined_in[ex] = parsed[where[-1]].number
@@ -408,8 +446,12 @@ def plan(cells: list[dict], exercises: list[str], references: dict[str, str] | N
                         why = borrowed(target, ref_names, names)
                         if why:
                             why = f"cell {c.number}: {why}"
-                        elif n == ex and isinstance(node, ast.FunctionDef) and references and \
-                                references.get(ex) == _shape(node):
+                        elif (
+                            n == ex
+                            and isinstance(node, ast.FunctionDef)
+                            and references
+                            and references.get(ex) == _shape(node)
+                        ):
                             why = f"cell {c.number} holds the reference solution as show_solution prints it"
                     if why:
                         break

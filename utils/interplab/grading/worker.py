@@ -114,8 +114,11 @@ def main() -> None:
                 except BaseException as e:  # noqa: BLE001 - the limit firing outside the cell, SystemExit, ...
                     err = e
                 if err is not None:
-                    what = (f"used more than {float(job['cell_cpu']):g} s of CPU time and was stopped"
-                            if isinstance(err, core.ExerciseTimeout) else f"raised {type(err).__name__}: {err}")
+                    what = (
+                        f"used more than {float(job['cell_cpu']):g} s of CPU time and was stopped"
+                        if isinstance(err, core.ExerciseTimeout)
+                        else f"raised {type(err).__name__}: {err}"
+                    )
                     errors.append({"cell": cell["number"], "error": what.splitlines()[0][:300]})
             send({"event": "cells", "errors": errors, "nonce": nonce})
         elif op == "exercise":
@@ -127,26 +130,53 @@ def main() -> None:
             if n not in ns:
                 send({"event": "exercise", "name": n, "state": "missing", "nonce": nonce})
             elif not callable(fn):
-                send({"event": "exercise", "name": n, "state": "not_callable", "nonce": nonce,
-                      "message": f"`{n}` is a {type(fn).__name__}, not a function"})
+                send(
+                    {
+                        "event": "exercise",
+                        "name": n,
+                        "state": "not_callable",
+                        "nonce": nonce,
+                        "message": f"`{n}` is a {type(fn).__name__}, not a function",
+                    }
+                )
             else:
-                send({"event": "exercise", "name": n, "state": "ok", "nonce": nonce,
-                      "is_reference": fn is ex.reference or getattr(fn, "__code__", None) is ex.reference.__code__})
+                send(
+                    {
+                        "event": "exercise",
+                        "name": n,
+                        "state": "ok",
+                        "nonce": nonce,
+                        "is_reference": fn is ex.reference or getattr(fn, "__code__", None) is ex.reference.__code__,
+                    }
+                )
         elif op == "case":
             n, i = req["name"], int(req["i"])
             ex = exercises[n]
             flags[n][0] = False
             obs = core.observe(ex, fns[n], i)
-            record = {"event": "case", "name": n, "i": i, "status": obs.status, "message": obs.message[:4000],
-                      "mutated": obs.mutated, "side_effects": obs.side_effects[:5], "printed": obs.printed[:1000],
-                      "seconds": obs.seconds, "reference_called": flags[n][0], "nonce": nonce}
+            record = {
+                "event": "case",
+                "name": n,
+                "i": i,
+                "status": obs.status,
+                "message": obs.message[:4000],
+                "mutated": obs.mutated,
+                "side_effects": obs.side_effects[:5],
+                "printed": obs.printed[:1000],
+                "seconds": obs.seconds,
+                "reference_called": flags[n][0],
+                "nonce": nonce,
+            }
             blob = b""
             if obs.status == "ok":
                 try:
                     record["value"], blob = to_bytes(obs.value)
                 except Exception as e:  # noqa: BLE001
-                    record.update(status="wrong_type", message=f"your function returned a value that cannot be "
-                                                               f"sent to the grader ({type(e).__name__})")
+                    record.update(
+                        status="wrong_type",
+                        message=f"your function returned a value that cannot be "
+                        f"sent to the grader ({type(e).__name__})",
+                    )
             send(record, blob)
         else:
             break
