@@ -157,3 +157,38 @@ def test_sync_stubs_rewrites_a_drifted_stub_and_nothing_else(repo, tmp_path):
     assert "".join(after[i]["source"]) == stub_source(get("ablate_head").reference)
     assert [c["source"] for j, c in enumerate(after) if j != i] == [s for j, s in enumerate(before) if j != i]
     assert sync(tmp_path, write=False) == {}
+
+
+def test_the_answer_key_holds_only_exercise_references():
+    """Every public function in solutions/ is a registered exercise's reference, named after its chapter."""
+    import importlib
+    import pkgutil
+
+    import interplab.solutions as answer_key
+    from interplab.paths import chapter_of
+
+    by_chapter = {}
+    for ex in all_exercises():
+        by_chapter.setdefault(ex.chapter, set()).add(ex.name)
+    modules = [m.name for m in pkgutil.iter_modules(answer_key.__path__)]
+    assert modules and sorted(chapter_of(m) for m in modules) == sorted(by_chapter)
+    for name in modules:
+        mod = importlib.import_module(f"interplab.solutions.{name}")
+        public = {n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
+                  and getattr(v, "__module__", None) == mod.__name__}
+        assert public == by_chapter[chapter_of(name)], f"{name}: {public ^ by_chapter[chapter_of(name)]}"
+
+
+def test_only_specs_tests_and_the_grader_import_the_answer_key(repo):
+    """Notebooks, benchmarks and library modules import the library, never the answer key."""
+    import re
+
+    pattern = re.compile(r"(from|import)\s+interplab\.solutions|from\s+\.+solutions\b")
+    offenders = []
+    for path in [*(repo / "utils" / "interplab").rglob("*.py"), *(repo / "chapters").glob("*.ipynb")]:
+        rel = path.relative_to(repo).as_posix()
+        if rel.startswith(("utils/interplab/exercises/", "utils/interplab/grading/")):
+            continue
+        if pattern.search(path.read_text(encoding="utf-8")):
+            offenders.append(rel)
+    assert not offenders, f"these import the answer key: {offenders}"
