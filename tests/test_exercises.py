@@ -174,8 +174,11 @@ def test_the_answer_key_holds_only_exercise_references():
     assert modules and sorted(chapter_of(m) for m in modules) == sorted(by_chapter)
     for name in modules:
         mod = importlib.import_module(f"interplab.solutions.{name}")
-        public = {n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
-                  and getattr(v, "__module__", None) == mod.__name__}
+        public = {
+            n
+            for n, v in vars(mod).items()
+            if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == mod.__name__
+        }
         assert public == by_chapter[chapter_of(name)], f"{name}: {public ^ by_chapter[chapter_of(name)]}"
 
 
