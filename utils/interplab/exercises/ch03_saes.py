@@ -14,6 +14,7 @@ from ..dictionaries.data import collect_acts, tinyworld_dataset
 from ..dictionaries.latents import tinyworld_latents
 from ..dictionaries.shipped import load_sae
 from ..dictionaries.training import resample_sae_
+from ..grading.plain import module_from_plain
 from ..paths import chapter_of
 from ..solutions import ch03_saes as sol
 from . import Case, Mistake, gen, register, shared_model
@@ -521,6 +522,7 @@ def _quality(sae, x) -> tuple[float, int]:
 
 
 def _compare_trained(expected, got) -> str | None:
+    expected, got = module_from_plain(expected), module_from_plain(got)  # the grader compares plain copies
     if not isinstance(got, torch.nn.Module) or not all(hasattr(got, a) for a in ("cfg", "loss", "W_dec", "info")):
         return f"expected the trained SAE (an interplab SAE module with .info), got {type(got).__name__}"
     if got.cfg != expected.cfg:

@@ -1,7 +1,10 @@
 """Plain values: the only kind of output a learner's function is judged on.
 
 A plain value is exactly a ``torch.Tensor`` (not a subclass), an ``int``, ``float``,
-``bool``, ``str`` or ``None``, or a tuple, list or dict of plain values. `to_plain`
+``bool``, ``str`` or ``None``, or a tuple, list or dict of plain values. The course's own
+SAE and transcoder modules (exactly those classes, which exercises such as ``train_sae``
+return) become a plain dict of their config, weights, mode and info; `module_from_plain`
+rebuilds the module from it in the grader. `to_plain`
 turns an output into a fresh plain copy, or raises `WrongType` saying what came back:
 a tensor subclass with its own ``__torch_function__`` or an object that lies about its
 ``__class__`` never reaches a comparison.
@@ -14,10 +17,14 @@ submission manages to send, what comes out is plain data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
+
+from ..dictionaries.config import SAEConfig, TranscoderConfig
+from ..dictionaries.modules import SAE, Transcoder
 
 MAX_DEPTH = 20
 MAX_ITEMS = 100_000
@@ -72,6 +79,8 @@ def to_plain(x: Any, path: str = "", _depth: int = 0, _count: list | None = None
                 raise WrongType(f"returned a dict with a key of type {_type_name(k)}{where}; use str or int keys")
             out[k] = to_plain(v, f"{path}[{k!r}]", _depth + 1, count)
         return out
+    if t in _MODULES:
+        return _module_to_plain(x, path, _depth, count)
     import numpy as np
 
     if issubclass(t, (np.ndarray, np.generic)):
@@ -83,6 +92,40 @@ def to_plain(x: Any, path: str = "", _depth: int = 0, _count: list | None = None
         f"returned a {_type_name(x)}{where}; an answer must be a torch.Tensor, a number, a bool, a string, "
         f"None, or a tuple/list/dict of these"
     )
+
+
+# --- the course's dictionary modules -----------------------------------------------------------
+
+_MODULES = {SAE: SAEConfig, Transcoder: TranscoderConfig}  # exact classes: a subclass is not plain
+MODULE_KEY = "interplab_module"
+
+
+def _module_to_plain(x: Any, path: str, depth: int, count: list) -> dict:
+    """An SAE or transcoder as {module, cfg, state, training, info}, each part plain."""
+    cfg = x.__dict__.get("cfg")
+    if type(cfg) is not _MODULES[type(x)]:
+        raise WrongType(f"returned a {_type_name(x)} whose cfg is a {_type_name(cfg)}; build it from its own config")
+    state = {k: to_plain(v, f"{path}.{k}", depth + 1, count) for k, v in torch.nn.Module.state_dict(x).items()}
+    return {
+        MODULE_KEY: type(x).__name__,
+        "cfg": to_plain(dataclasses.asdict(cfg), f"{path}.cfg", depth + 1, count),
+        "state": state,
+        "training": to_plain(x.__dict__.get("training", True), f"{path}.training", depth + 1, count),
+        "info": to_plain(x.__dict__.get("info", {}), f"{path}.info", depth + 1, count),
+    }
+
+
+def module_from_plain(value: Any) -> Any:
+    """The SAE or transcoder a plain dict describes (anything else is returned as it is)."""
+    if not (type(value) is dict and value.get(MODULE_KEY) in {c.__name__ for c in _MODULES}):
+        return value
+    cls = next(c for c in _MODULES if c.__name__ == value[MODULE_KEY])
+    cfg = dict(value["cfg"])
+    module = cls(_MODULES[cls](**cfg))
+    module.load_state_dict(value["state"])
+    module.train(bool(value["training"]))
+    module.info = value["info"]
+    return module
 
 
 # --- carrying plain values between processes without pickle ------------------------------
