@@ -163,3 +163,20 @@ def test_listing_reference_and_show_solution(capsys):
 def test_not_callable():
     r = run("ablate_head", 42)
     assert not r.passed and "needs a function" in r.failures[0]
+
+
+def test_the_sandbox_keeps_an_environment_that_lives_under_tmp(monkeypatch, tmp_path):
+    """bubblewrap applies mounts in order: the empty /tmp must come before the read-only binds, or a
+    checkout or environment under /tmp (as in CI's clones) disappears from the worker's view."""
+    from pathlib import Path
+
+    from interplab.grading import sandbox
+
+    monkeypatch.setattr(sandbox, "readonly_paths", lambda: ["/tmp/some_clone/.venv", "/usr"])
+    nb = tmp_path / "00_x.ipynb"
+    nb.write_text("{}")
+    cmd, _ = sandbox.command("bwrap", ["python", "-c", "pass"], tmp_path, nb, 1 << 20)
+    tmpfs_tmp = next(i for i in range(len(cmd) - 1) if cmd[i] == "--tmpfs" and cmd[i + 1] == "/tmp")
+    bind = next(i for i in range(len(cmd) - 1) if cmd[i] == "--ro-bind" and cmd[i + 1] == "/tmp/some_clone/.venv")
+    assert tmpfs_tmp < bind
+    assert Path(cmd[cmd.index("--chdir") + 1]) == Path(sandbox.WORKDIR)

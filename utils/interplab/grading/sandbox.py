@@ -160,6 +160,9 @@ def command(mode: str, argv: list[str], private: Path, notebook_copy: Path, tmp_
     ]
     for d in SYSTEM_DIRS:
         cmd += ["--ro-bind-try", d, d]
+    # /proc, /dev and an empty /tmp first: the read-only binds below are laid over them, so an
+    # environment or a checkout that lives under /tmp (as CI's clones may) stays visible.
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     ro = readonly_paths()
     parents = sorted({str(a) for p in ro for a in Path(p).parents if str(a) != "/"} | {"/home"}, key=len)
     for d in parents:  # folders bubblewrap would otherwise create readable by their owner only
@@ -168,14 +171,6 @@ def command(mode: str, argv: list[str], private: Path, notebook_copy: Path, tmp_
     for p in ro:
         cmd += ["--ro-bind", p, p]
     cmd += [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--perms",
-        "1777",
-        "--tmpfs",
-        "/tmp",
         "--perms",
         "0777",
         "--size",
