@@ -66,3 +66,18 @@ def test_it_says_so_once(restore, no_env, capsys):
     threads.configure(1)  # an explicit call says what it did
     assert "1 thread (asked for" in capsys.readouterr().err
     assert threads.settings()["torch_threads"] == 1
+
+
+def test_a_load_that_has_just_started_is_seen_at_once(monkeypatch):
+    """The 1-minute load average lags; /proc/stat sampled over a short window does not."""
+    samples = iter([(100.0, 1000.0), (100.0 + 95.0, 1000.0 + 100.0)])  # 95% of all CPUs busy in the window
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert threads.busy_now() == pytest.approx(1.9)
+    samples = iter([(100.0, 1000.0), (150.0, 1100.0)])  # one of two cores busy
+    assert threads.busy_cores() == 1  # the load average alone would say 0
+    monkeypatch.setattr(threads, "_cpu_times", lambda: None)  # no /proc: the load average decides
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    assert threads.busy_cores() == 1

@@ -10,7 +10,8 @@ chapter can take many times longer than with one thread. `configure` picks:
 3. else a count the user already chose with ``torch.set_num_threads`` before importing
    interplab (a value other than torch's default);
 4. else the physical cores among the CPUs this process may use (``os.sched_getaffinity``),
-   minus the cores other processes keep busy (the 1-minute load average), at least 1.
+   minus the cores other processes keep busy (the 1-minute load average, or what /proc/stat shows
+   right now if more), at least 1.
 
 Importing interplab calls ``configure(quiet=True)`` (unless INTERPLAB_THREADS=off) and the
 first `load_model` says the result in one line. Call ``configure(n)`` yourself to change it
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 ENV = "INTERPLAB_THREADS"
 _state: dict = {}
@@ -56,12 +58,41 @@ def physical_cores() -> int:
         return cpus
 
 
-def busy_cores() -> int:
-    """Cores kept busy by other processes: the 1-minute load average, rounded down (0 where unknown)."""
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is no /proc."""
     try:
-        return int(os.getloadavg()[0])
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_now(window: float = 0.1) -> float:
+    """How many cores other processes keep busy right now: /proc/stat sampled over ``window`` seconds.
+
+    The load average lags by a minute, so a job that has just started (another notebook, a
+    classmate's grader) would be missed; this sees it at once. This process sleeps meanwhile.
+    """
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
+def busy_cores() -> int:
+    """Cores kept busy by other processes: the larger of the 1-minute load average (rounded down) and the
+    cores busy right now (rounded), so neither a load that has just started nor a steady one is missed."""
+    try:
+        steady = int(os.getloadavg()[0])
     except (AttributeError, OSError):
-        return 0
+        steady = 0
+    return max(steady, round(busy_now()))
 
 
 def _from_environment() -> tuple[int, str] | None:
