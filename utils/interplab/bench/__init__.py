@@ -2,15 +2,15 @@
 
     interplab bench --quick            # within 5 minutes on 2 CPU cores
     interplab bench                    # the full report (within 20 minutes on 2 CPU cores)
-    interplab bench --only sae,lens    # some sections
+    interplab bench --only saes,lenses # some sections (each chapter's slug)
     interplab bench --busy             # the same with the other core kept busy (BENCHMARKS_BUSY.md)
 
 Every section measures the reference implementation and, where there is one, a peer
 library on the same data in the same process, and reports the ratio:
 
     probes       torch probes (fit_probe, L-BFGS) vs scikit-learn LogisticRegression, 1 thread each: time, accuracy
-    lens         tuned-lens training time; per-layer KL to the model's output, tuned lens vs logit lens
-    sae          interplab's TopK SAE trainer vs SAELens's SAETrainer: tokens/s, explained variance,
+    lenses       tuned-lens training time; per-layer KL to the model's output, tuned lens vs logit lens
+    saes         interplab's TopK SAE trainer vs SAELens's SAETrainer: tokens/s, explained variance,
                  L0, loss recovered
     transcoders  the replacement model (every MLP replaced by its shipped transcoder): loss recovered
     patching     the reference sweeps vs TransformerLens's `patching` module (time, max difference);
