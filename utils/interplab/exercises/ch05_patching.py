@@ -581,26 +581,6 @@ def _lp_post(model, source_tokens, target_tokens, metric, component="resid_pre")
     )
 
 
-def _lp_hooks_left(model, source_tokens, target_tokens, metric, component="resid_pre"):
-    """Right values, but every patch is added with model.add_hook and the hooks are never removed."""
-    names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
-    source = patching.cache_activations(model, source_tokens, names)
-    out = torch.zeros(model.cfg.n_layers, target_tokens.shape[1])
-    with torch.no_grad():
-        for layer, name in enumerate(names):
-            for pos in range(target_tokens.shape[1]):
-
-                def hook(act, hook, pos=pos):
-                    act[:, pos] = source[hook.name][:, pos]
-                    return act
-
-                model.add_hook(name, hook)
-                out[layer, pos] = metric(model(target_tokens)).item()
-                model.hook_dict[name].remove_hooks("fwd", including_permanent=False, level=None)
-                model.add_hook(name, lambda act, hook: act)  # a leftover no-op, never removed
-    return out
-
-
 def _lp_all_positions(model, source_tokens, target_tokens, metric, component="resid_pre"):
     names = [act_name(component, layer) for layer in range(model.cfg.n_layers)]
     source = patching.cache_activations(model, source_tokens, names)
@@ -636,12 +616,6 @@ register(
             "every position at once",
             _lp_all_positions,
             "Patch one position at a time: act[:, pos] = source_act[:, pos], not the whole sequence.",
-        ),
-        Mistake(
-            "hooks left attached",
-            _lp_hooks_left,
-            "Your function leaves hooks on the model, so every later forward pass is still patched. Use "
-            "model.run_with_hooks(...) or `with model.hooks(...)`, which remove them when the pass ends.",
         ),
     ],
     **SWEEP_TOL,
@@ -885,26 +859,6 @@ def _path_inputs(model, source_tokens, target_tokens, sender, receivers, receive
     return stored
 
 
-def _with_globals(mistake: Mistake, **names) -> Mistake:
-    """A `Mistake.edit` whose edited source calls helpers of this module: give it those names."""
-    mistake.fn.__globals__.update(names)
-    return mistake
-
-
-def _mlp_names(model):
-    return [act_name("mlp_out", layer) for layer in range(model.cfg.n_layers)]
-
-
-def _freeze_mlp(model, target_tokens):
-    """A hook holding every MLP's output at its value on the target run (a known mistake of path patching)."""
-    frozen = patching.cache_activations(model, target_tokens, _mlp_names(model))
-
-    def hook(act, hook):
-        return frozen[hook.name].clone()
-
-    return hook
-
-
 def _pp_swapped(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
     return sol.path_patch(model, target_tokens, source_tokens, metric, sender, receivers, receiver_input)
 
@@ -915,6 +869,14 @@ register(
     sol.path_patch,
     _path_cases,
     mistakes=[
+        Mistake.edit(
+            "no validation",
+            sol.path_patch,
+            "validate_path(model, sender, receivers, receiver_input)",
+            "pass",
+            "Check the arguments first and raise a ValueError saying what is wrong: a receiver must be in a "
+            "later layer than the sender (a head cannot send to its own layer or an earlier one).",
+        ),
         Mistake.edit(
             "other heads not frozen",
             sol.path_patch,
@@ -942,27 +904,6 @@ register(
             "source and target swapped",
             _pp_swapped,
             "The sender's output comes from source_tokens; the model runs on target_tokens.",
-        ),
-        _with_globals(
-            Mistake.edit(
-                "MLPs frozen too",
-                sol.path_patch,
-                "fwd_hooks=[(n, freeze) for n in z_names] + [(n, store) for n in receiver_names]",
-                "fwd_hooks=[(n, freeze) for n in z_names] + [(n, store) for n in receiver_names] + [(n, _freeze_mlp(model, "
-                "target_tokens)) for n in _mlp_names(model)]",
-                "Hold only the other HEADS at their target values; the MLPs are part of the direct path (a head's "
-                "output reaches later layers through them) and must be recomputed.",
-            ),
-            _freeze_mlp=_freeze_mlp,
-            _mlp_names=_mlp_names,
-        ),
-        Mistake.edit(
-            "no validation",
-            sol.path_patch,
-            "validate_path(model, sender, receivers, receiver_input)",
-            "pass",
-            "Check the arguments first and raise a ValueError saying what is wrong: a receiver must be in a "
-            "later layer than the sender (a head cannot send to its own layer or an earlier one).",
         ),
     ],
     rtol=1e-3,
@@ -1001,10 +942,31 @@ def _attr_cases():
         Case(
             "behaviour: works under torch.no_grad() (as in the notebook), TinyWorld IOI (third_name), z",
             (model, pairs["clean"], pairs["corrupted"], metric, "z"),
-            call=under_no_grad,
+            call=_without_grad,
+            judge=_judge_without_grad,
         )
     )
     return cases
+
+
+def _without_grad(fn, *args, **kwargs):
+    """Call fn with gradients turned off by the caller; an error comes back as its name (so it can be judged)."""
+    with torch.no_grad():
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the case is about whether it raises
+            return f"{type(e).__name__}: {e}"
+
+
+def _judge_without_grad(expected, got):
+    from ..grading.compare import compare  # lazy: grading imports the exercise specs
+
+    if isinstance(got, str):
+        return (
+            f"with gradients turned off by the caller (torch.no_grad(), as the chapter runs), your function raised "
+            f"{got.splitlines()[0][:200]}; it must turn them on where it needs them"
+        )
+    return compare(expected, got, 1e-3, 1e-4)
 
 
 def _attr_clean_grad(model, clean_tokens, corrupted_tokens, metric, component="z"):
