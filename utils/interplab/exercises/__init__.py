@@ -39,13 +39,6 @@ class Case:
     label: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    call: Callable | None = None
-    judge: Callable | None = None
-
-
-def under_no_grad(fn, *args, **kwargs):
-    with torch.no_grad():
-        return fn(*args, **kwargs)
 
 
 @dataclass

@@ -315,7 +315,7 @@ def expected_outputs(ex: Exercise) -> list[Any]:
     if ex._expected is None:
         outs = []
         for case in ex.cases():
-            status, result, _, _ = call_safely(_wrap(case, ex.reference), fresh(case.args), fresh(case.kwargs), 0)
+            status, result, _, _ = call_safely(ex.reference, fresh(case.args), fresh(case.kwargs), 0)
             if status != "ok":
                 raise RuntimeError(f"the reference for {ex.name!r} failed on case {case.label!r}: {result!r}")
             for m in _models_in((case.args, case.kwargs)):
@@ -325,15 +325,7 @@ def expected_outputs(ex: Exercise) -> list[Any]:
     return ex._expected
 
 
-def _wrap(case, fn):
-    if case.call is None:
-        return fn
-    return lambda *a, **k: case.call(fn, *a, **k)
-
-
-def _compare(ex: Exercise, expected: Any, got: Any, case=None) -> str | None:
-    if case is not None and case.judge is not None:
-        return case.judge(expected, got)
+def _compare(ex: Exercise, expected: Any, got: Any) -> str | None:
     if ex.compare is not None:
         return ex.compare(expected, got)
     return compare(expected, got, ex.rtol, ex.atol)
@@ -342,15 +334,11 @@ def _compare(ex: Exercise, expected: Any, got: Any, case=None) -> str | None:
 def _mistake_hint(ex: Exercise, case_index: int, got: Any) -> str | None:
     case = ex.cases()[case_index]
     for m in ex.mistakes:
-        status, out, _, _ = call_safely(_wrap(case, m.fn), fresh(case.args), fresh(case.kwargs), ex.time_limit)
+        status, out, _, _ = call_safely(m.fn, fresh(case.args), fresh(case.kwargs), ex.time_limit)
         for model in _models_in((case.args, case.kwargs)):
             _restore(model)
         try:
-            same = (
-                _compare(ex, out, got, case) is None
-                if (ex.compare or case.judge)
-                else matches(out, got, ex.rtol, ex.atol)
-            )
+            same = _compare(ex, out, got) is None if ex.compare else matches(out, got, ex.rtol, ex.atol)
         except Exception:  # noqa: BLE001
             same = False
         if status == "ok" and same:
@@ -385,7 +373,7 @@ def observe(ex: Exercise, fn: Callable, case_index: int) -> Observation:
     for m in models:
         _snapshot(m)
         _restore(m)
-    status, got, secs, printed = call_safely(_wrap(case, fn), args, kwargs, ex.time_limit)
+    status, got, secs, printed = call_safely(fn, args, kwargs, ex.time_limit)
     side_effects = [p for m in models for p in _restore(m)]
     obs = Observation(status, None, "", None, side_effects, printed, secs)
     if status == "ok":
@@ -436,7 +424,7 @@ def judge(
     else:
         exp = expected_outputs(ex)[case_index] if expected is None else expected
         try:
-            diff = _compare(ex, exp, obs.value, case)
+            diff = _compare(ex, exp, obs.value)
         except Exception as e:  # noqa: BLE001 - a custom comparison meeting an output it did not expect
             diff = f"your output could not be compared with the expected one ({type(e).__name__}: {e})"
         if diff:
