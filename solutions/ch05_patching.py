@@ -176,7 +176,7 @@ def normalised_logit_diff(
         A 0-dimensional float tensor that stays differentiable with respect to the logits:
         attribution patching takes its gradient, so a value detached from the logits (a
         Python number turned back into a tensor) is wrong even when the number is right.
-        Under torch.no_grad() it simply has no graph.
+        With gradients turned off by the caller it simply carries no graph.
     """
     ld = _logit_diff(logits, answer, wrong).mean()
     return (ld - corrupted_ld) / (clean_ld - corrupted_ld)

@@ -230,6 +230,8 @@ def _ioi_bare_names(model, prompts, corruption="third_name"):
 
 
 def _ioi_no_length_check(model, prompts, corruption="third_name"):
+    if corruption not in pairs_lib.IOI_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {corruption!r}")
     try:
         return sol.ioi_pairs(model, prompts, corruption)
     except ValueError:
@@ -814,6 +816,7 @@ def _path_cases():
 
 
 def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    patching.validate_path(model, sender, receivers, receiver_input)
     if receivers is None:
         return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
     # step 1 for all three inputs, then patch all of them
