@@ -473,6 +473,7 @@ def _fit(
     opt_decay=False,
     enable_grad=True,
     sgd=False,
+    detached_penalty=False,
 ):
     d = x.shape[1]
     if init == "zeros":
@@ -490,7 +491,8 @@ def _fit(
                 opt.zero_grad()
             loss = F.cross_entropy(x @ W + b, y, reduction=reduction)
             if not opt_decay:
-                loss = loss + weight_decay * (W.pow(2).sum() + (b.pow(2).sum() if decay_bias else 0))
+                penalty_W = W.detach() if detached_penalty else W
+                loss = loss + weight_decay * (penalty_W.pow(2).sum() + (b.pow(2).sum() if decay_bias else 0))
             if not loss.requires_grad:  # gradients are off and the fit did not turn them on: nothing is learned
                 break
             loss.backward()
@@ -544,6 +546,12 @@ register(
             _mk(enable_grad=False),
             "When the caller has turned gradients off (torch.no_grad()), the loss has no graph and nothing is "
             "learned: turn gradients on for the fit itself (torch.enable_grad()).",
+        ),
+        Mistake(
+            "penalty on detached weights",
+            _mk(detached_penalty=True),
+            "The penalty's value is right but it sends no gradient: it was computed from detached weights "
+            "(W.detach(), W.data or a copy), so the fit ignores weight decay. Compute it from W itself.",
         ),
         Mistake(
             "plain gradient descent",
