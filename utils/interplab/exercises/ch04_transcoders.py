@@ -3,6 +3,7 @@ feature-level circuits (de-embeddings, pullbacks, activation-times-gradient attr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -566,34 +567,57 @@ def _attribution_cases():
 
 
 def _attr_general(
-    model, transcoders, tokens, answer_id, *, times_act=True, errors=True, detach_x=False, log_prob=False
+    model,
+    transcoders,
+    tokens,
+    answer_id,
+    *,
+    times_act=True,
+    errors=True,
+    freeze_pattern=True,
+    freeze_scale=True,
+    cut_features=True,
+    freeze_other_mlps=True,
+    log_prob=False,
+    grad_mode=True,
 ):
-    by_layer = {tc.cfg.layer: i for i, tc in enumerate(transcoders)}
-    inputs, n = {}, len(transcoders)
-    acts, errs = [None] * n, [None] * n
+    """The reference with one thing changed (each keyword names a known mistake)."""
+    if tokens.ndim != 1:
+        raise ValueError("tokens must be one prompt")
+    by_layer = {tc.cfg.layer: tc for tc in transcoders}
+    inputs, sources = {}, {}
+
+    def frozen(name):
+        return (freeze_pattern and name.endswith("hook_pattern")) or (freeze_scale and name.endswith("hook_scale"))
 
     def save(x, hook):
         inputs[hook.layer()] = x
 
     def replace(y, hook):
-        i = by_layer[hook.layer()]
-        tc, x = transcoders[i], inputs[hook.layer()]
-        x_enc = x.detach() if detach_x else x
-        acts[i] = tc.encode(x_enc)
-        recon = tc.decode(acts[i]) + tc.skip_out(x)
-        errs[i] = (y - recon).detach().requires_grad_(True)
-        return recon + errs[i] if errors else recon + 0.0 * errs[i]
+        if hook.layer() not in by_layer:
+            return y.detach() if freeze_other_mlps else y
+        tc, x = by_layer[hook.layer()], inputs[hook.layer()]
+        acts = tc.encode(x)
+        acts = acts.detach().requires_grad_(True) if cut_features else acts
+        recon = tc.decode(acts) + tc.skip_out(x)
+        err = (y - recon).detach().requires_grad_(True)
+        sources[hook.layer()] = (acts, err)
+        return recon + err if errors else recon + 0.0 * err
 
-    hooks = [(mlp_in_hook(L), save) for L in by_layer] + [(mlp_out_hook(L), replace) for L in by_layer]
-    with torch.enable_grad():
+    hooks = [(frozen, lambda v, hook: v.detach()), (lambda n: n.endswith("ln2.hook_normalized"), save)]
+    hooks.append((lambda n: n.endswith("hook_mlp_out"), replace))
+    with torch.set_grad_enabled(True) if grad_mode else contextlib.nullcontext():
         logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         out = logits[0, -1].log_softmax(-1)[answer_id] if log_prob else logits[0, -1, answer_id]
-        grads = torch.autograd.grad(out, acts + errs)
-    feat = torch.stack([((a if times_act else 1.0) * g)[0] for a, g in zip(acts, grads[:n])]).detach()
-    err = torch.stack([(e * g).sum(-1)[0] for e, g in zip(errs, grads[n:])]).detach()
-    if not errors:
-        err = torch.zeros_like(err)
-    return feat, err
+        leaves = [t for tc in transcoders for t in sources[tc.cfg.layer]]
+        grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    attrs = [
+        torch.zeros_like(t) if g is None else ((t if times_act or k % 2 else 1.0) * g).detach()
+        for k, (t, g) in enumerate(zip(leaves, grads))
+    ]
+    feat = torch.stack([a[0] for a in attrs[0::2]])
+    err = torch.stack([a[0].sum(-1) for a in attrs[1::2]])
+    return feat, (err if errors else torch.zeros_like(err))
 
 
 register(
@@ -605,26 +629,51 @@ register(
         Mistake(
             "gradient only",
             lambda *a: _attr_general(*a, times_act=False),
-            "Attribution is activation TIMES gradient: a feature that is off (activation 0) contributes nothing, "
-            "however steep the gradient.",
+            "Attribution is the source's value TIMES the gradient: a feature that is off (activation 0) "
+            "contributes nothing, however steep the gradient.",
         ),
         Mistake(
             "no error terms",
             lambda *a: _attr_general(*a, errors=False),
-            "Add the error term error = (y - transcoder(x)).detach() to the replaced output, so the replacement "
-            "model computes exactly what the model computes, and report error . gradient for it: what the "
+            "Keep each MLP's error term (what the transcoder misses, a constant) in the replaced output, so the "
+            "frozen model computes exactly what the model computes, and report its attribution: what the "
             "transcoders miss stays visible instead of silently changing the prompt's computation.",
         ),
         Mistake(
-            "detached transcoder input",
-            lambda *a: _attr_general(*a, detach_x=True),
-            "Only the error term is detached. The transcoder's input must stay in the graph, so gradients from "
-            "the answer reach earlier features through later transcoders' features too.",
+            "live attention patterns",
+            lambda *a: _attr_general(*a, freeze_pattern=False),
+            "Freeze the attention patterns at their values in this run (hook_pattern): with live patterns the "
+            "logit is not linear in the sources and the attributions no longer add up to it.",
+        ),
+        Mistake(
+            "live LayerNorm scales",
+            lambda *a: _attr_general(*a, freeze_scale=False),
+            "Freeze every LayerNorm's scale at its value in this run (hook_scale), the final one included: a "
+            "live scale makes the logit nonlinear in the sources.",
+        ),
+        Mistake(
+            "paths through later features",
+            lambda *a: _attr_general(*a, cut_features=False),
+            "A feature's attribution counts only the paths that pass through no other transcoder feature: make "
+            "each transcoder's activations a source of their own (detached from its input), so that what an "
+            "earlier feature does through a later one is an edge of the graph, not part of its attribution.",
+        ),
+        Mistake(
+            "MLPs without a transcoder left live",
+            lambda *a: _attr_general(*a, freeze_other_mlps=False),
+            "An MLP without a transcoder keeps its output from this run as a constant: a live MLP is nonlinear, "
+            "and sources would be credited with what it computes from them.",
         ),
         Mistake(
             "log-probability",
             lambda *a: _attr_general(*a, log_prob=True),
-            "Explain the answer's LOGIT (logits[0, -1, answer_id]), not its log-probability.",
+            "Explain the answer's LOGIT at the last position, not its log-probability.",
+        ),
+        Mistake(
+            "gradients left to the caller",
+            lambda *a: _attr_general(*a, grad_mode=False),
+            "The function must work when the caller has turned gradients off (the chapter runs under "
+            "torch.set_grad_enabled(False)): compute the gradients inside torch.enable_grad().",
         ),
     ],
     rtol=1e-3,
