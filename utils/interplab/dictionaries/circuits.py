@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..hooks import act_name
+from ..progress import progress as progress_bar
 from ..tinyworld import CAST, RELATIONS, WORLD, encode, token_id
 from ..tinyworld.language import BOS
 from .config import mlp_in_hook, mlp_out_hook
@@ -490,6 +491,7 @@ def fact_recall_check(
     relation: str = "city",
     people: Sequence[str] | None = None,
     top: int = 3,
+    progress: bool = False,
 ) -> dict:
     """Score the fact-recall circuit against TinyWorld's known facts, person by person.
 
@@ -517,6 +519,7 @@ def fact_recall_check(
       sources, per person and as mean and standard error over people.
 
     Position 0 (``<bos>``) is left out of the rankings: it is the same in every prompt.
+    ``progress`` shows a progress bar over the people.
     """
     values = RELATIONS[relation][2]
     value_ids = torch.tensor([token_id(v) for v in values])
@@ -527,7 +530,7 @@ def fact_recall_check(
     _, cache = model.run_with_cache(batch, names_filter=[mlp_in_hook(tc.cfg.layer) for tc in transcoders])
     last = [tc.encode(cache[mlp_in_hook(tc.cfg.layer)][:, -1]) for tc in transcoders]  # [people, d_sae] each
     rows, where = [], Counter()
-    for k, person in enumerate(people):
+    for k, person in enumerate(progress_bar(people, desc="fact recall, person by person", disable=not progress)):
         words = fact_prompt(person, relation)
         ids = torch.tensor(encode(words), device=device)
         truth = WORLD.value(person, relation)

@@ -16,7 +16,7 @@ from ..dictionaries.shipped import load_transcoder
 from ..hooks import act_name
 from ..paths import chapter_of
 from ..solutions import ch04_transcoders as sol
-from . import Case, Mistake, gen, register, shared_model
+from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
 
@@ -80,6 +80,33 @@ def _tc_weights(tc: Transcoder) -> tuple:
     return w + ((tc.W_skip.detach(),) if tc.W_skip is not None else ())
 
 
+def _no_grad_or_error(fn, *args, **kwargs):
+    """Call fn under torch.no_grad(), as the chapter does; an error becomes text, so a known mistake can explain it."""
+    with torch.no_grad():
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            return f"raised RuntimeError under torch.no_grad(): {str(e).splitlines()[0]}"
+
+
+def _raises(fn, *args, **kwargs):
+    """What the call raised, as text: the contract names the inputs that must raise a ValueError."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError:
+        return "ValueError"
+    except Exception as e:  # noqa: BLE001 - any other error is reported by name
+        return type(e).__name__
+    return "no error"
+
+
+def _must_raise(why: str):
+    def judge(expected, got):
+        return None if got == "ValueError" else f"{why} must raise a ValueError (with a message saying why); got: {got}"
+
+    return judge
+
+
 # --- transcoder_forward ------------------------------------------------------------------
 
 
@@ -137,7 +164,46 @@ def _forward_cases():
             (x,) + _tc_weights(_shipped(1, skip=True)),
         )
     )
+    cases.append(
+        Case(
+            "edge: the first row fires no feature (every read below zero), so it predicts b_dec alone",
+            (
+                torch.tensor([[0.1, -0.2, 0.05], [3.0, 2.0, 1.0]]),
+                torch.randn(3, 4, generator=g),
+                -torch.rand(4, generator=g) - 2.5,
+                torch.randn(4, 3, generator=g),
+                torch.randn(3, generator=g),
+            ),
+        )
+    )
+    cases.append(
+        Case(
+            "behaviour: gradients reach W_enc, b_enc, W_dec, b_dec and W_skip",
+            (
+                torch.randn(6, 5, generator=g),
+                torch.randn(5, 7, generator=g),
+                torch.randn(7, generator=g),
+                torch.randn(7, 5, generator=g),
+                torch.randn(5, generator=g),
+                torch.randn(5, 5, generator=g),
+            ),
+            call=_forward_grads,
+        )
+    )
     return cases
+
+
+def _forward_grads(fn, x, *weights):
+    """The gradients a backward pass from a fixed mix of both outputs leaves on every weight (zeros where none)."""
+    g = gen(99)
+    with torch.enable_grad():
+        ws = [w.detach().clone().requires_grad_(True) for w in weights]
+        y_hat, acts = fn(x, *ws)
+        mix = (y_hat * torch.randn(y_hat.shape, generator=g)).sum() + (
+            acts * torch.randn(acts.shape, generator=g)
+        ).sum()
+        mix.backward()
+    return tuple(torch.zeros_like(w) if w.grad is None else w.grad for w in ws)
 
 
 def _fwd_pre_bias(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
@@ -154,6 +220,13 @@ def _fwd_skip_untransposed(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
 
 def _fwd_no_skip(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
     return sol.transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+
+
+def _fwd_detached(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    with torch.no_grad():
+        acts = torch.relu(x @ W_enc + b_enc)
+    y = acts @ W_dec + b_dec
+    return (y + x @ W_skip.T if W_skip is not None else y), acts
 
 
 def _fwd_no_relu(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
@@ -186,9 +259,16 @@ register(
         Mistake(
             "no ReLU",
             _fwd_no_relu,
-            "The features are ReLU(x @ W_enc + b_enc): without the ReLU they are neither sparse nor non-negative.",
+            "The features are the ReLU of the encoder's read: without it they are neither sparse nor non-negative.",
+        ),
+        Mistake(
+            "activations outside the autograd graph",
+            _fwd_detached,
+            "Compute the activations inside the autograd graph (no torch.no_grad(), no .detach()): training moves "
+            "the encoder through them, so its gradient must reach W_enc and b_enc.",
         ),
     ],
+    output_names=("y_hat", "acts"),
 )
 
 
@@ -203,6 +283,18 @@ def _pairs_cases():
         for L in range(model.cfg.n_layers)
     ]
     cases.append(Case("TinyWorld, 2 documents, layer 2, no mask (every position)", (model, ids[:2], 2, None)))
+    empty_row = mask.clone()
+    empty_row[1] = False
+    cases.append(Case("padding: the second document's mask keeps nothing", (model, ids, 1, empty_row)))
+    cases.append(Case("behaviour: works under torch.no_grad()", (model, ids[:2], 3, mask[:2]), call=under_no_grad))
+    cases.append(
+        Case(
+            f"must raise: layer {model.cfg.n_layers} of a {model.cfg.n_layers}-layer model",
+            (model, ids[:2], model.cfg.n_layers, mask[:2]),
+            call=_raises,
+            judge=_must_raise("a layer the model does not have"),
+        )
+    )
     return cases
 
 
@@ -260,6 +352,7 @@ register(
             "Keep only the positions where mask is True: x[mask] gives the rows in the right order.",
         ),
     ],
+    output_names=("x", "y"),
 )
 
 
@@ -295,16 +388,45 @@ def _loss_cases():
                 (_shipped(L, skip), x, y),
             )
         )
+    tc = _random_tc(5, 8, seed=7, skip=True)
+    cases.append(
+        Case(
+            "behaviour: the gradient of loss reaches W_enc, b_enc, W_dec, b_dec and W_skip (standard, skip)",
+            (tc, torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)),
+            call=_loss_grads,
+        )
+    )
+    tc = _random_tc(4, 7, seed=8, architecture="topk", k=2)
+    cases.append(
+        Case(
+            "behaviour: the gradient of loss for a TopK transcoder (the MSE's alone)",
+            (tc, torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)),
+            call=_loss_grads,
+        )
+    )
     return cases
 
 
-def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=False):
+def _loss_grads(fn, tc, x, y):
+    """The gradient of the returned loss with respect to every parameter (zeros where it does not reach)."""
+    params = [p for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, tc.W_skip) if p is not None]
+    with torch.enable_grad():
+        loss = fn(tc, x, y)[0]
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return "the returned loss is not in the autograd graph"
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+
+def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=False, detach=False, item=False):
     acts = tc.encode(x)
     y_hat = tc.decode(acts) + (tc.skip_out(x) if skip else 0.0)
     err = (y_hat - target).pow(2)
     mse = err.mean() if mean_all else err.sum(-1).mean()
     norms = tc.W_dec.norm(dim=-1) if weighted else 1.0
-    l1 = (acts.abs() * norms).sum(-1).mean()
+    l1 = ((acts.detach() if detach else acts).abs() * norms).sum(-1).mean()
+    if item:
+        mse = mse.item()
     penalty = tc.cfg.architecture == "standard" if penalty is None else penalty
     return (mse + tc.cfg.l1_coeff * l1 if penalty else mse), mse, l1
 
@@ -342,7 +464,20 @@ register(
             lambda tc, x, y: _loss_parts(tc, x, y, mean_all=True),
             "Sum the squared error over d_out, then average over the batch (not a mean over every element).",
         ),
+        Mistake(
+            "penalty on detached activations",
+            lambda tc, x, y: _loss_parts(tc, x, y, detach=True),
+            "The penalty must stay in the autograd graph: computed from detached activations it has the right "
+            "value but no gradient, so training never pushes the activations towards zero.",
+        ),
+        Mistake(
+            "mse through .item()",
+            lambda tc, x, y: _loss_parts(tc, x, y, item=True),
+            "Keep mse a tensor: .item() turns it into a Python float, which has the right value but no gradient, so "
+            "the loss no longer trains the transcoder to predict y.",
+        ),
     ],
+    output_names=("loss", "mse", "l1"),
 )
 
 
@@ -358,6 +493,12 @@ def _replacement_cases():
         Case("TinyWorld: every MLP replaced at once", (model, _all_shipped(), ids, mask)),
         Case("TinyWorld: every MLP replaced by a skip transcoder", (model, _all_shipped(skip=True), ids, mask)),
         Case("TinyWorld: layers 2 and 0 (given out of order)", (model, [_shipped(2), _shipped(0)], ids, mask)),
+        Case(
+            "must raise: two transcoders for the same MLP",
+            (model, [_shipped(1), _shipped(1, skip=True)], ids[:2], mask[:2]),
+            call=_raises,
+            judge=_must_raise("two transcoders replacing the same MLP"),
+        ),
     ]
 
 
@@ -470,6 +611,12 @@ def _de_embedding_cases():
         Case("the shipped layer-0 transcoder, feature 123", (model, tc0, 123)),
         Case("the shipped layer-2 transcoder, its last feature", (model, tc2, tc2.cfg.d_sae - 1)),
         Case("a random transcoder with 16 features, feature 5", (model, rand, 5)),
+        Case(
+            "must raise: feature 16 of a transcoder with 16 features",
+            (model, rand, 16),
+            call=_raises,
+            judge=_must_raise("a feature the transcoder does not have"),
+        ),
     ]
 
 
@@ -510,6 +657,18 @@ def _pullback_cases():
         Case("random: feature 0", (early, late, 0)),
         Case("the shipped transcoders of layers 0 and 2, feature 17", (_shipped(0), _shipped(2), 17)),
         Case("the shipped transcoders of layers 1 and 3, feature 400", (_shipped(1), _shipped(3), 400)),
+        Case(
+            "must raise: the 'earlier' transcoder comes after the later one",
+            (late, early, 0),
+            call=_raises,
+            judge=_must_raise("an earlier transcoder that does not come before the later one"),
+        ),
+        Case(
+            "must raise: feature 5 of a later transcoder with 5 features",
+            (early, late, 5),
+            call=_raises,
+            judge=_must_raise("a feature the later transcoder does not have"),
+        ),
     ]
     return cases
 
@@ -562,6 +721,17 @@ def _attribution_cases():
         Case(
             "an indirect-object prompt -> Mia, transcoders of layers 1 and 3 only",
             (model, [_shipped(1), _shipped(3)], ioi_ids, tinyworld.token_id("Mia")),
+        ),
+        Case(
+            "behaviour: works under torch.no_grad(), as in the chapter (Karl's job, layers 0 and 2)",
+            (model, [_shipped(0), _shipped(2)], job, job_answer),
+            call=_no_grad_or_error,
+        ),
+        Case(
+            "must raise: a batch of prompts instead of one",
+            (model, [_shipped(1)], fact[None], city),
+            call=_raises,
+            judge=_must_raise("tokens that are not one prompt"),
         ),
     ]
 
@@ -678,4 +848,5 @@ register(
     ],
     rtol=1e-3,
     atol=1e-4,
+    output_names=("feature_attr", "error_attr"),
 )
