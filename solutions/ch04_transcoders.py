@@ -26,22 +26,25 @@ def transcoder_forward(
 ) -> tuple[Float[Tensor, "batch d_out"], Float[Tensor, "batch d_sae"]]:
     """A ReLU transcoder: predict the MLP's output from its input through sparse features.
 
-    Unlike an SAE, a transcoder does NOT subtract b_dec from its input: b_dec lives in
-    the output space (the MLP's output), x in the input space (the MLP's normalised input).
-    A skip transcoder adds a linear path straight from input to output; W_skip is
-    stored like an nn.Linear weight, [d_out, d_in] (as in SAELens).
+    Unlike an SAE, a transcoder does not centre its input with b_dec: b_dec is a bias of the
+    output space (what the MLP writes), while x lives in the input space (what the MLP reads).
+    A skip transcoder adds a linear path straight from input to output; W_skip is stored like
+    an nn.Linear weight, [d_out, d_in] (as in SAELens).
 
     Args:
         x: the MLP's normalised inputs, one row per token.
-        W_enc: encoder weights.
+        W_enc: encoder weights; column i is feature i's input direction.
         b_enc: encoder bias.
         W_dec: decoder weights; row i is feature i's output direction.
         b_dec: decoder (output) bias.
         W_skip: the skip path's weights, or None for a plain transcoder.
 
     Returns:
-        (y_hat, acts): acts = ReLU(x @ W_enc + b_enc);
-        y_hat = acts @ W_dec + b_dec, plus x @ W_skip.T when W_skip is given.
+        (y_hat, acts), float tensors. acts [batch, d_sae]: the features' activations, the
+        rectified (ReLU) affine read of each row by the encoder, so never negative and zero for
+        a feature whose read is negative; a row where no feature fires predicts b_dec alone
+        (plus its skip path). y_hat [batch, d_out]: the decoder's affine map of acts, plus the
+        skip path's linear map of the row when W_skip is given. Gradients reach every weight.
     """
     acts = torch.relu(x @ W_enc + b_enc)
     y_hat = acts @ W_dec + b_dec
@@ -55,10 +58,9 @@ def mlp_io_pairs(
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
     """The input and output of one MLP at every kept token: a transcoder's training pairs.
 
-    The MLP's input is the residual stream after the layer norm before the MLP
-    (``blocks.{layer}.ln2.hook_normalized``); its output is what it adds to the residual
-    stream (``blocks.{layer}.hook_mlp_out``). Run the model once with a cache of just
-    those two hooks (`run_with_cache(..., names_filter=...)`).
+    The MLP of ``layer`` reads the residual stream after that layer's second LayerNorm
+    (normalised, ``blocks.{layer}.ln2.hook_normalized``) and adds its output to the residual
+    stream (``blocks.{layer}.hook_mlp_out``). One forward pass of the model is enough.
 
     Args:
         model: a HookedTransformer.
@@ -67,7 +69,12 @@ def mlp_io_pairs(
         mask: True at the tokens to keep; None keeps every position.
 
     Returns:
-        (x, y), each [n_kept, d_model], rows in row-major (batch, then position) order.
+        (x, y), float tensors [n_kept, d_model]: row k of x is what the MLP read and row k of y
+        what it wrote at the k-th kept position, in row-major order (batch, then position).
+        Works when the caller has turned gradients off, and leaves no hooks on the model.
+
+    Raises:
+        ValueError: when the model has no MLP ``layer``.
     """
     hooks = [mlp_in_hook(layer), mlp_out_hook(layer)]
     if not 0 <= layer < model.cfg.n_layers:
@@ -86,22 +93,23 @@ def transcoder_loss(
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
     """The training loss of a transcoder: error in predicting the MLP's OUTPUT, plus the sparsity penalty.
 
-    The penalty is chapter 3's: for a standard (ReLU) transcoder, L1 weighted by each
-    feature's decoder norm; TopK and BatchTopK transcoders have no penalty (their
-    activation function enforces the sparsity), though l1 is still reported.
+    The penalty is chapter 3's: for a standard (ReLU) transcoder, each feature's |activation|
+    weighted by the norm of its decoder row (so that shrinking activations while growing the
+    decoder cannot dodge it); TopK and BatchTopK transcoders have no penalty (their activation
+    function enforces the sparsity), though the penalty term is still reported.
 
     Args:
-        transcoder: a `Transcoder` (use ``transcoder.encode``, ``transcoder(x)`` or
-            ``decode`` + ``skip_out``, ``transcoder.W_dec``, ``transcoder.cfg``).
+        transcoder: a `Transcoder` (it has ``encode``, ``decode``, ``skip_out``, ``W_dec`` and ``cfg``).
         x: the MLP's normalised inputs.
         y: the MLP's outputs (the target).
 
     Returns:
-        (loss, mse, l1), scalar tensors:
-        mse = squared error of the prediction (with the skip path, if any) against y,
-        summed over the last dimension and averaged over the batch;
-        l1 = sum_i |acts[:, i]| * ||W_dec[i]||, averaged over the batch;
-        loss = mse + cfg.l1_coeff * l1 for "standard", else mse.
+        (loss, mse, l1), scalar float tensors that stay in the autograd graph: the gradient of
+        loss reaches every parameter that affects it (encoder, decoder, biases, skip path), and
+        so does the gradient of l1. mse: the squared error of the full prediction (skip path
+        included) against y, summed over the output dimensions and averaged over rows. l1: the
+        decoder-norm-weighted absolute activations, summed over features and averaged over rows.
+        loss: mse plus cfg.l1_coeff times l1 for a "standard" transcoder, mse alone otherwise.
     """
     acts = transcoder.encode(x)
     y_hat = transcoder.decode(acts) + transcoder.skip_out(x)
@@ -116,29 +124,29 @@ def replacement_loss(
 ) -> dict[str, float]:
     """How much of the model's performance survives when transcoders replace MLPs, ALL AT ONCE.
 
-    Run the model three times:
+    Three runs are compared: the clean model; the replacement model, where at the positions in
+    mask every given transcoder's prediction takes the place of its MLP's output (``cfg.layer``
+    says which), each prediction made from the MLP input of that same run, so that a later
+    transcoder reads a residual stream already changed by the earlier ones; and the ablated
+    model, where the same MLPs' outputs are zeroed at the same positions.
 
-    - clean;
-    - replaced: every transcoder's MLP output (``blocks.{L}.hook_mlp_out``, L =
-      ``transcoder.cfg.layer``) is replaced, at the positions in mask, by the
-      transcoder's prediction from the MLP input of THIS run
-      (``blocks.{L}.ln2.hook_normalized``): a later transcoder reads a residual stream
-      already changed by the earlier ones, as in a true replacement model;
-    - ablated: the same MLPs' outputs are zeroed at the same positions.
-
-    A prediction (logits at p for the token at p + 1) is scored when both mask[b, p] and
-    mask[b, p + 1] are True; the losses average over the scored predictions.
+    A prediction (the logits at p for the token at p + 1) is scored when both mask[b, p] and
+    mask[b, p + 1] are True; each loss averages over the scored predictions.
 
     Args:
         model: a HookedTransformer.
-        transcoders: one or more transcoders, each replacing the MLP of its cfg.layer.
+        transcoders: one or more transcoders of distinct layers, in any order.
         tokens: input ids.
         mask: True at the tokens where the MLPs are replaced (real tokens: not <bos>, not padding).
 
     Returns:
-        A dict of Python floats: "ce_clean", "ce_replaced", "ce_ablated" (mean next-token
-        cross-entropy of each run) and "loss_recovered" =
-        (ce_ablated - ce_replaced) / (ce_ablated - ce_clean).
+        A dict of Python floats: "ce_clean", "ce_replaced" and "ce_ablated", the mean next-token
+        cross-entropy of each run, and "loss_recovered", the fraction of the gap between the
+        ablated and the clean loss that the replacement closes (1: as good as the MLPs; 0: no
+        better than zeroing them). Works with gradients off and leaves no hooks on the model.
+
+    Raises:
+        ValueError: when two transcoders replace the same MLP.
     """
     keep = mask.to(tokens.device).bool()[..., None]
     inputs: dict[int, Tensor] = {}
@@ -176,9 +184,9 @@ def replacement_loss(
 def de_embedding(model, transcoder: Transcoder, feature: int) -> Float[Tensor, " d_vocab"]:
     """Which tokens turn a feature on directly: its encoder vector read through the token embeddings.
 
-    A token's embedding reaches every MLP's input through the residual stream (the
-    "direct path"). Ignoring attention, earlier MLPs and the layer norm's scale, token t
-    adds W_E[t] @ W_enc[:, feature] to the feature's pre-activation.
+    A token's embedding reaches every MLP's input through the residual stream (the "direct
+    path"). Ignoring attention, earlier MLPs and the LayerNorm, each token adds a fixed amount
+    to the feature's pre-activation.
 
     Args:
         model: a HookedTransformer (token embeddings model.W_E, [d_vocab, d_model]).
@@ -186,7 +194,11 @@ def de_embedding(model, transcoder: Transcoder, feature: int) -> Float[Tensor, "
         feature: the feature's index.
 
     Returns:
-        model.W_E @ transcoder.W_enc[:, feature], one value per vocabulary token.
+        A float tensor [d_vocab]: entry t is what token t's embedding alone adds to the
+        feature's pre-activation along the direct path.
+
+    Raises:
+        ValueError: when the transcoder has no feature ``feature``.
     """
     if not 0 <= feature < transcoder.cfg.d_sae:
         raise ValueError(f"feature must be between 0 and {transcoder.cfg.d_sae - 1}, got {feature}")
@@ -196,12 +208,10 @@ def de_embedding(model, transcoder: Transcoder, feature: int) -> Float[Tensor, "
 def pullback(earlier: Transcoder, later: Transcoder, feature: int) -> Float[Tensor, " d_sae_earlier"]:
     """How much each earlier feature, through the residual stream, drives one later feature.
 
-    An earlier feature i writes W_dec[i] (of the earlier transcoder) into the residual
-    stream; the later feature reads the stream with its encoder vector. Ignoring
-    everything in between (attention, other MLPs, the layer norm's scale), one unit of
-    feature i adds earlier.W_dec[i] @ later.W_enc[:, feature] to the later feature's
-    pre-activation. This is the later feature's encoder "pulled back" through the
-    earlier transcoder's decoder.
+    An earlier feature writes its decoder row into the residual stream; the later feature reads
+    the stream with its encoder vector. Ignoring everything in between (attention, other MLPs,
+    the LayerNorm), one unit of an earlier feature adds a fixed amount to the later feature's
+    pre-activation: the later feature's encoder "pulled back" through the earlier decoder.
 
     Args:
         earlier: the transcoder of an earlier layer.
@@ -209,7 +219,11 @@ def pullback(earlier: Transcoder, later: Transcoder, feature: int) -> Float[Tens
         feature: the index of a feature of the later transcoder.
 
     Returns:
-        earlier.W_dec @ later.W_enc[:, feature], one value per feature of the earlier transcoder.
+        A float tensor [earlier d_sae]: entry i is what one unit of the earlier transcoder's
+        feature i adds to the later feature's pre-activation along the direct residual path.
+
+    Raises:
+        ValueError: when ``earlier`` does not come before ``later`` or ``later`` has no such feature.
     """
     if earlier.cfg.layer >= later.cfg.layer:
         raise ValueError(
@@ -224,56 +238,69 @@ def pullback(earlier: Transcoder, later: Transcoder, feature: int) -> Float[Tens
 def answer_attribution(
     model, transcoders: Sequence[Transcoder], tokens: Int[Tensor, " pos"], answer_id: int
 ) -> tuple[Float[Tensor, "n_transcoders pos d_sae"], Float[Tensor, "n_transcoders pos"]]:
-    """Activation times gradient: how much each transcoder feature (and each error term) drives the answer logit.
+    """How much each transcoder feature and each error term writes into the answer's logit, in a frozen model.
 
-    Build the replacement model with ERROR TERMS, so that it computes exactly what the
-    model computes: at each transcoder's layer, replace the MLP output y (at every
-    position) by
+    The frozen replacement model computes exactly what the model computes on this prompt, but
+    linearly from its sources. Attention patterns and LayerNorm scales keep their values from
+    this run (constants); the output of every MLP with a transcoder becomes the transcoder's
+    prediction from the MLP input of this run plus an error term, the constant part of the
+    MLP's output the transcoder misses; an MLP without a transcoder keeps its output from this
+    run. The sources are each transcoder's feature activations and error terms (and the
+    embeddings and biases, not returned here). A source's attribution is its value times the
+    derivative of the answer's logit at the last position with respect to it, along paths that
+    pass through no other transcoder feature (each feature is a node of its own; its effect
+    through later features is an edge of the graph, not part of its attribution).
 
-        transcoder.decode(acts) + transcoder.skip_out(x) + error,   acts = transcoder.encode(x),
-
-    where x is the MLP input of this run and error = y - transcoder(x), detached
-    (a constant: the part of the MLP the transcoder misses). Then take the logit of
-    ``answer_id`` at the last position and its gradient (torch.autograd.grad, inside
-    torch.enable_grad()) with respect to every acts and every error tensor. Gradients
-    flow through later transcoders' features and the attention layers.
+    Because everything between the sources and the logit is then linear, the attributions of
+    all sources, plus the logit with every source set to zero, add up to the logit exactly.
 
     Args:
         model: a HookedTransformer.
-        transcoders: transcoders of distinct layers, all with the same d_sae; MLPs
-            without one stay as they are.
+        transcoders: transcoders of distinct layers; MLPs without one keep their real output.
         tokens: one prompt, [pos].
         answer_id: the token whose logit at the last position is explained.
 
     Returns:
-        (feature_attr, error_attr), in the order of ``transcoders``:
-        feature_attr[i, p, f] = acts[p, f] * d logit / d acts[p, f] of transcoder i;
-        error_attr[i, p] = error[p] . d logit / d error[p] (summed over d_model).
+        (feature_attr, error_attr), float tensors in the order of ``transcoders``:
+        feature_attr [n_transcoders, pos, d_sae] (zero where a feature is off) and error_attr
+        [n_transcoders, pos] (an error term's attribution summed over its d_model entries).
+        Works when the caller has turned gradients off, and leaves no hooks on the model.
+
+    Raises:
+        ValueError: when tokens is not one prompt.
     """
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one prompt, [pos]; got shape {tuple(tokens.shape)}")
-    by_layer = {tc.cfg.layer: i for i, tc in enumerate(transcoders)}
+    by_layer = {tc.cfg.layer: tc for tc in transcoders}
     inputs: dict[int, Tensor] = {}
-    acts: list[Tensor | None] = [None] * len(transcoders)
-    errors: list[Tensor | None] = [None] * len(transcoders)
+    sources: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def freeze(value: Tensor, hook) -> Tensor:
+        return value.detach()
 
     def save_input(x: Tensor, hook) -> None:
         inputs[hook.layer()] = x
 
     def replace(y: Tensor, hook) -> Tensor:
-        i = by_layer[hook.layer()]
-        tc, x = transcoders[i], inputs[hook.layer()]
-        acts[i] = tc.encode(x)
-        recon = tc.decode(acts[i]) + tc.skip_out(x)
-        errors[i] = (y - recon).detach().requires_grad_(True)
-        return recon + errors[i]
+        if hook.layer() not in by_layer:
+            return y.detach()
+        tc, x = by_layer[hook.layer()], inputs[hook.layer()]
+        acts = tc.encode(x).detach().requires_grad_(True)
+        recon = tc.decode(acts) + tc.skip_out(x)
+        error = (y - recon).detach().requires_grad_(True)
+        sources[hook.layer()] = (acts, error)
+        return recon + error
 
-    hooks = [(mlp_in_hook(L), save_input) for L in by_layer] + [(mlp_out_hook(L), replace) for L in by_layer]
+    hooks = [
+        (lambda name: name.endswith("hook_pattern") or name.endswith("hook_scale"), freeze),
+        (lambda name: name.endswith("ln2.hook_normalized"), save_input),
+        (lambda name: name.endswith("hook_mlp_out"), replace),
+    ]
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
-        logit = logits[0, -1, answer_id]
-        grads = torch.autograd.grad(logit, acts + errors)
-    n = len(transcoders)
-    feature_attr = torch.stack([(a * g)[0] for a, g in zip(acts, grads[:n])]).detach()
-    error_attr = torch.stack([(e * g).sum(-1)[0] for e, g in zip(errors, grads[n:])]).detach()
+        logit = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1, answer_id]
+        leaves = [t for tc in transcoders for t in sources[tc.cfg.layer]]
+        grads = torch.autograd.grad(logit, leaves, allow_unused=True)
+    attrs = [torch.zeros_like(t) if g is None else (t * g).detach() for t, g in zip(leaves, grads)]
+    feature_attr = torch.stack([a[0] for a in attrs[0::2]])
+    error_attr = torch.stack([a[0].sum(-1) for a in attrs[1::2]])
     return feature_attr, error_attr

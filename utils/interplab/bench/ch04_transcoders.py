@@ -6,7 +6,7 @@
 Every MLP of the bundled model is replaced at once by its shipped transcoder (and, in a
 second run, by its skip transcoder); the figure is the fraction of the loss gap between
 the clean model and the model with zero-ablated MLPs that the replacement model recovers
-(`interplab.dictionaries.metrics.replacement_loss`). The issue's target is 0.80.
+(`interplab.dictionaries.metrics.replacement_loss`).
 """
 
 from __future__ import annotations

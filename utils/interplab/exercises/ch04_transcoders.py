@@ -3,6 +3,7 @@ feature-level circuits (de-embeddings, pullbacks, activation-times-gradient attr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -15,7 +16,7 @@ from ..dictionaries.shipped import load_transcoder
 from ..hooks import act_name
 from ..paths import chapter_of
 from ..solutions import ch04_transcoders as sol
-from . import Case, Mistake, gen, register, shared_model
+from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
 
@@ -79,6 +80,33 @@ def _tc_weights(tc: Transcoder) -> tuple:
     return w + ((tc.W_skip.detach(),) if tc.W_skip is not None else ())
 
 
+def _no_grad_or_error(fn, *args, **kwargs):
+    """Call fn under torch.no_grad(), as the chapter does; an error becomes text, so a known mistake can explain it."""
+    with torch.no_grad():
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            return f"raised RuntimeError under torch.no_grad(): {str(e).splitlines()[0]}"
+
+
+def _raises(fn, *args, **kwargs):
+    """What the call raised, as text: the contract names the inputs that must raise a ValueError."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError:
+        return "ValueError"
+    except Exception as e:  # noqa: BLE001 - any other error is reported by name
+        return type(e).__name__
+    return "no error"
+
+
+def _must_raise(why: str):
+    def judge(expected, got):
+        return None if got == "ValueError" else f"{why} must raise a ValueError (with a message saying why); got: {got}"
+
+    return judge
+
+
 # --- transcoder_forward ------------------------------------------------------------------
 
 
@@ -136,7 +164,46 @@ def _forward_cases():
             (x,) + _tc_weights(_shipped(1, skip=True)),
         )
     )
+    cases.append(
+        Case(
+            "edge: the first row fires no feature (every read below zero), so it predicts b_dec alone",
+            (
+                torch.tensor([[0.1, -0.2, 0.05], [3.0, 2.0, 1.0]]),
+                torch.randn(3, 4, generator=g),
+                -torch.rand(4, generator=g) - 2.5,
+                torch.randn(4, 3, generator=g),
+                torch.randn(3, generator=g),
+            ),
+        )
+    )
+    cases.append(
+        Case(
+            "behaviour: gradients reach W_enc, b_enc, W_dec, b_dec and W_skip",
+            (
+                torch.randn(6, 5, generator=g),
+                torch.randn(5, 7, generator=g),
+                torch.randn(7, generator=g),
+                torch.randn(7, 5, generator=g),
+                torch.randn(5, generator=g),
+                torch.randn(5, 5, generator=g),
+            ),
+            call=_forward_grads,
+        )
+    )
     return cases
+
+
+def _forward_grads(fn, x, *weights):
+    """The gradients a backward pass from a fixed mix of both outputs leaves on every weight (zeros where none)."""
+    g = gen(99)
+    with torch.enable_grad():
+        ws = [w.detach().clone().requires_grad_(True) for w in weights]
+        y_hat, acts = fn(x, *ws)
+        mix = (y_hat * torch.randn(y_hat.shape, generator=g)).sum() + (
+            acts * torch.randn(acts.shape, generator=g)
+        ).sum()
+        mix.backward()
+    return tuple(torch.zeros_like(w) if w.grad is None else w.grad for w in ws)
 
 
 def _fwd_pre_bias(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
@@ -153,6 +220,13 @@ def _fwd_skip_untransposed(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
 
 def _fwd_no_skip(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
     return sol.transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+
+
+def _fwd_detached(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
+    with torch.no_grad():
+        acts = torch.relu(x @ W_enc + b_enc)
+    y = acts @ W_dec + b_dec
+    return (y + x @ W_skip.T if W_skip is not None else y), acts
 
 
 def _fwd_no_relu(x, W_enc, b_enc, W_dec, b_dec, W_skip=None):
@@ -185,9 +259,16 @@ register(
         Mistake(
             "no ReLU",
             _fwd_no_relu,
-            "The features are ReLU(x @ W_enc + b_enc): without the ReLU they are neither sparse nor non-negative.",
+            "The features are the ReLU of the encoder's read: without it they are neither sparse nor non-negative.",
+        ),
+        Mistake(
+            "activations outside the autograd graph",
+            _fwd_detached,
+            "Compute the activations inside the autograd graph (no torch.no_grad(), no .detach()): training moves "
+            "the encoder through them, so its gradient must reach W_enc and b_enc.",
         ),
     ],
+    output_names=("y_hat", "acts"),
 )
 
 
@@ -202,6 +283,18 @@ def _pairs_cases():
         for L in range(model.cfg.n_layers)
     ]
     cases.append(Case("TinyWorld, 2 documents, layer 2, no mask (every position)", (model, ids[:2], 2, None)))
+    empty_row = mask.clone()
+    empty_row[1] = False
+    cases.append(Case("padding: the second document's mask keeps nothing", (model, ids, 1, empty_row)))
+    cases.append(Case("behaviour: works under torch.no_grad()", (model, ids[:2], 3, mask[:2]), call=under_no_grad))
+    cases.append(
+        Case(
+            f"must raise: layer {model.cfg.n_layers} of a {model.cfg.n_layers}-layer model",
+            (model, ids[:2], model.cfg.n_layers, mask[:2]),
+            call=_raises,
+            judge=_must_raise("a layer the model does not have"),
+        )
+    )
     return cases
 
 
@@ -259,6 +352,7 @@ register(
             "Keep only the positions where mask is True: x[mask] gives the rows in the right order.",
         ),
     ],
+    output_names=("x", "y"),
 )
 
 
@@ -294,16 +388,45 @@ def _loss_cases():
                 (_shipped(L, skip), x, y),
             )
         )
+    tc = _random_tc(5, 8, seed=7, skip=True)
+    cases.append(
+        Case(
+            "behaviour: the gradient of loss reaches W_enc, b_enc, W_dec, b_dec and W_skip (standard, skip)",
+            (tc, torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)),
+            call=_loss_grads,
+        )
+    )
+    tc = _random_tc(4, 7, seed=8, architecture="topk", k=2)
+    cases.append(
+        Case(
+            "behaviour: the gradient of loss for a TopK transcoder (the MSE's alone)",
+            (tc, torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)),
+            call=_loss_grads,
+        )
+    )
     return cases
 
 
-def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=False):
+def _loss_grads(fn, tc, x, y):
+    """The gradient of the returned loss with respect to every parameter (zeros where it does not reach)."""
+    params = [p for p in (tc.W_enc, tc.b_enc, tc.W_dec, tc.b_dec, tc.W_skip) if p is not None]
+    with torch.enable_grad():
+        loss = fn(tc, x, y)[0]
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            return "the returned loss is not in the autograd graph"
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+
+def _loss_parts(tc, x, target, weighted=True, penalty=None, skip=True, mean_all=False, detach=False, item=False):
     acts = tc.encode(x)
     y_hat = tc.decode(acts) + (tc.skip_out(x) if skip else 0.0)
     err = (y_hat - target).pow(2)
     mse = err.mean() if mean_all else err.sum(-1).mean()
     norms = tc.W_dec.norm(dim=-1) if weighted else 1.0
-    l1 = (acts.abs() * norms).sum(-1).mean()
+    l1 = ((acts.detach() if detach else acts).abs() * norms).sum(-1).mean()
+    if item:
+        mse = mse.item()
     penalty = tc.cfg.architecture == "standard" if penalty is None else penalty
     return (mse + tc.cfg.l1_coeff * l1 if penalty else mse), mse, l1
 
@@ -341,7 +464,20 @@ register(
             lambda tc, x, y: _loss_parts(tc, x, y, mean_all=True),
             "Sum the squared error over d_out, then average over the batch (not a mean over every element).",
         ),
+        Mistake(
+            "penalty on detached activations",
+            lambda tc, x, y: _loss_parts(tc, x, y, detach=True),
+            "The penalty must stay in the autograd graph: computed from detached activations it has the right "
+            "value but no gradient, so training never pushes the activations towards zero.",
+        ),
+        Mistake(
+            "mse through .item()",
+            lambda tc, x, y: _loss_parts(tc, x, y, item=True),
+            "Keep mse a tensor: .item() turns it into a Python float, which has the right value but no gradient, so "
+            "the loss no longer trains the transcoder to predict y.",
+        ),
     ],
+    output_names=("loss", "mse", "l1"),
 )
 
 
@@ -357,6 +493,12 @@ def _replacement_cases():
         Case("TinyWorld: every MLP replaced at once", (model, _all_shipped(), ids, mask)),
         Case("TinyWorld: every MLP replaced by a skip transcoder", (model, _all_shipped(skip=True), ids, mask)),
         Case("TinyWorld: layers 2 and 0 (given out of order)", (model, [_shipped(2), _shipped(0)], ids, mask)),
+        Case(
+            "must raise: two transcoders for the same MLP",
+            (model, [_shipped(1), _shipped(1, skip=True)], ids[:2], mask[:2]),
+            call=_raises,
+            judge=_must_raise("two transcoders replacing the same MLP"),
+        ),
     ]
 
 
@@ -469,6 +611,12 @@ def _de_embedding_cases():
         Case("the shipped layer-0 transcoder, feature 123", (model, tc0, 123)),
         Case("the shipped layer-2 transcoder, its last feature", (model, tc2, tc2.cfg.d_sae - 1)),
         Case("a random transcoder with 16 features, feature 5", (model, rand, 5)),
+        Case(
+            "must raise: feature 16 of a transcoder with 16 features",
+            (model, rand, 16),
+            call=_raises,
+            judge=_must_raise("a feature the transcoder does not have"),
+        ),
     ]
 
 
@@ -509,6 +657,18 @@ def _pullback_cases():
         Case("random: feature 0", (early, late, 0)),
         Case("the shipped transcoders of layers 0 and 2, feature 17", (_shipped(0), _shipped(2), 17)),
         Case("the shipped transcoders of layers 1 and 3, feature 400", (_shipped(1), _shipped(3), 400)),
+        Case(
+            "must raise: the 'earlier' transcoder comes after the later one",
+            (late, early, 0),
+            call=_raises,
+            judge=_must_raise("an earlier transcoder that does not come before the later one"),
+        ),
+        Case(
+            "must raise: feature 5 of a later transcoder with 5 features",
+            (early, late, 5),
+            call=_raises,
+            judge=_must_raise("a feature the later transcoder does not have"),
+        ),
     ]
     return cases
 
@@ -562,38 +722,72 @@ def _attribution_cases():
             "an indirect-object prompt -> Mia, transcoders of layers 1 and 3 only",
             (model, [_shipped(1), _shipped(3)], ioi_ids, tinyworld.token_id("Mia")),
         ),
+        Case(
+            "behaviour: works under torch.no_grad(), as in the chapter (Karl's job, layers 0 and 2)",
+            (model, [_shipped(0), _shipped(2)], job, job_answer),
+            call=_no_grad_or_error,
+        ),
+        Case(
+            "must raise: a batch of prompts instead of one",
+            (model, [_shipped(1)], fact[None], city),
+            call=_raises,
+            judge=_must_raise("tokens that are not one prompt"),
+        ),
     ]
 
 
 def _attr_general(
-    model, transcoders, tokens, answer_id, *, times_act=True, errors=True, detach_x=False, log_prob=False
+    model,
+    transcoders,
+    tokens,
+    answer_id,
+    *,
+    times_act=True,
+    errors=True,
+    freeze_pattern=True,
+    freeze_scale=True,
+    cut_features=True,
+    freeze_other_mlps=True,
+    log_prob=False,
+    grad_mode=True,
 ):
-    by_layer = {tc.cfg.layer: i for i, tc in enumerate(transcoders)}
-    inputs, n = {}, len(transcoders)
-    acts, errs = [None] * n, [None] * n
+    """The reference with one thing changed (each keyword names a known mistake)."""
+    if tokens.ndim != 1:
+        raise ValueError("tokens must be one prompt")
+    by_layer = {tc.cfg.layer: tc for tc in transcoders}
+    inputs, sources = {}, {}
+
+    def frozen(name):
+        return (freeze_pattern and name.endswith("hook_pattern")) or (freeze_scale and name.endswith("hook_scale"))
 
     def save(x, hook):
         inputs[hook.layer()] = x
 
     def replace(y, hook):
-        i = by_layer[hook.layer()]
-        tc, x = transcoders[i], inputs[hook.layer()]
-        x_enc = x.detach() if detach_x else x
-        acts[i] = tc.encode(x_enc)
-        recon = tc.decode(acts[i]) + tc.skip_out(x)
-        errs[i] = (y - recon).detach().requires_grad_(True)
-        return recon + errs[i] if errors else recon + 0.0 * errs[i]
+        if hook.layer() not in by_layer:
+            return y.detach() if freeze_other_mlps else y
+        tc, x = by_layer[hook.layer()], inputs[hook.layer()]
+        acts = tc.encode(x)
+        acts = acts.detach().requires_grad_(True) if cut_features else acts
+        recon = tc.decode(acts) + tc.skip_out(x)
+        err = (y - recon).detach().requires_grad_(True)
+        sources[hook.layer()] = (acts, err)
+        return recon + err if errors else recon + 0.0 * err
 
-    hooks = [(mlp_in_hook(L), save) for L in by_layer] + [(mlp_out_hook(L), replace) for L in by_layer]
-    with torch.enable_grad():
+    hooks = [(frozen, lambda v, hook: v.detach()), (lambda n: n.endswith("ln2.hook_normalized"), save)]
+    hooks.append((lambda n: n.endswith("hook_mlp_out"), replace))
+    with torch.set_grad_enabled(True) if grad_mode else contextlib.nullcontext():
         logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         out = logits[0, -1].log_softmax(-1)[answer_id] if log_prob else logits[0, -1, answer_id]
-        grads = torch.autograd.grad(out, acts + errs)
-    feat = torch.stack([((a if times_act else 1.0) * g)[0] for a, g in zip(acts, grads[:n])]).detach()
-    err = torch.stack([(e * g).sum(-1)[0] for e, g in zip(errs, grads[n:])]).detach()
-    if not errors:
-        err = torch.zeros_like(err)
-    return feat, err
+        leaves = [t for tc in transcoders for t in sources[tc.cfg.layer]]
+        grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    attrs = [
+        torch.zeros_like(t) if g is None else ((t if times_act or k % 2 else 1.0) * g).detach()
+        for k, (t, g) in enumerate(zip(leaves, grads))
+    ]
+    feat = torch.stack([a[0] for a in attrs[0::2]])
+    err = torch.stack([a[0].sum(-1) for a in attrs[1::2]])
+    return feat, (err if errors else torch.zeros_like(err))
 
 
 register(
@@ -605,28 +799,54 @@ register(
         Mistake(
             "gradient only",
             lambda *a: _attr_general(*a, times_act=False),
-            "Attribution is activation TIMES gradient: a feature that is off (activation 0) contributes nothing, "
-            "however steep the gradient.",
+            "Attribution is the source's value TIMES the gradient: a feature that is off (activation 0) "
+            "contributes nothing, however steep the gradient.",
         ),
         Mistake(
             "no error terms",
             lambda *a: _attr_general(*a, errors=False),
-            "Add the error term error = (y - transcoder(x)).detach() to the replaced output, so the replacement "
-            "model computes exactly what the model computes, and report error . gradient for it: what the "
+            "Keep each MLP's error term (what the transcoder misses, a constant) in the replaced output, so the "
+            "frozen model computes exactly what the model computes, and report its attribution: what the "
             "transcoders miss stays visible instead of silently changing the prompt's computation.",
         ),
         Mistake(
-            "detached transcoder input",
-            lambda *a: _attr_general(*a, detach_x=True),
-            "Only the error term is detached. The transcoder's input must stay in the graph, so gradients from "
-            "the answer reach earlier features through later transcoders' features too.",
+            "live attention patterns",
+            lambda *a: _attr_general(*a, freeze_pattern=False),
+            "Freeze the attention patterns at their values in this run (hook_pattern): with live patterns the "
+            "logit is not linear in the sources and the attributions no longer add up to it.",
+        ),
+        Mistake(
+            "live LayerNorm scales",
+            lambda *a: _attr_general(*a, freeze_scale=False),
+            "Freeze every LayerNorm's scale at its value in this run (hook_scale), the final one included: a "
+            "live scale makes the logit nonlinear in the sources.",
+        ),
+        Mistake(
+            "paths through later features",
+            lambda *a: _attr_general(*a, cut_features=False),
+            "A feature's attribution counts only the paths that pass through no other transcoder feature: make "
+            "each transcoder's activations a source of their own (detached from its input), so that what an "
+            "earlier feature does through a later one is an edge of the graph, not part of its attribution.",
+        ),
+        Mistake(
+            "MLPs without a transcoder left live",
+            lambda *a: _attr_general(*a, freeze_other_mlps=False),
+            "An MLP without a transcoder keeps its output from this run as a constant: a live MLP is nonlinear, "
+            "and sources would be credited with what it computes from them.",
         ),
         Mistake(
             "log-probability",
             lambda *a: _attr_general(*a, log_prob=True),
-            "Explain the answer's LOGIT (logits[0, -1, answer_id]), not its log-probability.",
+            "Explain the answer's LOGIT at the last position, not its log-probability.",
+        ),
+        Mistake(
+            "gradients left to the caller",
+            lambda *a: _attr_general(*a, grad_mode=False),
+            "The function must work when the caller has turned gradients off (the chapter runs under "
+            "torch.set_grad_enabled(False)): compute the gradients inside torch.enable_grad().",
         ),
     ],
     rtol=1e-3,
     atol=1e-4,
+    output_names=("feature_attr", "error_attr"),
 )
