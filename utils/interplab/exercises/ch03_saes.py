@@ -809,7 +809,13 @@ def _train_data() -> dict[int, torch.Tensor]:
 
 
 _TRAIN_KW = dict(steps=300, batch_size=128, lr=3e-3, seed=1, dead_after=40, resample_every=50, progress=False)
-_LOSS_MARGIN = 1.25  # a correct loop with another batch order or in float64 lands within a few % of the reference
+# How much worse than the reference a correct loop may end. These runs are short, so the final loss depends on the
+# seed's draw (initialisation, batch order): correct loops with other draws ended between 0.11x and 1.6x the
+# reference's loss on these cases (20 draws each), float64 within 0.1%. A loop that never zeroes its gradients
+# ends at 2.2x to 20x, one that never resamples at 4.3x on the one-hot data. The floor (a tenth of what predicting
+# the mean row costs) keeps a lucky reference draw on easy data from setting the bar.
+_LOSS_FACTOR = 2.0
+_LOSS_FLOOR = 0.1
 
 
 def _quality(sae, x) -> float:
@@ -866,10 +872,11 @@ def _trained_judge(cfg: SAEConfig, must_resample: bool):
         if any(k == "type" for k, _ in g_found):
             return None
         e_loss, g_loss = _quality(expected, data), _quality(got, data)
-        if not (e_loss / _LOSS_MARGIN <= g_loss <= e_loss * _LOSS_MARGIN):
+        bar = max(_LOSS_FACTOR * e_loss, _LOSS_FLOOR * float((data - data.mean(0)).pow(2).sum(-1).mean()))
+        if not g_loss <= bar:
             return (
                 f"after training, the SAE's loss on its training data is {g_loss:.4g}; a loop that meets the "
-                f"contract reaches about {e_loss:.4g} (within a factor {_LOSS_MARGIN})"
+                f"contract reaches about {e_loss:.4g} (at most {bar:.4g} is accepted)"
             )
         return None
 
