@@ -11,11 +11,11 @@ import time
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from interplab.dictionaries import SAE, SAEConfig
 from interplab.dictionaries.latents import average_ranks
 from interplab.dictionaries.training import resample_sae_
+from interplab.progress import progress as progress_bar
 
 
 def sae_encode(
@@ -24,10 +24,10 @@ def sae_encode(
     b_enc: Float[Tensor, " d_sae"],
     b_dec: Float[Tensor, " d_in"],
 ) -> Float[Tensor, "batch d_sae"]:
-    """Feature activations of a standard SAE.
+    """Feature activations of a standard SAE: the encoder half of f(x) above.
 
-    The decoder bias is subtracted from the input first (the "pre-encoder bias"), so
-    that the encoder sees activations centred where the decoder's reconstructions are.
+    The encoder reads x relative to the decoder bias (the "pre-encoder bias"), so that
+    it sees activations centred where the decoder's reconstructions are.
 
     Args:
         x: input activations (any number of leading dimensions is fine).
@@ -36,7 +36,8 @@ def sae_encode(
         b_dec: decoder bias.
 
     Returns:
-        ReLU((x - b_dec) @ W_enc + b_enc).
+        A float tensor with x's leading dimensions and d_sae columns: every feature's
+        activation f(x), never negative. Gradients flow from it to x and to every weight.
     """
     return torch.relu((x - b_dec) @ W_enc + b_enc)
 
@@ -62,10 +63,12 @@ def sae_loss(
         l1_coeff: weight of the sparsity penalty.
 
     Returns:
-        (loss, mse, l1), three scalar tensors:
-        mse = squared error summed over the last dimension, averaged over the batch;
-        l1 = sum_i |acts[:, i]| * ||W_dec[i]||, averaged over the batch;
-        loss = mse + l1_coeff * l1.
+        (loss, mse, l1), three scalar float tensors that the optimizer differentiates, so
+        gradients must flow through all three to x_hat, acts and W_dec:
+        mse: a token's squared error summed over the activation dimensions, averaged over tokens;
+        l1: a token's penalty, each feature's absolute activation times the norm of its
+        decoder row, summed over features, averaged over tokens;
+        loss: mse plus l1_coeff times l1.
     """
     mse = (x_hat - x).pow(2).sum(dim=-1).mean()
     l1 = (acts.abs() * W_dec.norm(dim=-1)).sum(dim=-1).mean()
@@ -80,11 +83,14 @@ def remove_parallel_grad(W_dec: Float[Tensor, "d_sae d"], grad: Float[Tensor, "d
     component first keeps the optimizer's statistics for what actually moves.
 
     Args:
-        W_dec: decoder weights (rows need not be exactly unit norm).
+        W_dec: decoder weights (rows need not be exactly unit norm, but none is zero).
         grad: the gradient of the loss with respect to W_dec.
 
     Returns:
-        grad[i] - (grad[i] . u_i) u_i for every row i, where u_i = W_dec[i] / ||W_dec[i]||.
+        A float tensor shaped like grad: row i is the part of the gradient's row i that is
+        orthogonal to decoder row i (its dot product with that row is 0). A gradient row
+        already orthogonal to its decoder row comes back unchanged; one parallel to it
+        comes back as zeros.
     """
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
     parallel = (grad * unit).sum(dim=-1, keepdim=True) * unit
@@ -92,15 +98,18 @@ def remove_parallel_grad(W_dec: Float[Tensor, "d_sae d"], grad: Float[Tensor, "d
 
 
 def topk_activation(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> Float[Tensor, "batch d_sae"]:
-    """The TopK activation: in each row keep the k largest pre-activations (ReLU'd), zero the rest.
+    """The TopK activation: each row (token) keeps its k largest pre-activations, ReLU'd.
 
     Args:
         pre_acts: encoder outputs before the activation function.
-        k: how many features may fire per row (per token).
+        k: how many features may fire per row (per token), 1 <= k <= d_sae.
 
     Returns:
-        A tensor like pre_acts: at the k largest entries of each row, max(value, 0);
-        everywhere else 0.
+        A float tensor shaped like pre_acts. In every row, exactly k entries are kept,
+        and they are the row's k largest pre-activations; a kept entry holds its
+        pre-activation if that is positive and 0 if not (when fewer than k values are
+        positive, no negative value survives); every other entry is 0. Where several
+        entries tie for the k-th place, any of them may be the one kept.
     """
     values, indices = pre_acts.topk(k, dim=-1)
     return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
@@ -117,7 +126,10 @@ def batchtopk_activation(pre_acts: Float[Tensor, "batch d_sae"], k: int) -> Floa
         k: the average number of active features per row.
 
     Returns:
-        ReLU(pre_acts) at its k * batch largest entries (over the whole batch), 0 elsewhere.
+        A float tensor shaped like pre_acts. Over the whole batch, its k * batch largest
+        positive pre-activations keep their value (all positive ones if there are fewer);
+        every other entry is 0, so no row is guaranteed exactly k. Where values tie for
+        the last place, any of them may be the ones kept.
     """
     acts = pre_acts.relu()
     flat = acts.flatten()
@@ -141,17 +153,19 @@ def resample_dead_features(
     Monosemanticity": a feature that never fires gets no gradient and never recovers,
     so give it a new direction where the SAE currently fails.
 
-    Take the rows of x with the largest squared error ||x - x_hat||^2, as many as there
-    are dead features (largest first; if there are more dead features than rows, reuse
-    the rows cyclically). For the j-th dead feature (in increasing index order) and the
-    j-th of those rows, let r = (x - x_hat)[row] / ||(x - x_hat)[row]||. Then:
+    What must hold afterwards:
 
-    - W_dec[feature] = r (a unit-norm decoder direction);
-    - W_enc[:, feature] = r * encoder_scale * (the mean norm of the encoder columns of
-      the live features; 1.0 if no feature is alive);
-    - b_enc[feature] = 0.
-
-    Live features and the inputs are left unchanged.
+    - live features keep their weights, and the input tensors are left unchanged;
+    - each dead feature is assigned one row of the batch: the dead features, taken in
+      increasing index order, get the rows in decreasing order of squared
+      reconstruction error (the worst row first; if there are more dead features than
+      rows, the order starts again from the worst row);
+    - a dead feature's decoder row is the unit vector along its row's error
+      (the input minus its reconstruction), so it writes what the SAE missed there;
+    - its encoder column points the same way, with norm encoder_scale times the mean
+      norm of the live features' encoder columns (times 1.0 when no feature is alive),
+      so that it fires on such inputs without dominating at once;
+    - its encoder bias is 0.
 
     Args:
         W_enc, b_enc, W_dec: the SAE's weights.
@@ -163,7 +177,7 @@ def resample_dead_features(
             a resampled feature to make it into the top k at all).
 
     Returns:
-        (W_enc, b_enc, W_dec), new tensors.
+        (W_enc, b_enc, W_dec): new float tensors shaped like the weights passed in.
     """
     W_enc, b_enc, W_dec = W_enc.clone(), b_enc.clone(), W_dec.clone()
     n_dead = int(dead.sum())
@@ -197,24 +211,28 @@ def train_sae(
 ) -> SAE:
     """Train an SAE on cached activations and return it (in eval mode).
 
-    The recipe:
+    What the training must do (``check`` watches the optimizer while your loop runs):
 
-    1. ``torch.manual_seed(seed)``, then ``sae = SAE(cfg)``; set ``b_dec`` to the mean
-       of the target (so the SAE starts by predicting the average activation).
-    2. Adam with learning rate ``lr``; the rate decays linearly to 0 over the last 20%
-       of the steps.
-    3. Each step: a batch of ``batch_size`` rows (shuffled, epoch after epoch);
-       ``out = sae.loss(x, y)``; zero the gradients; ``out.loss.backward()``; remove
-       the decoder gradient parallel to the decoder rows (``sae.remove_parallel_grad_()``);
-       step the optimizer; renormalise the decoder rows (``sae.normalize_decoder_()``).
-    4. Track, for every feature, the number of steps since it last fired. Every
-       ``resample_every`` steps (during the first 80% of training), the features that
-       have not fired for ``dead_after`` steps are dead: give them new weights with
-       `resample_dead_features` on the current batch (encoder_scale 0.2 for a standard
-       SAE, 1.0 for TopK and BatchTopK) and clear their Adam statistics (the helper
-       ``resample_sae_(sae, opt, dead, x, y, out.x_hat)`` does both), reset their
-       counters, and count them in ``sae.info["resampled"]``.
-    5. Show a tqdm progress bar (unless ``progress=False``).
+    - It is reproducible: the same seed gives the same SAE (initialisation and batch
+      order both follow ``seed``); the SAE is an ``SAE(cfg)`` whose decoder bias starts
+      at the mean row of the target, so that it starts by predicting the average
+      activation.
+    - It takes exactly ``steps`` steps of Adam on the SAE's own loss, each on
+      ``batch_size`` rows, every row seen once per epoch in a fresh random order. The
+      learning rate is ``lr`` for the first 80% of the steps and falls linearly to 0
+      over the last 20% (the final steps polish instead of jumping around).
+    - Decoder rows have unit norm after every step, and the gradient reaching the
+      optimizer for the decoder has no component along the decoder rows (that
+      component would only change a row's length, which the renormalisation undoes,
+      while it inflates Adam's statistics).
+    - Dead features are brought back: every ``resample_every`` steps during the first
+      80% of training, the features that have not fired for ``dead_after`` steps are
+      resampled as in `resample_dead_features`, on the current batch (encoder scale
+      0.2 for a standard SAE, 1.0 for TopK and BatchTopK), and their Adam statistics
+      are cleared (stale moments would throttle or fling the new weights); their
+      silence counts restart, and ``sae.info["resampled"]`` counts every feature
+      resampled.
+    - A progress bar is shown unless ``progress=False``.
 
     Args:
         acts: the SAE's training inputs (e.g. one layer's residual stream, one row per token).
@@ -229,7 +247,8 @@ def train_sae(
         progress: show a progress bar.
 
     Returns:
-        The trained SAE, in eval mode, with ``sae.info`` recording the training.
+        The trained SAE, in eval mode, with unit-norm decoder rows and a dict ``sae.info``
+        recording the training (at least "resampled").
     """
     target = acts if target is None else target
     if acts.ndim != 2 or acts.shape[-1] != cfg.d_in:
@@ -250,7 +269,7 @@ def train_sae(
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     n_resampled, t0 = 0, time.time()
     sae.train()
-    bar = tqdm(
+    bar = progress_bar(
         range(steps), disable=not progress, desc=f"training {cfg.architecture} SAE", leave=False, mininterval=1.0
     )
     for step in bar:
@@ -304,8 +323,10 @@ def explained_variance(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> 
         x_hat: their reconstructions.
 
     Returns:
-        1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, where the sums run over all rows
-        and mean(x) is the average row; a Python float.
+        A Python float: one minus the total squared reconstruction error (over all
+        tokens and dimensions) divided by the total squared distance of the tokens from
+        their mean row. 1 for a perfect reconstruction, 0 for one no better than
+        predicting the mean row for every token, negative for a worse one.
     """
     x, x_hat = x.double(), x_hat.double()
     residual = (x - x_hat).pow(2).sum()
@@ -324,11 +345,14 @@ def reconstruction_metrics(
         acts: the SAE's feature activations on them.
 
     Returns:
-        A dict of Python floats:
-        "l0": the mean number of non-zero features per token;
-        "mse": the mean over tokens of ||x - x_hat||^2 (squared error summed over dimensions);
-        "cosine_sim": the mean over tokens of the cosine similarity of x and x_hat;
-        "l2_ratio": the mean over tokens of ||x_hat|| / ||x|| (below 1 means shrinkage).
+        A dict with exactly these four keys, each a Python float:
+        "l0": the mean over tokens of the number of non-zero features;
+        "mse": the mean over tokens of the squared error summed over dimensions;
+        "cosine_sim": the mean over tokens of the cosine similarity between a token's
+        activation and its reconstruction (a token whose reconstruction is all zero,
+        where no feature fired and there is no bias, counts as 0, not NaN);
+        "l2_ratio": the mean over tokens of the reconstruction's norm over the
+        activation's norm (below 1 means shrinkage).
     """
     return {
         "l0": (acts != 0).float().sum(dim=-1).mean().item(),
@@ -347,7 +371,8 @@ def feature_density(acts: Float[Tensor, "n d_sae"]) -> Float[Tensor, " d_sae"]:
         acts: feature activations, one row per token.
 
     Returns:
-        density[i] = (number of rows with acts[:, i] != 0) / (number of rows), float32.
+        A float tensor with one value per feature: the fraction of tokens (rows) on which
+        that feature is non-zero, in [0, 1].
     """
     return (acts != 0).float().mean(dim=0)
 
@@ -357,13 +382,16 @@ def spliced_loss(
 ) -> dict[str, float]:
     """How much of the model's performance survives when the SAE replaces its activation.
 
-    Run the model three times: clean; with the activation at ``sae.cfg.hook_name``
-    replaced by the SAE's reconstruction at the positions in ``mask`` (other positions
-    keep their clean activation); and with that activation zeroed at every position
-    (the zero-ablation baseline, as SAELens does it).
+    Three runs of the model are compared: clean; spliced, where the activation at the
+    SAE's hook point (``sae.cfg.hook_name``) is replaced by the SAE's reconstruction at
+    the positions in mask, other positions keeping their clean activation; and zeroed,
+    where that activation is zero at every position (the zero-ablation baseline, as
+    SAELens does it). The model is left as it was (no hooks attached afterwards), and the
+    function works whether or not the caller has turned gradients off.
 
-    A prediction (logits at position p for the token at p + 1) is scored when both
-    mask[b, p] and mask[b, p + 1] are True; all averages run over scored predictions.
+    A prediction (the logits at one position for the token at the next) is scored only
+    when both positions are in the mask: predictions made from <bos> or of padding are
+    not part of the text. All averages run over the scored predictions.
 
     Args:
         model: a HookedTransformer.
@@ -372,10 +400,12 @@ def spliced_loss(
         mask: True at the tokens the SAE reads and replaces (real tokens: not <bos>, not padding).
 
     Returns:
-        A dict of Python floats:
+        A dict with exactly these five keys, each a Python float:
         "ce_clean", "ce_sae", "ce_zero": mean next-token cross-entropy in each run;
-        "loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean), 1 when the SAE is perfect;
-        "kl_sae": mean KL(clean || with SAE) of the next-token distributions.
+        "loss_recovered": where the spliced loss sits between the zeroed loss (0) and the
+        clean loss (1), the share of the zeroing damage the SAE repairs;
+        "kl_sae": the mean KL divergence of the spliced next-token distribution from the
+        clean one, KL(clean || spliced), the clean distribution weighting the sum.
     """
     hook = sae.cfg.hook_name
     keep = mask.to(tokens.device)
@@ -414,8 +444,11 @@ def top_activating_contexts(
         k: how many to return (fewer if the mask has fewer than k tokens).
 
     Returns:
-        (values, seq, pos), each of length k, sorted by value, largest first:
-        values[j] = feature_acts[seq[j], pos[j]].
+        (values, seq, pos): a float tensor and two integer tensors, all of length
+        min(k, tokens in the mask). Entry j names a distinct token in the mask (its
+        sequence and position) and its activation; the values are the largest
+        activations among the masked tokens, in decreasing order. Among tokens with
+        equal activations any order is fine, and so is any choice at the last place.
     """
     masked = feature_acts.masked_fill(~mask, float("-inf"))
     k = min(k, int(mask.sum()))
@@ -437,7 +470,10 @@ def feature_logit_weights(sae: SAE, model, feature: int) -> Float[Tensor, " d_vo
         feature: the feature's index.
 
     Returns:
-        sae.W_dec[feature] @ model.W_U, one value per vocabulary token.
+        A float tensor with one value per vocabulary token: how much one unit of the
+        feature's activation, written along its decoder direction, raises that token's
+        logit through the unembedding alone (no unembedding bias: it does not depend on
+        the feature).
     """
     return sae.W_dec[feature] @ model.W_U
 
@@ -447,8 +483,10 @@ def steer_with_feature(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The model's logits when a feature's decoder direction is added to its activations.
 
-    Add ``scale * sae.W_dec[feature]`` to the activation at ``sae.cfg.hook_name``, at
-    every position, with a hook (so the model is unchanged afterwards).
+    The activation at the SAE's hook point (``sae.cfg.hook_name``) is moved by scale
+    times the feature's decoder row (as stored), at every position of every sequence;
+    nothing else changes. The model is left as it was (no hooks attached afterwards),
+    and the function works whether or not the caller has turned gradients off.
 
     Args:
         model: a HookedTransformer.
@@ -458,7 +496,8 @@ def steer_with_feature(
         scale: how far to move along the feature's (unit-norm) decoder direction.
 
     Returns:
-        The steered logits.
+        The steered logits, a float tensor [batch, pos, d_vocab]; scale 0 gives the clean
+        logits.
     """
     direction = sae.W_dec[feature].detach()
 
@@ -478,10 +517,15 @@ def feature_aurocs(acts: Float[Tensor, "n d_sae"], labels: Bool[Tensor, " n"]) -
 
     Args:
         acts: feature activations, one row per token.
-        labels: True where the latent is present; needs at least one positive and one negative.
+        labels: True where the latent is present.
 
     Returns:
-        One AUROC per feature, float32; 0.5 is chance, 1 a perfect detector.
+        A float tensor with one AUROC per feature: 0.5 is chance (a feature that never
+        fires scores exactly 0.5), 1 a perfect detector, 0 a perfect detector of the
+        absence.
+
+    Raises:
+        ValueError: if labels has no positive or no negative token (AUROC is undefined).
     """
     labels = labels.bool()
     n_pos = int(labels.sum())
@@ -501,10 +545,15 @@ def max_f1(scores: Float[Tensor, " n"], labels: Bool[Tensor, " n"]) -> float:
 
     Args:
         scores: one feature's activation per token.
-        labels: True where the latent is present (at least one).
+        labels: True where the latent is present.
 
     Returns:
-        max over t in scores of F1(predict scores >= t), a Python float; F1 = 2PR / (P + R).
+        A Python float: the largest F1 score (the harmonic mean of precision and recall)
+        that predicting "present" for the tokens scoring at least t reaches, over every
+        threshold t among the scores.
+
+    Raises:
+        ValueError: if labels has no positive token (recall is undefined).
     """
     labels = labels.bool()
     n_pos = int(labels.sum())
