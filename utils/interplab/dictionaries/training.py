@@ -26,8 +26,8 @@ import time
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..progress import progress as progress_bar
 from .config import SAEConfig
 from .modules import SAE, SparseDictionary, Transcoder
 
@@ -160,7 +160,7 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
     n_resampled, t0 = 0, time.time()
     module.train()
     what = f"layer-{cfg.layer} transcoder" if cfg.is_transcoder else "SAE"
-    bar = tqdm(
+    bar = progress_bar(
         range(steps), disable=not progress, desc=f"training {cfg.architecture} {what}", leave=False, mininterval=1.0
     )
     for step in bar:

@@ -1391,6 +1391,16 @@ def _sparse_probe_cases():
             "imbalanced classes: 15% positives (k = 3 of 9)", gen(43), 3, signal=3, noise_latents=6, positive_rate=0.15
         ),
     ]
+    cases.append(
+        _probe_case(
+            "k = 5 but only 3 latents ever fire: dead latents must be taken, and must not break the fit",
+            gen(45),
+            5,
+            signal=2,
+            noise_latents=1,
+            dead=3,
+        )
+    )
     x_train, y_train, x_test, y_test = _review_latents()
     cases.append(
         Case(
@@ -1422,13 +1432,21 @@ def _sparse_probe_cases():
     return cases
 
 
+def _probe_validate(acts, labels, k):
+    n_pos = int(labels.bool().sum())
+    if not 1 <= k <= acts.shape[1] or n_pos in (0, len(labels)):
+        raise ValueError("k out of range or a single class")
+
+
 def _probe_by_mean(acts, labels, k):
+    _probe_validate(acts, labels, k)
     features = acts.double().mean(0).topk(k).indices
     _, w, b = sol.sparse_probe(acts[:, features], labels, k)
     return features, w, b
 
 
 def _probe_signed_gap(acts, labels, k):
+    _probe_validate(acts, labels, k)
     labels = labels.bool()
     gap = acts[labels].double().mean(0) - acts[~labels].double().mean(0)
     features = gap.topk(k).indices
@@ -1437,6 +1455,7 @@ def _probe_signed_gap(acts, labels, k):
 
 
 def _probe_no_intercept(acts, labels, k):
+    _probe_validate(acts, labels, k)
     features, _, _ = sol.sparse_probe(acts, labels, k)
     x = acts[:, features].double()
     w = torch.zeros(k, dtype=torch.float64, requires_grad=True)
@@ -1455,6 +1474,7 @@ def _probe_no_intercept(acts, labels, k):
 
 
 def _probe_unguarded(acts, labels, k):
+    _probe_validate(acts, labels, k)
     labels = labels.bool()
     gap = (acts[labels].double().mean(0) - acts[~labels].double().mean(0)).abs()
     features = gap.topk(k).indices
@@ -1466,6 +1486,7 @@ def _probe_unguarded(acts, labels, k):
 
 
 def _probe_adam_no_enable_grad(acts, labels, k):
+    _probe_validate(acts, labels, k)
     labels = labels.bool()
     gap = (acts[labels].double().mean(0) - acts[~labels].double().mean(0)).abs()
     features = gap.topk(k).indices
