@@ -12,8 +12,8 @@ steps resampled every ``resample_every`` steps during the first 80% of training.
 Two ways of dealing with dead features: resampling (the default, ``resample=True``) gives them
 new weights; the AuxK loss of Gao et al. (2024) (``aux_k > 0``; off by default, so the shipped
 recipes are unchanged) keeps training them: the ``aux_k`` dead features with the largest
-pre-activations try to reconstruct what the live ones missed, and that error, divided by the
-variance of the residual, is added to the loss with weight ``aux_coeff`` (1/32 in the paper).
+pre-activations try to reconstruct what the live ones missed, and that squared error is added to
+the loss with weight ``aux_coeff`` (1/32 in the paper).
 
 ``sae.info`` records the training: steps, batch_size, lr, seed, tokens_seen, final_loss,
 final_mse, resampled, seconds (and aux_k, aux_coeff, final_aux_loss with AuxK).
@@ -129,17 +129,20 @@ def auxk_loss(module: SparseDictionary, x: Tensor, residual: Tensor, dead: Tenso
 
     ``residual`` is the target minus the module's output (held fixed); the dead features'
     ReLU'd pre-activations, cut to the ``aux_k`` largest per row, are decoded without the
-    bias. Returns the squared error divided by the residual's variance (0 when none is dead).
+    bias. Returns the squared error in the reconstruction loss's units (summed over dimensions,
+    averaged over rows; Gao et al. normalise both losses by the same constant), 0 when none is dead.
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return residual.new_zeros(())
-    pre = module.pre_acts(x)[:, dead]
+    if module.cfg.apply_b_dec_to_input:  # only the dead features learn from this loss, not the shared bias
+        x = x - module.b_dec.detach()
+    pre = x @ module.W_enc[:, dead] + module.b_enc[dead]
     values, idx = pre.topk(min(aux_k, n_dead), dim=-1)
     acts = torch.zeros_like(pre).scatter(-1, idx, values.relu())
     e_hat = acts @ module.W_dec[dead]
     e = residual.detach()
-    return (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+    return (e_hat - e).pow(2).sum(-1).mean()
 
 
 def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_every, progress, resample, aux):
@@ -208,7 +211,7 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
         "seconds": round(time.time() - t0, 1),
     }
     if aux is not None:
-        module.info.update(aux_k=aux[0], aux_coeff=aux[1], final_aux_loss=round(float(aux_loss), 5))
+        module.info.update(aux_k=aux[0], aux_coeff=aux[1], final_aux_loss=round(aux_loss.item(), 5))
     if not resample:
         module.info["resample"] = False
     return module

@@ -1253,6 +1253,10 @@ def _probe_call(fn, acts, labels, k, *, held_out=None, no_grad=False):
             out = fn(acts, labels, k)
     except ValueError:
         return {"raised": "ValueError"}
+    except RuntimeError as e:
+        if not no_grad:
+            raise
+        return {"failed_under_no_grad": f"{type(e).__name__}: {e}"}
     if not isinstance(out, tuple) or len(out) != 3:
         return {"malformed": f"a {type(out).__name__} instead of the tuple (features, w, b)"}
     features, w, b = (torch.as_tensor(v).detach() for v in out)
@@ -1289,6 +1293,10 @@ def _probe_judge(expected, got):
         return None if got == expected else "this input must raise a ValueError (k out of range, or a single class)"
     if "raised" in got:
         return "raised a ValueError on a valid input"
+    if "failed_under_no_grad" in got:
+        return (
+            f"the function must work when the caller has turned gradients off; it raised {got['failed_under_no_grad']}"
+        )
     if "malformed" in got:
         return f"returned {got['malformed']}"
     k = expected["k"]
