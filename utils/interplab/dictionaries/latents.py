@@ -3,7 +3,9 @@
 - `tinyworld_latents`: the true labels of every token (family, entity, room, sentiment, truth,
   induction).
 - `feature_aurocs`, `auroc_matrix`, `max_f1`: how well a feature, used as a score, detects a latent.
-- `recovery_table`, `recovery_summary`: the best feature for every latent, and counts by kind.
+- `recovery_table`, `recovery_summary`: the best feature for every latent (chosen on training
+  tokens, scored on held-out ones), and counts by kind.
+- `best_threshold`, `f1_at`: an F1 threshold chosen on some tokens and applied to others.
 - `probe_direction`: the class-mean probe the features are compared with.
 """
 
@@ -118,6 +120,29 @@ def max_f1(scores: Float[Tensor, " n"], labels: Bool[Tensor, " n"]) -> float:
     return (2 * tp / (predicted + n_pos))[end_of_group].max().item()
 
 
+def best_threshold(scores: Float[Tensor, " n"], labels: Bool[Tensor, " n"]) -> tuple[float, float]:
+    """(threshold, F1): the threshold t among the scores where "score >= t" has its best F1 on these rows."""
+    labels = labels.bool()
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        raise ValueError("labels need at least one positive token")
+    order = scores.argsort(descending=True)
+    s, y = scores[order], labels[order].double()
+    f1 = 2 * y.cumsum(0) / (torch.arange(1, len(s) + 1, dtype=torch.float64, device=s.device) + n_pos)
+    end_of_group = torch.ones(len(s), dtype=torch.bool, device=s.device)
+    end_of_group[:-1] = s[:-1] != s[1:]
+    f1 = torch.where(end_of_group, f1, torch.zeros_like(f1))
+    i = int(f1.argmax())
+    return float(s[i]), float(f1[i])
+
+
+def f1_at(scores: Float[Tensor, " n"], labels: Bool[Tensor, " n"], threshold: float) -> float:
+    """The F1 of "score >= threshold" as a detector of the labels."""
+    pred, labels = scores >= threshold, labels.bool()
+    tp = int((pred & labels).sum())
+    return 2 * tp / max(1, int(pred.sum()) + int(labels.sum()))
+
+
 @torch.no_grad()
 def recovery_table(
     acts: Float[Tensor, "n d_sae"],
@@ -125,22 +150,42 @@ def recovery_table(
     names: Sequence[str],
     threshold: float = 0.9,
     top_n: int = 20,
+    select_acts: Float[Tensor, "m d_sae"] | None = None,
+    select_labels: Bool[Tensor, "m n_latents"] | None = None,
 ) -> list[dict]:
     """For every latent: the best-matching feature and how well it detects the latent.
 
-    Each row has the feature with the highest AUROC ("feature", "auroc", and "f1", its
-    best F1), the most *specific* feature (the best F1 among the ``top_n`` features by
-    AUROC: "specific_feature", "specific_auroc", "specific_f1"), whether the latent is
-    recovered (best AUROC >= threshold) and how many features reach the threshold
+    Each row has the feature with the highest AUROC ("feature", "auroc", and "f1"), the
+    most *specific* feature (the best F1 among the ``top_n`` features by AUROC:
+    "specific_feature", "specific_auroc", "specific_f1"), whether the latent is recovered
+    (the best feature's AUROC >= threshold) and how many features reach the threshold
     ("features_above": more than one suggests the SAE split the latent).
+
+    With ``select_acts`` and ``select_labels`` (training tokens, the same latents as
+    ``labels``), the features and the F1 thresholds are chosen there and every score in the
+    row is measured on ``acts`` / ``labels`` (held-out tokens): a choice among 768 features
+    made on the scored tokens would favour the one that fits them by chance. Without
+    them, choice and score use the same tokens (and "f1" is the best F1 over thresholds).
     """
     aucs = auroc_matrix(acts, labels)
+    held_out = select_acts is not None
+    if held_out:
+        if select_labels is None or select_labels.shape[1] != labels.shape[1]:
+            raise ValueError("select_labels must hold the same latents (columns) as labels")
+        choose_aucs = auroc_matrix(select_acts, select_labels)
+    else:
+        select_acts, select_labels, choose_aucs = acts, labels, aucs
     rows = []
     for j, name in enumerate(names):
-        lab = labels[:, j]
-        top = aucs[:, j].topk(min(top_n, aucs.shape[0])).indices.tolist()
-        f1s = [max_f1(acts[:, i], lab) for i in top]
-        spec = max(range(len(top)), key=lambda t: f1s[t])
+        lab, choose_lab = labels[:, j], select_labels[:, j].to(select_acts.device)
+        top = choose_aucs[:, j].topk(min(top_n, choose_aucs.shape[0])).indices.tolist()
+        if held_out:
+            cuts = [best_threshold(select_acts[:, i], choose_lab) for i in top]
+            f1s = [f1_at(acts[:, i], lab, t) for i, (t, _) in zip(top, cuts)]
+            spec = max(range(len(top)), key=lambda t: cuts[t][1])
+        else:
+            f1s = [max_f1(acts[:, i], lab) for i in top]
+            spec = max(range(len(top)), key=lambda t: f1s[t])
         best = top[0]
         rows.append(
             {

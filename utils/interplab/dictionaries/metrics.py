@@ -4,6 +4,9 @@
 - `spliced_loss` (an SAE replaces its activation), `replacement_loss` (transcoders replace
   MLPs, all at once), `splice_in_batches` (either, memory-bounded for a large vocabulary).
 - `evaluate_sae`, `compare_layer`: every metric the chapters report, for one SAE or one MLP layer.
+- `mean_only_sae`: the baseline that reconstructs every activation as the mean; `prediction_losses`:
+  the spliced run's loss and KL per prediction (for intervals over documents); `token_errors`:
+  per-token squared error and L0.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .config import mlp_in_hook, mlp_out_hook
+from .config import SAEConfig, mlp_in_hook, mlp_out_hook
 from .data import collect_acts, mlp_io_pairs
+from .modules import SAE
 
 METHOD_NAMES = {"transcoder": "transcoder", "skip": "skip transcoder", "sae": "SAE on mlp_out"}
 
@@ -72,6 +76,55 @@ def spliced_loss(model, sae, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)[scored].mean().item()
     recovered = (ce["ce_zero"] - ce["ce_sae"]) / (ce["ce_zero"] - ce["ce_clean"])
     return {**ce, "loss_recovered": recovered, "kl_sae": kl}
+
+
+def mean_only_sae(mean: Float[Tensor, " d"], hook_name: str) -> SAE:
+    """An SAE whose features never fire: it reconstructs every activation as ``mean`` (the scale for loss recovered).
+
+    Spliced in, it keeps what is common to all tokens and removes everything that tells
+    them apart; any SAE worth reading should do far better.
+    """
+    sae = SAE(SAEConfig(d_in=mean.shape[-1], d_sae=1, architecture="standard", hook_name=hook_name))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)  # ReLU(-1) = 0: no feature ever fires
+        sae.b_dec.copy_(mean.detach().float())
+    return sae.eval().to(mean.device)
+
+
+@torch.no_grad()
+def prediction_losses(
+    model, sae, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]
+) -> dict[str, Tensor]:
+    """Per scored prediction (as in `spliced_loss`): clean CE, CE with the SAE spliced in, KL, and the document.
+
+    Returns {"ce_clean", "ce_sae", "kl_sae": float tensors [n_scored], "doc": the row of
+    ``tokens`` each prediction comes from}; their means are `spliced_loss`'s numbers, and
+    resampling whole documents gives their intervals.
+    """
+    keep = mask.to(tokens.device).bool()
+
+    def splice(act: Tensor, hook) -> Tensor:
+        return torch.where(keep[..., None], sae(act), act)
+
+    clean = model(tokens)[:, :-1].log_softmax(-1)
+    spliced = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.hook_name, splice)])[:, :-1].log_softmax(-1)
+    scored = keep[:, :-1] & keep[:, 1:]
+    nxt = tokens[:, 1:, None]
+    return {
+        "ce_clean": -clean.gather(-1, nxt)[..., 0][scored],
+        "ce_sae": -spliced.gather(-1, nxt)[..., 0][scored],
+        "kl_sae": (clean.exp() * (clean - spliced)).sum(-1)[scored],
+        "doc": torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(scored)[scored],
+    }
+
+
+@torch.no_grad()
+def token_errors(sae, x: Float[Tensor, "n d"]) -> dict[str, Tensor]:
+    """Per token: {"mse": squared error summed over dimensions, "l0": active features, "norm": ||x||}."""
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    return {"mse": (x - x_hat).pow(2).sum(-1), "l0": (f != 0).sum(-1), "norm": x.norm(dim=-1)}
 
 
 @torch.no_grad()

@@ -9,8 +9,14 @@ of the steps; each step a shuffled batch, the decoder gradient made orthogonal t
 rows, the rows renormalised after the step; features that have not fired for ``dead_after``
 steps resampled every ``resample_every`` steps during the first 80% of training.
 
+Two ways of dealing with dead features: resampling (the default, ``resample=True``) gives them
+new weights; the AuxK loss of Gao et al. (2024) (``aux_k > 0``; off by default, so the shipped
+recipes are unchanged) keeps training them: the ``aux_k`` dead features with the largest
+pre-activations try to reconstruct what the live ones missed, and that squared error is added to
+the loss with weight ``aux_coeff`` (1/32 in the paper).
+
 ``sae.info`` records the training: steps, batch_size, lr, seed, tokens_seen, final_loss,
-final_mse, resampled, seconds.
+final_mse, resampled, seconds (and aux_k, aux_coeff, final_aux_loss with AuxK).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import time
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..progress import progress as progress_bar
 from .config import SAEConfig
 from .modules import SAE, SparseDictionary, Transcoder
 
@@ -81,6 +87,9 @@ def train_dictionary(
     dead_after: int = 200,
     resample_every: int = 250,
     progress: bool = True,
+    resample: bool = True,
+    aux_k: int = 0,
+    aux_coeff: float = 1 / 32,
 ) -> SparseDictionary:
     """Train an SAE (or, with a TranscoderConfig and ``target``, a transcoder) on cached activations.
 
@@ -92,6 +101,9 @@ def train_dictionary(
         dead_after: steps without firing after which a feature counts as dead.
         resample_every: how often to look for dead features.
         progress: show a progress bar.
+        resample: resample dead features (False: leave them as they are).
+        aux_k: with AuxK, how many dead features may reconstruct the residual (0: no AuxK).
+        aux_coeff: the weight of the AuxK loss.
 
     Returns:
         The trained module, in eval mode, with ``.info`` recording the training.
@@ -103,11 +115,37 @@ def train_dictionary(
         raise ValueError(f"target must be [n_tokens={acts.shape[0]}, d_out={cfg.d_out}], got {tuple(target.shape)}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got steps={steps}, batch_size={batch_size}")
+    if not 0 <= aux_k <= cfg.d_sae:
+        raise ValueError(f"aux_k must be between 0 (no AuxK loss) and d_sae={cfg.d_sae}, got {aux_k}")
+    aux = (aux_k, aux_coeff) if aux_k else None
     with torch.enable_grad():  # works inside a notebook that turned gradients off
-        return _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_every, progress)
+        return _train(
+            acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_every, progress, resample, aux
+        )
 
 
-def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_every, progress):
+def auxk_loss(module: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+    """Gao et al.'s auxiliary loss: how well the ``aux_k`` most active dead features reconstruct ``residual``.
+
+    ``residual`` is the target minus the module's output (held fixed); the dead features'
+    ReLU'd pre-activations, cut to the ``aux_k`` largest per row, are decoded without the
+    bias. Returns the squared error in the reconstruction loss's units (summed over dimensions,
+    averaged over rows; Gao et al. normalise both losses by the same constant), 0 when none is dead.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return residual.new_zeros(())
+    if module.cfg.apply_b_dec_to_input:  # only the dead features learn from this loss, not the shared bias
+        x = x - module.b_dec.detach()
+    pre = x @ module.W_enc[:, dead] + module.b_enc[dead]
+    values, idx = pre.topk(min(aux_k, n_dead), dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, idx, values.relu())
+    e_hat = acts @ module.W_dec[dead]
+    e = residual.detach()
+    return (e_hat - e).pow(2).sum(-1).mean()
+
+
+def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_every, progress, resample, aux):
     device = acts.device
     torch.manual_seed(seed)
     module = module_for(cfg).to(device)
@@ -125,7 +163,7 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
     n_resampled, t0 = 0, time.time()
     module.train()
     what = f"layer-{cfg.layer} transcoder" if cfg.is_transcoder else "SAE"
-    bar = tqdm(
+    bar = progress_bar(
         range(steps), disable=not progress, desc=f"training {cfg.architecture} {what}", leave=False, mininterval=1.0
     )
     for step in bar:
@@ -137,15 +175,19 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (steps - step) / max(1, steps - decay_start))
         out = module.loss(x, y)
+        loss = out.loss
+        if aux is not None:
+            aux_loss = auxk_loss(module, x, y - out.x_hat, since_fired >= dead_after, aux[0])
+            loss = loss + aux[1] * aux_loss
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         module.remove_parallel_grad_()
         opt.step()
         module.normalize_decoder_()
         with torch.no_grad():
             fired = module.fired(x) if after_step else (out.acts > 0).any(dim=0)
             since_fired = torch.where(fired, 0, since_fired + 1)
-            if (step + 1) % resample_every == 0 and step < decay_start:
+            if resample and (step + 1) % resample_every == 0 and step < decay_start:
                 dead = since_fired >= dead_after
                 if dead.any():
                     resample_sae_(module, opt, dead, x, y, module(x) if after_step else out.x_hat)
@@ -168,6 +210,10 @@ def _train(acts, target, cfg, steps, batch_size, lr, seed, dead_after, resample_
         "resampled": n_resampled,
         "seconds": round(time.time() - t0, 1),
     }
+    if aux is not None:
+        module.info.update(aux_k=aux[0], aux_coeff=aux[1], final_aux_loss=round(aux_loss.item(), 5))
+    if not resample:
+        module.info["resample"] = False
     return module
 
 

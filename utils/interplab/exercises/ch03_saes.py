@@ -26,6 +26,7 @@ from ..dictionaries.training import resample_sae_
 from ..grading.compare import compare
 from ..grading.plain import module_from_plain
 from ..paths import chapter_of
+from ..probes import fit_probe
 from ..solutions import ch03_saes as sol
 from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
@@ -2069,4 +2070,327 @@ register(
             "F1 is the HARMONIC mean of precision and recall, 2PR / (P + R), not (P + R) / 2.",
         ),
     ],
+)
+
+
+# --- sparse_probe ----------------------------------------------------------------------------------------------
+#
+# A probe leaves freedom (any fit that reaches the optimum closely enough, any order of the chosen latents, any
+# choice among tied gaps), so every case runs the function through `_probe_call`, which reports what the contract
+# names: the chosen latents and whether they are the k largest gaps, whether everything is finite, and the probe's
+# AUROC and accuracy on held-out rows the function never sees. `_probe_judge` then checks those properties and
+# holds the held-out scores to the reference's within a margin.
+
+PROBE_AUROC_MARGIN = 0.02
+PROBE_ACCURACY_MARGIN = 0.03
+
+
+def _probe_call(fn, acts, labels, k, *, held_out=None, no_grad=False):
+    """Run a sparse probe and describe its result in the contract's terms (a plain dict)."""
+    try:
+        if no_grad:
+            with torch.no_grad():
+                out = fn(acts, labels, k)
+        else:
+            out = fn(acts, labels, k)
+    except ValueError:
+        return {"raised": "ValueError"}
+    except RuntimeError as e:
+        if not no_grad:
+            raise
+        return {"failed_under_no_grad": f"{type(e).__name__}: {e}"}
+    if not isinstance(out, tuple) or len(out) != 3:
+        return {"malformed": f"a {type(out).__name__} instead of the tuple (features, w, b)"}
+    features, w, b = (torch.as_tensor(v).detach() for v in out)
+    report = {"k": int(k), "shape_features": list(features.shape), "shape_w": list(w.shape), "shape_b": list(b.shape)}
+    if features.ndim != 1 or w.shape != features.shape or b.numel() != 1:
+        return report
+    if features.dtype.is_floating_point or features.dtype == torch.bool:
+        report["features_dtype"] = str(features.dtype)
+        return report
+    d = acts.shape[1]
+    chosen = features.long().tolist()
+    report["in_range"] = all(0 <= i < d for i in chosen)
+    report["distinct"] = len(set(chosen)) == len(chosen)
+    report["finite"] = bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())
+    if not (report["in_range"] and report["distinct"]):
+        return report
+    y = labels.bool()
+    gap = (acts[y].double().mean(0) - acts[~y].double().mean(0)).abs()
+    kth = float(gap.topk(int(k)).values[-1])
+    worst = min(chosen, key=lambda i: float(gap[i]))
+    report["kth_gap"] = kth
+    report["smallest_chosen"] = [worst, float(gap[worst])]
+    if report["finite"] and held_out is not None:
+        x_test, y_test = held_out
+        scores = x_test[:, features.long()].double() @ w.double() + b.double().reshape(())
+        report["held_out_auroc"] = float(sol.feature_aurocs(scores[:, None].float(), y_test)[0])
+        report["held_out_accuracy"] = float(((scores > 0) == y_test).double().mean())
+    return report
+
+
+def _probe_judge(expected, got):
+    """None when the sparse probe meets its contract on this case, else what failed, in the contract's words."""
+    if "raised" in expected:
+        return None if got == expected else "this input must raise a ValueError (k out of range, or a single class)"
+    if "raised" in got:
+        return "raised a ValueError on a valid input"
+    if "failed_under_no_grad" in got:
+        return (
+            f"the function must work when the caller has turned gradients off; it raised {got['failed_under_no_grad']}"
+        )
+    if "malformed" in got:
+        return f"returned {got['malformed']}"
+    k = expected["k"]
+    if got.get("shape_features") != [k] or got.get("shape_w") != [k] or got.get("shape_b") not in ([], [1]):
+        return (
+            f"features and w must hold k = {k} entries and b must be a scalar; got shapes "
+            f"{got.get('shape_features')}, {got.get('shape_w')} and {got.get('shape_b')}"
+        )
+    if "features_dtype" in got:
+        return f"features must be an integer tensor of latent indices, got {got['features_dtype']}"
+    if not got["in_range"]:
+        return "a chosen latent index is out of range"
+    if not got["distinct"]:
+        return f"the k = {k} chosen latents must be distinct; some latent was chosen twice"
+    latent, gap = got["smallest_chosen"]
+    if gap < got["kth_gap"] - 1e-6 * (1 + abs(got["kth_gap"])):
+        return (
+            f"the chosen latents must be the k = {k} with the largest gap between the class means; latent {latent} "
+            f"was chosen with a gap of {gap:.4g}, below the k-th largest gap, {got['kth_gap']:.4g}"
+        )
+    if not got["finite"]:
+        return "the weights or the bias are not finite (NaN or inf): a dead or constant latent broke the fit?"
+    if "held_out_auroc" in expected:
+        if got["held_out_auroc"] < expected["held_out_auroc"] - PROBE_AUROC_MARGIN:
+            return (
+                f"on held-out rows the probe ranks worse than a fit to the optimum: AUROC {got['held_out_auroc']:.3f}, "
+                f"the reference reaches {expected['held_out_auroc']:.3f} (allowed: {PROBE_AUROC_MARGIN} less)"
+            )
+        if got["held_out_accuracy"] < expected["held_out_accuracy"] - PROBE_ACCURACY_MARGIN:
+            return (
+                f"on held-out rows the probe classifies worse than a fit to the optimum (log-odds above 0 = positive): "
+                f"accuracy {got['held_out_accuracy']:.3f}, the reference reaches {expected['held_out_accuracy']:.3f} "
+                f"(allowed: {PROBE_ACCURACY_MARGIN} less)"
+            )
+    return None
+
+
+def _probe_rows(g, n, signal, noise_latents, *, flip=False, dead=0, big=0, positive_rate=0.5):
+    """Synthetic latent activations: ``signal`` informative latents (firing on positives, or on negatives when
+    ``flip``), ``noise_latents`` uninformative ones, ``dead`` that never fire and ``big`` huge uninformative ones."""
+    y = torch.rand(n, generator=g) < positive_rate
+    fire = y if not flip else ~y
+    cols = []
+    for j in range(signal):
+        strength = 1.5 - 0.3 * j
+        on = fire & (torch.rand(n, generator=g) < 0.8)
+        cols.append(torch.relu(torch.randn(n, generator=g) * 0.5 + strength * on))
+    for _ in range(noise_latents):
+        cols.append(torch.relu(torch.randn(n, generator=g) * 0.7 + 0.3))
+    for _ in range(big):
+        cols.append(200.0 + torch.randn(n, generator=g) * 0.05)
+    for _ in range(dead):
+        cols.append(torch.zeros(n))
+    x = torch.stack(cols, 1)
+    perm = torch.randperm(x.shape[1], generator=g)
+    return x[:, perm], y
+
+
+def _probe_case(label, g, k, n_train=400, n_test=2000, **shape):
+    x, y = _probe_rows(g, n_train + n_test, **shape)  # one draw, then split: the same latents on both sides
+    return Case(
+        label,
+        (x[:n_train], y[:n_train], k),
+        call=functools.partial(_probe_call, held_out=(x[n_train:], y[n_train:])),
+        judge=_probe_judge,
+    )
+
+
+@functools.cache
+def _review_latents():
+    """The shipped TopK SAE's latents on review tokens (sentiment within reviews), split by document."""
+    docs, _, _, acts = _model_data(n_docs=160, seed=11)
+    names, labels = tinyworld_latents(docs, min_count=1)
+    doc_of = torch.cat([torch.full((len(d.tokens) - 1,), i) for i, d in enumerate(docs)])
+    pos, neg = labels[:, names.index("sentiment:positive")], labels[:, names.index("sentiment:negative")]
+    rows = pos | neg
+    with torch.no_grad():
+        f = _shipped("topk").encode(acts)
+    train = rows & (doc_of % 3 != 0)
+    test = rows & (doc_of % 3 == 0)
+    return f[train], pos[train], f[test], pos[test]
+
+
+def _sparse_probe_cases():
+    cases = [
+        _probe_case(
+            "the telling latent fires on the NEGATIVES (k = 1 of 8)", gen(40), 1, signal=1, noise_latents=7, flip=True
+        ),
+        _probe_case("two telling latents among 10 (k = 2)", gen(41), 2, signal=2, noise_latents=8),
+        _probe_case(
+            "dead latents (never fire) and two huge uninformative ones (k = 4 of 14)",
+            gen(42),
+            4,
+            signal=2,
+            noise_latents=6,
+            dead=4,
+            big=2,
+        ),
+        _probe_case(
+            "imbalanced classes: 15% positives (k = 3 of 9)", gen(43), 3, signal=3, noise_latents=6, positive_rate=0.15
+        ),
+    ]
+    cases.append(
+        _probe_case(
+            "k = 5 but only 3 latents ever fire: dead latents must be taken, and must not break the fit",
+            gen(45),
+            5,
+            signal=2,
+            noise_latents=1,
+            dead=3,
+        )
+    )
+    x_train, y_train, x_test, y_test = _review_latents()
+    cases.append(
+        Case(
+            "the shipped TopK SAE: positive against negative reviews, k = 4 of 768 (held-out documents)",
+            (x_train, y_train, 4),
+            call=functools.partial(_probe_call, held_out=(x_test, y_test)),
+            judge=_probe_judge,
+        )
+    )
+    x_all, y_all = _probe_rows(gen(44), 1300, signal=2, noise_latents=6)
+    x, y, x_test, y_test = x_all[:300], y_all[:300], x_all[300:], y_all[300:]
+    cases.append(
+        Case(
+            "behaviour: works when the caller has turned gradients off (torch.no_grad)",
+            (x, y, 2),
+            call=functools.partial(_probe_call, held_out=(x_test, y_test), no_grad=True),
+            judge=_probe_judge,
+        )
+    )
+    cases.append(
+        Case(
+            "input that must raise: every label is True",
+            (x, torch.ones(len(x), dtype=torch.bool), 2),
+            call=_probe_call,
+            judge=_probe_judge,
+        )
+    )
+    cases.append(Case("input that must raise: k = 9 of 8 latents", (x, y, 9), call=_probe_call, judge=_probe_judge))
+    return cases
+
+
+def _probe_validate(acts, labels, k):
+    n_pos = int(labels.bool().sum())
+    if not 1 <= k <= acts.shape[1] or n_pos in (0, len(labels)):
+        raise ValueError("k out of range or a single class")
+
+
+def _probe_by_mean(acts, labels, k):
+    _probe_validate(acts, labels, k)
+    features = acts.double().mean(0).topk(k).indices
+    _, w, b = sol.sparse_probe(acts[:, features], labels, k)
+    return features, w, b
+
+
+def _probe_signed_gap(acts, labels, k):
+    _probe_validate(acts, labels, k)
+    labels = labels.bool()
+    gap = acts[labels].double().mean(0) - acts[~labels].double().mean(0)
+    features = gap.topk(k).indices
+    _, w, b = sol.sparse_probe(acts[:, features], labels, k)
+    return features, w, b
+
+
+def _probe_no_intercept(acts, labels, k):
+    _probe_validate(acts, labels, k)
+    features, _, _ = sol.sparse_probe(acts, labels, k)
+    x = acts[:, features].double()
+    w = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+    y = labels.double()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + 1e-4 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return features, w.detach().float(), torch.tensor(0.0)
+
+
+def _probe_unguarded(acts, labels, k):
+    _probe_validate(acts, labels, k)
+    labels = labels.bool()
+    gap = (acts[labels].double().mean(0) - acts[~labels].double().mean(0)).abs()
+    features = gap.topk(k).indices
+    x = acts[:, features].double()
+    mean, std = x.mean(0), x.std(0)
+    W, bias = fit_probe((x - mean) / std, labels.long(), 2, weight_decay=1e-3)
+    w = (W[:, 1] - W[:, 0]) / std
+    return features, w.float(), ((bias[1] - bias[0]) - (mean * w).sum()).float()
+
+
+def _probe_adam_no_enable_grad(acts, labels, k):
+    _probe_validate(acts, labels, k)
+    labels = labels.bool()
+    gap = (acts[labels].double().mean(0) - acts[~labels].double().mean(0)).abs()
+    features = gap.topk(k).indices
+    x = acts[:, features].double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels.double())
+        loss.backward()
+        opt.step()
+    w_raw = w.detach() / std
+    return features, w_raw.float(), (b.detach() - (mean * w_raw).sum()).float()
+
+
+register(
+    "sparse_probe",
+    CHAPTER,
+    sol.sparse_probe,
+    _sparse_probe_cases,
+    mistakes=[
+        Mistake(
+            "latents chosen by mean activation",
+            _probe_by_mean,
+            "Choose the latents by how much their mean activation DIFFERS between the classes, not by how active they "
+            "are: a latent that fires everywhere says nothing about the label.",
+        ),
+        Mistake(
+            "only latents that fire more on positives",
+            _probe_signed_gap,
+            "Take the ABSOLUTE gap between the class means: a latent that fires on the negatives tells the classes "
+            "apart as well as one that fires on the positives (the probe gives it a negative weight).",
+        ),
+        Mistake(
+            "no intercept",
+            _probe_no_intercept,
+            "Fit a bias b too: without it the log-odds are 0 where the activations are 0, and with unequal classes "
+            "the threshold lands in the wrong place.",
+        ),
+        Mistake(
+            "dead latents divide by zero",
+            _probe_unguarded,
+            "A latent that never fires on the training rows has no spread: dividing by its standard deviation gives "
+            "NaN. Leave such a column unscaled (its weight will be 0).",
+        ),
+        Mistake(
+            "needs gradients on",
+            _probe_adam_no_enable_grad,
+            "Your fit needs autograd: wrap it in `with torch.enable_grad():` so that it also works when the caller "
+            "has turned gradients off (or fit in closed form).",
+        ),
+    ],
+    output_names=("features", "w", "b"),
 )
