@@ -29,20 +29,23 @@ def room_query_labels(
 ) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
     """Labelled examples of "the room person X is in", one per question "where is X".
 
-    Go through the documents in order; skip every document whose family is not "rooms".
-    In a rooms document a question is the three words "where is X", and the room X is in
-    follows as the answer. For each question (in order of position) record:
+    A rooms document asks questions "where is X" whose next word is the room X is in.
+    There is one example per such question in the rooms documents of `docs` (documents
+    of other families contribute none), ordered by document and, within a document, by
+    position. Each example records:
 
-    - doc: the index of the document in `docs` (counting every document, not only rooms ones),
-    - position: the position of the name X (the last word of the question, where the model
-      must produce the room),
-    - label: the room X is in at that point, as a class index ROOMS.index(room);
-      the annotation doc.rooms[position] maps each person to their current room,
-    - person: the person asked about, as NAMES.index(X).
+    - doc: the index of its document in `docs` (other families count too, so that doc
+      indexes `docs` itself),
+    - position: the position of the name X, the last word of the question: where the
+      model must produce the room, before the text says it,
+    - label: the room X is in at that moment as a class 0 .. 7 (its index in ROOMS), as
+      the generator annotated it (`Doc.rooms`); people move, so it is not always the
+      first or the last room mentioned,
+    - person: who is asked about, as an index in NAMES.
 
     Returns:
-        (doc, position, label, person): four int64 tensors of length n_questions (empty
-        tensors when there is no question).
+        (doc, position, label, person): four integer tensors of length n_questions, empty
+        when no document asks a question.
     """
     doc_index, positions, labels, persons = [], [], [], []
     for i, d in enumerate(docs):
@@ -66,20 +69,23 @@ def document_split(doc: Int[Tensor, " n"], test_fraction: float = 0.25, seed: in
     """Which examples go to the test set, holding out whole documents (no leakage).
 
     Examples from the same document share their context, so they must all land on the
-    same side of the split. Draw the test documents like this:
-
-        docs = torch.unique(doc)                          # sorted document ids
-        perm = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))
-        n_test = round(test_fraction * len(docs))          # a number of DOCUMENTS
-        test_docs = docs[perm[:n_test]]
+    same side of the split: a probe tested on a document it was trained on can score by
+    recognising the document. The held-out documents are a random draw, uniform over the
+    distinct document ids, of test_fraction times their number, rounded to an integer.
+    The draw depends only on `seed`: the same seed gives the same split (experiments
+    are reproducible), another seed in general another one.
 
     Args:
-        doc: the document id of each example (ids need not be contiguous).
+        doc: the document id of each example (ids need not be contiguous or sorted).
         test_fraction: the fraction of documents held out, strictly between 0 and 1.
-        seed: seed of the permutation.
+        seed: seed of the random draw.
 
     Returns:
-        is_test: True for every example whose document is a test document.
+        is_test: a bool mask over the examples, True for every example whose document
+        is held out.
+
+    Raises:
+        ValueError: when test_fraction is not strictly between 0 and 1.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
@@ -103,23 +109,27 @@ def train_probe(
 ) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
     """Fit a multinomial logistic-regression probe with full-batch Adam.
 
-    The probe's logits are x @ W + b. The loss is the mean cross-entropy over all n
-    examples plus weight_decay * (W ** 2).sum() (the bias is not decayed). W and b
-    start at zero, so the fit is deterministic. Each of the `steps` steps: zero the
-    gradients, compute the loss on all examples, backpropagate, and take one step of
-    torch.optim.Adam([W, b], lr=lr) (put the weight decay in the loss, not in the
-    optimizer). Gradients must be on during the fit even if the caller turned them off.
+    The probe's logits are x W + b. The objective is the mean cross-entropy over the n
+    examples plus weight_decay times the sum of the squared entries of W (the bias is not
+    penalised: shifting every logit of a class is free). Minimise it with exactly `steps`
+    steps of Adam (torch's defaults besides the learning rate `lr`), each on the whole
+    batch, from W = 0 and b = 0: the fit is then deterministic, and probes fitted at
+    different depths are comparable. The penalty belongs in the objective, not in the
+    optimizer (Adam's own weight decay would decay the bias and rescale the penalty).
+    The fit must happen even when the caller has turned gradients off.
 
     Args:
         x: features (e.g. residual-stream activations), one row per example.
         y: class labels in 0 .. n_classes - 1.
-        n_classes: number of classes k.
+        n_classes: number of classes k (a class may have no example).
         weight_decay: strength of the L2 penalty on W.
         steps: number of optimizer steps.
         lr: Adam's learning rate.
 
     Returns:
-        (W, b), detached, with the dtype of x.
+        (W, b): float tensors of shape [d, k] and [k] in the floating dtype of x, detached
+        from any graph. A correct fit reaches the objective of the reference fit within
+        a small margin, whatever the order of the rows or the precision used inside.
     """
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
         raise ValueError(f"labels must lie in 0 .. {n_classes - 1}, got values from {int(y.min())} to {int(y.max())}")
@@ -144,10 +154,11 @@ def mass_mean_probe(
 ) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
     """A probe from class means alone (no training): the nearest-class-mean classifier.
 
-    With mu_c the mean of the rows of x whose label is c, the probe is
-    W[:, c] = mu_c and b[c] = -0.5 * ||mu_c||^2, so that argmax_c (x @ W + b)[c] is the
-    class whose mean is nearest to x. For two classes the probe's decision direction
-    W[:, 1] - W[:, 0] = mu_1 - mu_0 is the difference of means, and the boundary lies
+    With mu_c the mean of the rows of x whose label is c, the probe's column c is mu_c
+    and its bias for class c is minus half the squared norm of mu_c. Expanding the
+    squared distance from x to mu_c shows why: the class with the highest logit is then
+    the class whose mean is nearest to x. For two classes the decision direction (column
+    1 minus column 0) is the difference of means mu_1 - mu_0, and the boundary lies
     halfway between the two means.
 
     Args:
@@ -156,7 +167,10 @@ def mass_mean_probe(
         n_classes: number of classes k.
 
     Returns:
-        (W, b) with W of shape [d, k] and b of shape [k].
+        (W, b): float tensors of shape [d, k] (the class means as columns) and [k].
+
+    Raises:
+        ValueError: when a class has no example (its mean does not exist).
     """
     counts = torch.bincount(y, minlength=n_classes)
     if len(counts) > n_classes or (counts == 0).any():
@@ -180,14 +194,17 @@ def auroc(scores: Float[Tensor, " n"], labels: Int[Tensor, " n"]) -> float:
     scores higher than a randomly chosen negative one (label 0 or False), with ties
     counting one half. Unlike accuracy it needs no threshold, so it is the fair way to
     compare a probe's raw scores (e.g. a difference of means, whose scale and offset are
-    arbitrary).
+    arbitrary). It depends only on the order of the scores.
 
     Args:
         scores: one score per example; higher means "more likely positive".
         labels: 0/1 or False/True; both classes must occur.
 
     Returns:
-        The AUROC as a Python float in [0, 1].
+        The AUROC as a Python float in [0, 1]; 0.5 for a score that is constant.
+
+    Raises:
+        ValueError: when only one class occurs, or a label is not 0/1.
     """
     labels = labels.bool() if labels.dtype == torch.bool else labels
     if labels.dtype != torch.bool:
@@ -210,22 +227,21 @@ def auroc(scores: Float[Tensor, " n"], labels: Int[Tensor, " n"]) -> float:
 def control_task_labels(types: Int[Tensor, " n"], n_classes: int, seed: int = 0) -> Int[Tensor, " n"]:
     """Labels of a control task (Hewitt and Liang, 2019): one random class per type.
 
-    Each type (here: the person a question is about) gets one class drawn at random,
-    and every example of that type gets that class. A probe can only do well on this
-    task by memorising type -> label; how well it does measures the probe's capacity
-    to memorise, not what the model represents.
-
-        table = torch.randint(0, n_classes, (types.max() + 1,), generator=torch.Generator().manual_seed(seed))
-
-    and the label of example i is table[types[i]] (index the table by the type id itself).
+    Each type (here: the person a question is about) gets one class drawn uniformly at
+    random, independently of the other types, and every example of that type gets that
+    class. A probe can only do well on this task by memorising type -> label; how well it
+    does measures the probe's capacity to memorise, not what the model represents. The
+    draw depends only on `seed`: the same seed gives the same labels, another seed in
+    general other ones.
 
     Args:
-        types: the type id (>= 0) of each example.
+        types: the type id (>= 0) of each example (ids need not be contiguous).
         n_classes: number of classes.
-        seed: seed of the random table.
+        seed: seed of the random draw.
 
     Returns:
-        The control label of each example (int64).
+        An integer tensor of control labels in 0 .. n_classes - 1, one per example, equal
+        for examples of the same type; empty for no examples.
     """
     if len(types) == 0:
         return torch.zeros(0, dtype=torch.long)
@@ -246,27 +262,38 @@ def edited_logits(
     direction: Float[Tensor, " d_model"],
     mode: str = "add",
     alpha: float = 1.0,
+    read_positions: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "batch vocab"]:
-    """The model's logits at chosen positions after editing the residual stream along a direction.
+    """The model's logits after editing the residual stream along a direction at one position per row.
 
-    Hook `blocks.{layer}.hook_resid_post` and change only the vector v at
-    (row b, positions[b]) of each row, leaving every other position alone:
+    After block `layer` (at blocks.{layer}.hook_resid_post), the residual vector v at
+    (row b, positions[b]) of each row is replaced, and every other vector is left alone:
 
     - "add":         v + alpha * direction
     - "subtract":    v - alpha * direction
-    - "project_out": v - (v . u) u, with u = direction / ||direction|| (alpha is ignored)
+    - "project_out": v with its component along `direction` removed (alpha is ignored),
+      so the edited vector is orthogonal to the direction whatever its norm.
+
+    The rest of the forward pass runs on the edited stream. The edit may be read later
+    in the sequence: the logits are returned at read_positions (default: the edited
+    positions), e.g. at the answer a few words after the edited word. It works under
+    torch.no_grad() and leaves no hook on the model.
 
     Args:
         model: a HookedTransformer.
         tokens: token ids (rows may be right-padded).
         layer: the block after which to edit.
-        positions: one position per row.
+        positions: the position to edit in each row.
         direction: the direction to edit along (not necessarily of norm 1).
         mode: "add", "subtract" or "project_out".
         alpha: the multiple of `direction` to add or subtract.
+        read_positions: the position to read in each row (default: positions).
 
     Returns:
-        The logits at (b, positions[b]) for each row b: [batch, vocab].
+        A float tensor [batch, vocab]: row b holds the logits of row b at its read position.
+
+    Raises:
+        ValueError: for any other mode.
     """
     if mode not in ("add", "subtract", "project_out"):
         raise ValueError(f"mode must be 'add', 'subtract' or 'project_out', not {mode!r}")
@@ -287,4 +314,4 @@ def edited_logits(
         return resid
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hooks.act_name("resid_post", layer), hook)])
-    return logits[rows, positions]
+    return logits[rows, positions if read_positions is None else read_positions]

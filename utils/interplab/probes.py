@@ -9,8 +9,11 @@
   as fast as scikit-learn's), `train_probe` (the same loss, a fixed number of full-batch
   Adam steps: the chapter's exercise), `probe_logits`, `probe_loss`, `probe_accuracy`,
   `standardize`, `raw_space_probe`, `document_split`.
-- Causal tests: `steering_effect`, `ablated_accuracy`, `orthonormal_basis`, `random_like`,
-  `random_directions`.
+- Causal tests: `dose_response` (edits along probe directions at several sizes, run by any
+  implementation of the chapter's `edited_logits`, with per-example margins and log-probabilities),
+  `ablation_effect` (project out a probe's subspace; accuracy, margin and probability),
+  `shuffled_label_probe` (a matched baseline direction), `bootstrap_ci` (intervals over documents),
+  `steering_effect`, `ablated_accuracy`, `orthonormal_basis`, `random_like`, `random_directions`.
 
 A probe is a pair ``(W, b)`` with ``W`` of shape [d_model, n_classes] and ``b`` of shape
 [n_classes]: its logits are ``x @ W + b``. Binary latents (sentiment, truth) use two
@@ -304,7 +307,12 @@ def resid_hook_names(model) -> list[str]:
 
 @torch.no_grad()
 def residual_dataset(
-    model, docs: Sequence[Doc], doc: Int[Tensor, " n"], position: Int[Tensor, " n"], batch_size: int = 128
+    model,
+    docs: Sequence[Doc],
+    doc: Int[Tensor, " n"],
+    position: Int[Tensor, " n"],
+    batch_size: int = 128,
+    progress: bool = False,
 ) -> Float[Tensor, "depth n d_model"]:
     """Residual-stream vectors at (doc[i], word position[i]) at every depth (see `resid_hook_names`).
 
@@ -313,7 +321,7 @@ def residual_dataset(
     the whole word has been seen: with TinyWorld's tokenizer that is the word itself,
     with GPT-2's it may be the last of several pieces. Only the documents that occur in
     `doc` are run, and only the asked-for positions are kept, so memory grows with the
-    number of examples.
+    number of examples. ``progress`` shows a progress bar over the batches.
     """
     used = torch.unique(doc)
     mt = tokens_for(model, [docs[i] for i in used.tolist()])
@@ -325,7 +333,7 @@ def residual_dataset(
     mask[row, token_pos] = True
     if int(mask.sum()) != len(doc):
         raise ValueError("two examples share a (document, position); each must be unique")
-    acts = collect(model, mt.ids, resid_hook_names(model), mask=mask, batch_size=batch_size, progress=False)
+    acts = collect(model, mt.ids, resid_hook_names(model), mask=mask, batch_size=batch_size, progress=progress)
     # collect keeps positions in (row, position) order; put them back in the examples' order
     order = torch.argsort(row * mt.ids.shape[1] + token_pos)
     out = torch.empty(len(acts), len(doc), model.cfg.d_model)
@@ -543,3 +551,147 @@ def word_token_ids(model, words: Sequence[str]) -> list[int]:
         clash = [w for w, i in zip(words, ids) if ids.count(i) > 1]
         raise ValueError(f"these words start with the same token for {model.cfg.model_name}: {clash}")
     return ids
+
+
+# --- causal tests with non-saturating metrics, driven by any edit function ----------------------------------
+
+
+def bootstrap_ci(
+    values: Float[Tensor, " n"], groups: Int[Tensor, " n"] | None = None, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean of ``values`` and a 95% percentile-bootstrap interval, resampling whole ``groups`` (e.g. documents).
+
+    Examples of one document are not independent (they share a context), so the
+    resampling unit is the group: each bootstrap sample draws as many groups as there
+    are, with replacement, and averages all their examples. Without ``groups`` every
+    example is its own group. Returns (mean, low, high).
+    """
+    values = values.detach().double().cpu()
+    if groups is None:
+        groups = torch.arange(len(values))
+    _, inverse = torch.unique(groups.cpu(), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values)
+    counts = torch.bincount(inverse, minlength=n_groups).double()
+    draw = torch.randint(0, n_groups, (n_boot, n_groups), generator=torch.Generator().manual_seed(seed))
+    means = sums[draw].sum(1) / counts[draw].sum(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(values.mean()), low, high
+
+
+def shuffled_label_probe(
+    x: Float[Tensor, "n d"], y: Int[Tensor, " n"], n_classes: int, fit=None, seed: int = 0
+) -> tuple[Float[Tensor, "d k"], Float[Tensor, " k"]]:
+    """A probe fit, like `raw_space_probe`, on the same vectors with the labels randomly permuted.
+
+    Its directions W[:, t] - W[:, s] are what the same fitting procedure finds when the
+    labels carry no information: the matched baseline for a causal edit along a probe's
+    directions (same norm, same kind of direction, no latent behind it).
+    """
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return raw_space_probe(x, y[perm.to(y.device)], n_classes, fit)
+
+
+def _edit_metrics(logits: Tensor, source: Tensor, target: Tensor, class_tokens: Sequence[int]) -> dict[str, Tensor]:
+    """Per-example metrics of logits [n, vocab] for moving the answer from class source to class target."""
+    logits = logits.detach().double().cpu()
+    cls = logits[:, list(class_tokens)]
+    rows = torch.arange(len(logits))
+    return {
+        "to_target": (cls.argmax(-1) == target).double(),
+        "margin": cls[rows, target] - cls[rows, source],
+        "logprob": logits.log_softmax(-1)[rows, torch.tensor(class_tokens)[target]],
+    }
+
+
+@torch.no_grad()
+def dose_response(
+    edit,
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    layer: int,
+    probes: dict[str, Float[Tensor, "d k"]],
+    doses: Sequence[float],
+    norm: float,
+    class_tokens: Sequence[int],
+    read_positions: Int[Tensor, " batch"] | None = None,
+    progress=None,
+) -> dict[str, dict[str, Tensor]]:
+    """Push each example from its class s towards t = (s + 1) % k along each probe's W[:, t] - W[:, s], at several sizes.
+
+    `edit(model, tokens, layer, positions, direction, mode, alpha, read_positions)` is an
+    implementation of the chapter's `edited_logits`: it runs the whole experiment. For each
+    probe in ``probes`` ({name: W [d, k]}; a random Gaussian matrix gives the random
+    baseline), each dose and each pair (s, t), the direction W[:, t] - W[:, s] is scaled to
+    norm ``norm`` and added with alpha = dose after block ``layer`` at ``positions``; the
+    logits are read at ``read_positions`` (default: ``positions``).
+
+    Returns {name: {metric: tensor [n_doses, batch]}}, per example, with the metrics
+    - "to_target": 1.0 when the answer (the highest logit among ``class_tokens``) is t,
+    - "margin": logit of t minus logit of s (does not saturate, unlike the top answer),
+    - "logprob": log-probability of t over the whole vocabulary.
+    ``progress(iterable, total=..., desc=...)`` may wrap the loop over probes and doses.
+    """
+    k = len(class_tokens)
+    read_positions = positions if read_positions is None else read_positions
+    targets = (labels + 1) % k
+    jobs = [(name, j) for name in probes for j in range(len(doses))]
+    out = {name: {m: torch.empty(len(doses), len(labels), dtype=torch.float64) for m in _METRICS} for name in probes}
+    for name, j in progress(jobs, total=len(jobs), desc=f"edits after L{layer}") if progress else jobs:
+        W = probes[name]
+        for s in labels.unique().tolist():
+            rows = (labels == s).nonzero()[:, 0]
+            t = (s + 1) % k
+            d = (W[:, t] - W[:, s]).float()
+            d = d / d.norm() * norm
+            toks = tokens[rows.to(tokens.device), : int(read_positions[rows].max()) + 1]
+            logits = edit(model, toks, layer, positions[rows], d, "add", float(doses[j]), read_positions[rows])
+            for m, v in _edit_metrics(logits, labels[rows], targets[rows], class_tokens).items():
+                out[name][m][j, rows] = v
+    return out
+
+
+_METRICS = ("to_target", "margin", "logprob")
+
+
+@torch.no_grad()
+def ablation_effect(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, " batch"],
+    labels: Int[Tensor, " batch"],
+    layer: int,
+    directions: Float[Tensor, "d k"] | None,
+    class_tokens: Sequence[int],
+) -> dict[str, Tensor]:
+    """Per-example effect of projecting out the span of ``directions`` after block ``layer`` (None: no edit).
+
+    Returns {"correct": 1.0 when the answer among ``class_tokens`` is the label, "margin":
+    logit of the label minus the best other class logit, "p_correct": probability of the
+    label among the class tokens}, each a tensor [batch]. Unlike accuracy, the margin and
+    the probability show an edit that weakens the answer without flipping it.
+    """
+    hooks = []
+    rows = torch.arange(len(labels))
+    if directions is not None:
+        q = orthonormal_basis(directions.to(torch.float32))
+
+        def project_out(resid, hook):
+            resid = resid.clone()
+            v = resid[rows, positions]
+            qq = q.to(v.device, v.dtype)
+            resid[rows, positions] = v - (v @ qq) @ qq.T
+            return resid
+
+        hooks = [(act_name("resid_post", layer), project_out)]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[rows, positions][:, list(class_tokens)].double().cpu()
+    right = logits[rows, labels]
+    others = logits.clone()
+    others[rows, labels] = -torch.inf
+    return {
+        "correct": (logits.argmax(-1) == labels).double(),
+        "margin": right - others.max(-1).values,
+        "p_correct": logits.softmax(-1)[rows, labels],
+    }
