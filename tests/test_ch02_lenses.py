@@ -195,6 +195,109 @@ def test_library_copy_passes_the_exercise_and_equals_the_reference(name):
             assert a.dtype == b.dtype and torch.equal(a, b), case.label
 
 
+def _library_fit(model, resid, final_logits, steps, batch_size, lr, seed=0, progress=False):
+    """The library's training loop (the one that trained the shipped translators) in the exercise's shape."""
+    lens = L.TunedLens(resid.shape[-1], resid.shape[0])
+    recipe = L.TunedLensConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    losses, lrs = L.fit_translators(model, lens, resid, final_logits, recipe, progress=progress)
+    return lens.A.detach(), lens.b.detach(), losses, lrs
+
+
+def test_library_training_loop_passes_the_exercise_and_equals_the_reference():
+    report = grading.run("fit_tuned_lens", _library_fit)
+    assert report.passed, report
+    for case in get("fit_tuned_lens").cases()[:2]:  # the two training runs: the same draws, the same steps
+        ours, ref = _library_fit(*case.args), sol.fit_tuned_lens(*case.args)
+        for a, b in zip(ours, ref):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), case.label
+
+
+def test_the_schedule_warms_up_then_decays_towards_zero():
+    factors = [L.lr_factor(s, 100) for s in range(100)]
+    assert factors[0] == 0.2 and factors[4] == 1.0 and max(factors) == 1.0
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and factors[-1] == 1 / 95
+
+
+# --- the causal check of the lens readings of fact recall (what the chapter's section 6 prints) ----------------
+
+
+@pytest.fixture(scope="module")
+def fact_docs():
+    return L.fact_prompts()
+
+
+def test_fact_prompts_cover_the_cast_and_the_model_recalls_them(model, fact_docs):
+    from interplab import tinyworld
+
+    assert len(fact_docs) == 3 * len(tinyworld.CAST) * 2 - len(tinyworld.WORLD.heldout_queries)
+    right, logp = L.answer_scores(model, fact_docs)
+    assert right.mean() == 1.0 and logp.mean() > -0.01
+
+
+def test_mean_ablating_mlp0_or_mlp1_at_the_last_position_hurts_fact_recall_and_later_mlps_do_not(model, fact_docs):
+    """The lens check of section 6 on the bundled model: the lookup is spread over MLP 0 (more) and MLP 1."""
+    recall = {}
+    for component, layer in [("mlp_out", 0), ("mlp_out", 1), ("mlp_out", 2), ("mlp_out", 3), ("attn_out", 0)]:
+        right, _ = L.template_mean_ablation(model, fact_docs, component, layer)
+        recall[component, layer] = (float(right.mean()), L.bootstrap_ci(right))
+    mlp0, mlp1 = recall["mlp_out", 0], recall["mlp_out", 1]
+    assert 0.45 <= mlp0[0] <= 0.70 and mlp0[1][1] < 0.75, recall  # printed: 0.58 [0.52, 0.65]
+    assert 0.70 <= mlp1[0] <= 0.90 and mlp1[1][1] < 0.95, recall  # printed: 0.81 [0.75, 0.86]
+    assert mlp0[1][1] < mlp1[1][0], f"MLP 0 should matter more than MLP 1: {recall}"  # intervals do not overlap
+    assert recall["mlp_out", 2][0] >= 0.98 and recall["mlp_out", 3][0] >= 0.98, recall
+    assert recall["attn_out", 0][0] <= 0.3, recall  # attention 0 brings the name
+
+
+def test_template_mean_ablation_keeps_what_every_version_shares(model, fact_docs):
+    """Replacing a sublayer's output by the mean over ONE prompt (its own group of one) changes nothing."""
+    one = [fact_docs[0]]
+    right, logp = L.template_mean_ablation(model, one, "mlp_out", 0)
+    clean_right, clean_logp = L.answer_scores(model, one)
+    assert torch.equal(right, clean_right) and torch.allclose(logp, clean_logp, atol=1e-5)
+
+
+def test_a_shuffled_copy_scrambles_only_the_named_parameters(model):
+    other = L.shuffled_copy(model, "blocks.0.mlp")
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if name.startswith("blocks.0.mlp"):
+            assert not torch.equal(p, q) and torch.equal(p.flatten().sort().values, q.flatten().sort().values), name
+        else:
+            assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="no parameter"):
+        L.shuffled_copy(model, "blocks.9.")
+
+
+def test_residual_at_lines_up_with_collect_lens_data(model):
+    from interplab import tinyworld
+
+    ids, mask = tinyworld.batch_tokens(tinyworld.generate(20, seed=6, split="train"))
+    keep = L.positions_to_read(mask)
+    resid, _, _, _ = L.collect_lens_data(model, ids, keep, batch_size=7)
+    point = L.lens_hook_names(model.cfg.n_layers)[1]
+    assert torch.allclose(L.residual_at(model, ids, keep, point, batch_size=5), resid[1], atol=1e-5)
+
+
+def test_a_translator_reads_facts_after_block_0_even_when_no_mlp_looked_them_up(model, fact_docs):
+    """The control of section 6, on a small budget: a translator after block 0 of the model with MLP 0 shuffled
+    still reads most facts (the lookup fits in the translator), far above guessing."""
+    from interplab import tinyworld
+
+    ids, mask = tinyworld.batch_tokens(L.lens_docs(600, seed=0))
+    keep = L.positions_to_read(mask)
+    point = L.lens_hook_names(model.cfg.n_layers)[1]
+    _, final, _, _ = L.collect_lens_data(model, ids, keep)
+    fact_ids, _ = tinyworld.batch_tokens(fact_docs)
+    rows, pos = torch.arange(len(fact_docs)), torch.tensor([d.answer_positions[0] for d in fact_docs])
+    answers = torch.tensor([tinyworld.token_id(d.answer[d.answer_positions[0]]) for d in fact_docs])
+    recall = {}
+    for name, variant in [("real", model), ("mlp0 shuffled", L.shuffled_copy(model, "blocks.0.mlp"))]:
+        A, b, _, _ = sol.fit_tuned_lens(model, L.residual_at(variant, ids, keep, point)[None], final, 300, 512, 1e-2)
+        with torch.no_grad():
+            read = L.tuned_lens_logits(model, L.residual_stack(variant, fact_ids)[1, rows, pos][None], A, b)[0]
+        recall[name] = float((read.argmax(-1) == answers).float().mean())
+    assert recall["real"] >= 0.85 and recall["mlp0 shuffled"] >= 0.75, recall  # guessing: 0.19
+
+
 def test_lens_hook_names_are_the_ones_the_logit_lens_reads(model):
     from interplab import tinyworld
 

@@ -8,18 +8,22 @@ training, evaluation, and the translators shipped for the bundled model.
   `train_tuned_lens`), with the shipped recipe in `TunedLensConfig`.
 - Data and evaluation: `lens_docs`, `lens_batch`, `positions_to_read`, `collect_lens_data`,
   `rows_per_batch`, `evaluate_lenses`, `answer_lens_logits`, `answer_emergence`.
+- The training loop of the recipe on collected data: `fit_translators` (its schedule: `lr_factor`).
+- Checking a lens reading causally: `fact_prompts`, `template_mean_ablation`, `bootstrap_ci`, and the
+  controls for what a translator computes by itself, `shuffled_copy` and `residual_at`.
 - The shipped translators (``interplab/weights/tuned_lens``): `load_tuned_lens` verifies
   their checksums and refuses translators trained on other model weights;
   `interplab rebuild --only tuned_lens` retrains them (`build_artifact`, under a minute on
   2 CPU cores), and ``python -m interplab.lenses --evaluate`` prints their per-point table.
 
-`kl_to_final`, `lens_entropy`, `correct_token_rank`, `tuned_lens_logits` and
-`tuned_lens_loss` are also exercises of chapter 02: the versions here are the library's own,
-and tests hold them to the exercises' cases.
+`kl_to_final`, `lens_entropy`, `correct_token_rank`, `tuned_lens_logits`, `tuned_lens_loss`
+and (as `fit_translators`) `fit_tuned_lens` are also exercises of chapter 02: the versions here
+are the library's own, and tests hold them to the exercises' cases.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -33,11 +37,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import artifacts, tinyworld, weights
 from .hooks import act_name
 from .models import is_tinyworld, load_model
+from .progress import progress as progress_bar
 
 TUNED_LENS_FILE = "tuned_lens.safetensors"
 TUNED_LENS_INFO = "training.json"
@@ -217,6 +221,7 @@ def collect_lens_data(
     tokens: Int[Tensor, "batch pos"],
     mask: Bool[Tensor, "batch pos"],
     batch_size: int = 128,
+    progress: bool = False,
 ) -> tuple[Float[Tensor, "point n d_model"], Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Bool[Tensor, " n"]]:
     """Residual streams, final logits and next tokens at the kept positions of ``mask``, flattened.
 
@@ -225,7 +230,8 @@ def collect_lens_data(
 
     Returns (resid [n_layers + 1, n, d_model], final_logits [n, d_vocab], next_token [n],
     has_next [n]): ``next_token`` is the token that follows each kept position and
-    ``has_next`` says whether there is one (False at a document's last token).
+    ``has_next`` says whether there is one (False at a document's last token). ``progress`` shows a bar over
+    the batches.
     """
     device = next(model.parameters()).device
     names = lens_hook_names(model.cfg.n_layers)
@@ -233,10 +239,11 @@ def collect_lens_data(
     batch_size = max(1, min(batch_size, int(5e7 // (tokens.shape[1] * model.cfg.d_vocab))))
     nxt = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
     has = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1) & mask
-    order = mask.sum(1).argsort()  # similar lengths together: little padding per batch
+    order = _row_order(mask)  # similar lengths together: little padding per batch
     resids, finals, nexts, hases = [], [], [], []
     with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
+        starts = range(0, tokens.shape[0], batch_size)
+        for start in progress_bar(starts, total=len(starts), desc="residual streams") if progress else starts:
             rows = order[start : start + batch_size]
             keep = mask[rows]
             if not keep.any():
@@ -249,6 +256,11 @@ def collect_lens_data(
             nexts.append(nxt[rows, :width].to(device)[keep])
             hases.append(has[rows, :width].to(device)[keep])
     return torch.cat(resids, 1), torch.cat(finals), torch.cat(nexts), torch.cat(hases)
+
+
+def _row_order(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
+    """The order in which `collect_lens_data` (and `residual_at`) visit the sequences: shortest first."""
+    return mask.sum(1).argsort()
 
 
 def lens_docs(n: int, seed: int = 0, split: str = "train", families: Sequence[str] | None = None):
@@ -298,6 +310,60 @@ class TunedLensConfig:
         return dataclasses.replace(self, **overrides)
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """The learning-rate schedule of the recipe, as a factor of the peak: a linear warm-up over the first 5% of
+    the steps (at least one), then a linear decay that reaches lr / (steps - warm-up) at the last step."""
+    warmup = max(1, steps // 20)
+    return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+
+
+def fit_translators(
+    model,
+    lens: TunedLens,
+    resid: Float[Tensor, "layer n d_model"],
+    final_logits: Float[Tensor, "n d_vocab"],
+    config: TunedLensConfig | None = None,
+    *,
+    loss_fn: Callable = tuned_lens_loss,
+    progress: bool = True,
+    desc: str = "translators",
+) -> tuple[Float[Tensor, " steps"], Float[Tensor, " steps"]]:
+    """The training loop of the recipe, on data already collected: Adam on ``loss_fn`` over random batches.
+
+    Fits ``lens.A`` and ``lens.b`` in place (``resid`` has one row per translator). Each step draws
+    ``config.batch_size`` positions with a generator seeded with ``config.seed`` (all positions when the batch
+    is at least ``n``); the learning rate follows `lr_factor`. The model is frozen while it runs and its
+    ``requires_grad`` flags are restored after. Returns the loss of each step's batch (before the step's update)
+    and the learning rate each step used.
+    """
+    cfg = config or TunedLensConfig()
+    n, steps = resid.shape[1], cfg.steps
+    opt = torch.optim.Adam(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses, lrs = [], []
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for _ in progress_bar(range(steps), total=steps, desc=desc) if progress else range(steps):
+                if cfg.batch_size >= n:
+                    idx = torch.arange(n, device=resid.device)
+                else:
+                    idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).to(resid.device)
+                loss = loss_fn(model, resid[:, idx], lens.A, lens.b, final_logits[idx])
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.detach().item())
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return torch.tensor(losses), torch.tensor(lrs)
+
+
 def train_tuned_lens(
     model,
     docs=None,
@@ -336,30 +402,11 @@ def train_tuned_lens(
     resid, final, _, _ = collect_lens_data(model, tokens, positions_to_read(mask))
     t_data = time.perf_counter() - t0
     lens = TunedLens.for_model(model) if lens is None else lens
-    opt = torch.optim.Adam(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.steps
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
     n = resid.shape[1]
-    losses = []
-    frozen = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            for _ in tqdm(range(steps), disable=not progress, desc="tuned lens", leave=False):
-                idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(resid.device)
-                loss = loss_fn(model, resid[:-1, idx], lens.A, lens.b, final[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.detach().item())
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
+    steps = cfg.steps
+    losses, _ = fit_translators(
+        model, lens, resid[:-1], final, cfg, loss_fn=loss_fn, progress=progress, desc="tuned lens"
+    )
     info = {
         "model": model.cfg.model_name,
         "n_layers": model.cfg.n_layers,
@@ -374,8 +421,8 @@ def train_tuned_lens(
         "weight_decay": cfg.weight_decay,
         "optimizer": "Adam",
         "schedule": "linear warm-up (5% of steps), then linear decay to 0",
-        "first_loss": round(losses[0], 5) if losses else None,
-        "last_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 5) if losses else None,
+        "first_loss": round(float(losses[0]), 5) if len(losses) else None,
+        "last_loss": round(float(losses[-20:].mean()), 5) if len(losses) else None,
         "seconds_data": round(t_data, 2),
         "seconds_total": round(time.perf_counter() - t0, 2),
         "cpu_seconds_total": round(time.process_time() - c0, 2),
@@ -456,6 +503,119 @@ def answer_emergence(
     top1 = (correct_token_rank(lens_logits, answers.expand(lens_logits.shape[:-1])) == 0).long()
     stays = top1.flip(0).cumprod(dim=0).flip(0)
     return lens_logits.shape[0] - stays.sum(dim=0)
+
+
+# --- checking a lens reading causally -----------------------------------------------------------------------------
+
+
+def fact_prompts() -> list:
+    """One single-fact prompt per (person, relation) of the cast: every statement ("Iris works as a") and every
+    question asked in training ("where does Eve live ?"), each ending where the answer comes next."""
+    docs = []
+    for question in (False, True):
+        for person in tinyworld.CAST:
+            for relation, (statement, query, _) in tinyworld.RELATIONS.items():
+                if question and (person, relation) in tinyworld.WORLD.heldout_queries:
+                    continue
+                doc = tinyworld.Doc("facts", meta={"person": person, "relation": relation, "question": question})
+                doc.add((query if question else statement).split("{V}")[0].format(P=person))
+                doc.answer[-1] = tinyworld.WORLD.value(person, relation)
+                docs.append(doc)
+    return docs
+
+
+def bootstrap_ci(values: Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of ``values`` (resampling the prompts with replacement)."""
+    values = values.float().flatten().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(0, len(values), (n_boot, len(values)), generator=gen)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+    return float(lo), float(hi)
+
+
+def template_mean_ablation(model, docs, component: str, layer: int) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """Ablate one sublayer's output at each prompt's answer position and read the answer.
+
+    ``component`` is "mlp_out" or "attn_out". The sublayer's output at the answer position is replaced by its
+    mean over the prompts of the same template (same relation, same form, same length: the other people's
+    versions of the same question), so what every version shares is kept and only what depends on the person
+    is removed. Returns (the model's top-1 is the answer, log-probability of the answer), one per prompt.
+    """
+    tokens, rows, pos, _ = _prompt_answers(model, docs)
+    name = act_name(component, layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+        acts = cache[name][rows, pos]
+        groups: dict[tuple, list[int]] = {}
+        for i, d in enumerate(docs):
+            groups.setdefault((d.meta.get("relation"), d.meta.get("question"), len(d.tokens)), []).append(i)
+        means = torch.zeros_like(acts)
+        for idx in groups.values():
+            means[idx] = acts[idx].mean(0)
+
+        def patch(act, hook):
+            act = act.clone()
+            act[rows, pos] = means
+            return act
+
+        return answer_scores(model, docs, fwd_hooks=[(name, patch)])
+
+
+def _prompt_answers(model, docs):
+    """Token ids of single-answer prompts, the (row, position) of each answer position, and the answer ids."""
+    if not is_tinyworld(model):
+        raise ValueError("answer positions are TinyWorld annotations; use the TinyWorld model")
+    device = next(model.parameters()).device
+    tokens, _ = lens_batch(model, docs)
+    pos = torch.tensor([d.answer_positions[0] for d in docs], device=device)
+    answers = torch.tensor([tinyworld.token_id(d.answer[d.answer_positions[0]]) for d in docs], device=device)
+    return tokens.to(device), torch.arange(len(docs), device=device), pos, answers
+
+
+def answer_scores(model, docs, fwd_hooks=()) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """For prompts with one answer position each: whether the model's top-1 there is the answer (1.0 or 0.0) and
+    the answer's log-probability, with ``fwd_hooks`` applied (none: the model as it is)."""
+    tokens, rows, pos, answers = _prompt_answers(model, docs)
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))[rows, pos]
+    logp = logits.log_softmax(-1)[rows, answers]
+    return (logits.argmax(-1) == answers).float().cpu(), logp.cpu()
+
+
+def shuffled_copy(model, prefix: str, seed: int = 0):
+    """A copy of ``model`` whose parameters under ``prefix`` (e.g. "blocks.0.mlp") have their entries randomly
+    permuted: the same values, the same scale, none of the learned structure. The rest is shared unchanged."""
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    found = False
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.startswith(prefix):
+                perm = torch.randperm(p.numel(), generator=gen).to(p.device)
+                p.copy_(p.flatten()[perm].view_as(p))
+                found = True
+    if not found:
+        raise ValueError(f"no parameter of the model starts with {prefix!r}")
+    return other
+
+
+def residual_at(
+    model, tokens: Int[Tensor, "batch pos"], keep: Bool[Tensor, "batch pos"], point: str, batch_size: int = 256
+) -> Float[Tensor, "n d_model"]:
+    """The residual stream at hook ``point`` (a `lens_hook_names` entry) at the kept positions, running the model
+    only as far as that point. The positions come out in the order of `collect_lens_data` on the same ``keep``,
+    so the two line up (e.g. with its final logits)."""
+    layer = int(point.split(".")[1])
+    stop = layer + 1 if point.endswith(("resid_post", "resid_mid")) else layer
+    device = next(model.parameters()).device
+    order = _row_order(keep)
+    out = []
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch_size):
+            rows = order[start : start + batch_size]
+            _, cache = model.run_with_cache(tokens[rows].to(device), names_filter=point, stop_at_layer=max(1, stop))
+            out.append(cache[point][keep[rows].to(device)])
+    return torch.cat(out)
 
 
 # --- the shipped translators -----------------------------------------------------------------------------------
