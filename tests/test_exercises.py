@@ -195,3 +195,177 @@ def test_only_specs_tests_and_the_grader_import_the_answer_key(repo):
         if pattern.search(path.read_text(encoding="utf-8")):
             offenders.append(rel)
     assert not offenders, f"these import the answer key: {offenders}"
+
+
+# --- contracts, not code -------------------------------------------------------------------
+
+ALTERNATIVES_DIR = Path(__file__).parent / "alternatives"
+
+
+def _converted(ex) -> bool:
+    """Chapters whose exercises are written as contracts: those with an alternatives module."""
+    mod = ex.reference.__module__.rsplit(".", 1)[-1]
+    return (ALTERNATIVES_DIR / f"{mod}.py").exists()
+
+
+def returns_lines_that_are_code(fn) -> list[str]:
+    """Lines of a docstring's Returns section that read as code of the function's arguments."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(fn) or ""
+    args = [a for a in inspect.signature(fn).parameters if a not in ("self",)]
+    lines, inside = [], False
+    for line in doc.splitlines():
+        if re.match(r"^(Returns?|Yields?):\s*$", line.strip()) and not line.startswith(" "):
+            inside = True
+            continue
+        if inside and line and not line.startswith(" "):
+            inside = re.match(r"^(Returns?|Yields?):", line) is not None
+        if inside and line.strip():
+            lines.append(line.strip())
+    patterns = [re.compile(rf"\b{re.escape(a)}(\[|\.[A-Za-z_]|\(|\s*@)") for a in args]
+    patterns += [re.compile(p) for p in (r"\s@\s", r"\btorch\.", r"\bF\.", r"\.T\b", r"\bnn\.")]
+    return [line for line in lines if any(p.search(line) for p in patterns)]
+
+
+def test_the_returns_check_flags_code_and_passes_prose():
+    def coded(logits, answer_ids):
+        """Doc.
+
+        Returns:
+            logits[b, -1, answer_ids[b]] minus the wrong one, as `h @ A.T`.
+        """
+
+    def prose(logits, answer_ids):
+        """Doc.
+
+        Returns:
+            For each prompt, how much more the model's last-position logit favours the answer than
+            the wrong token (a float tensor, one value per prompt). Larger means more confident logits.
+        """
+
+    assert returns_lines_that_are_code(coded)
+    assert not returns_lines_that_are_code(prose)
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_returns_section_is_a_contract_not_code(name):
+    ex = get(name)
+    if not _converted(ex):
+        pytest.skip(f"{ex.chapter}: exercises not yet written as contracts (no tests/alternatives module)")
+    code = returns_lines_that_are_code(ex.reference)
+    assert not code, f"{name}: the Returns section gives the code instead of the contract: {code}"
+
+
+# --- the checking machinery: behaviour cases, judges, hints, stubs ---------------------------
+
+
+def _toy_exercise(cases, mistakes=(), reference=None, **options):
+    from interplab.exercises import Exercise, Mistake
+
+    def double(x):
+        return x * 2
+
+    ref = reference or double
+    return Exercise(
+        name=ref.__name__,
+        chapter="toy",
+        reference=ref,
+        make_cases=lambda: cases,
+        mistakes=[Mistake(n, f, h) for n, f, h in mistakes],
+        **options,
+    )
+
+
+def test_a_stub_is_answered_without_running_the_reference():
+    import torch
+
+    from interplab.exercises import Case
+
+    calls = []
+
+    def slow_reference(x):
+        calls.append(1)
+        return x * 2
+
+    ex = _toy_exercise([Case("a", (torch.ones(3),))], reference=slow_reference)
+
+    def stub(x):
+        raise NotImplementedError
+
+    report = run(ex, stub)
+    assert report.kind == "not_implemented" and not calls
+
+
+def test_a_call_wrapper_checks_behaviour_and_a_judge_checks_a_property():
+    import torch
+
+    from interplab.exercises import Case, under_no_grad
+
+    def grads(fn, x):
+        x = x.clone().requires_grad_(True)
+        fn(x).sum().backward()
+        return x.grad
+
+    def even(expected, got):
+        return None if bool((got % 2 == 0).all()) else "every value must be even"
+
+    cases = [
+        Case("value", (torch.arange(4.0),)),
+        Case("behaviour: works under no_grad", (torch.arange(3.0),), call=under_no_grad),
+        Case("behaviour: gradients reach the input", (torch.ones(3),), call=grads),
+        Case("property: even", (torch.tensor([1, 3]),), judge=even),
+    ]
+    ex = _toy_exercise(cases)
+    assert run(ex, lambda x: x + x).passed
+    detached = run(ex, lambda x: x.detach() * 2)
+    assert not detached.passed and "gradients" in detached.failures[0]
+    no_grad_fails = run(ex, lambda x: x * 2 if torch.is_grad_enabled() else None)
+    assert not no_grad_fails.passed and "no_grad" in no_grad_fails.failures[0]
+    odd = run(ex, lambda x: x * 2 + (x.dtype == torch.long))
+    assert odd.failures == ["property: even: every value must be even"]
+
+
+def test_a_hint_needs_the_mistake_to_explain_every_failing_case_where_it_differs():
+    import torch
+
+    from interplab.exercises import Case
+
+    cases = [Case("zero", (torch.zeros(2),)), Case("ones", (torch.ones(2),)), Case("twos", (torch.full((2,), 2.0),))]
+    plus_two = ("plus two", lambda x: x + 2, "you added instead of multiplying")
+    ex = _toy_exercise(cases, mistakes=[plus_two])
+    # x + 2 equals x * 2 on "twos"; on "zero" and "ones" it differs: the learner who wrote it gets the hint
+    assert run(ex, lambda x: x + 2).hint == "you added instead of multiplying"
+    # right on "zero" and "twos", wrong on "ones" in another way: x + 2 would give 3, this gives 5
+    other = run(ex, lambda x: x * 2 + 3 * (x == 1))
+    assert not other.passed and other.hint is None
+    # a learner matching the mistake on one failing case but not another gets no hint either
+    partly = run(ex, lambda x: x + 2 + (x == 0))
+    assert not partly.passed and partly.hint is None
+
+
+def test_failure_messages_name_tuple_items_and_flag_degenerate_outputs():
+    import torch
+
+    from interplab.exercises import Case
+
+    def split(x):
+        return x[:2], x[2:]
+
+    ex = _toy_exercise([Case("a", (torch.arange(1.0, 6.0),))], reference=split, output_names=("head", "tail"))
+    report = run(ex, lambda x: (x[:2], torch.zeros_like(x[2:])))
+    assert "`tail`" in report.failures[0] and "every value you returned is 0" in report.failures[0]
+
+
+def test_the_dtype_policy_accepts_float64_and_other_integer_dtypes_and_rejects_half():
+    import torch
+
+    from interplab.grading.compare import compare
+
+    x = torch.randn(4, 5)
+    assert compare(x, x.double()) is None
+    assert compare(torch.arange(4), torch.arange(4, dtype=torch.int32)) is None
+    assert "loses precision" in compare(x, x.half())
+    assert "bool mask" in compare(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.long))
+    assert "floating-point" in compare(x, x.long())

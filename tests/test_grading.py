@@ -91,8 +91,12 @@ def test_wrong_type_nan_and_shape_are_explained():
     assert "NaN" in r.failures[0]
     r = run("previous_token_score", lambda p: p.diagonal(offset=-1, dim1=-2, dim2=-1))
     assert "wrong shape" in r.failures[0]
-    r = run("previous_token_score", lambda p: p.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).double())
-    assert "wrong dtype" in r.failures[0]
+    r = run("previous_token_score", lambda p: p.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).half())
+    assert "wrong dtype" in r.failures[0] and "loses precision" in r.failures[0]
+    r = run("previous_token_score", lambda p: p.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1).long())
+    assert "wrong dtype" in r.failures[0] and "floating-point" in r.failures[0]
+    # the course's dtype policy: float64 is as good as float32
+    assert run("previous_token_score", lambda p: p.double().diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)).passed
     r = run("answer_logit_diff", lambda l, a, w: [0.0] * len(a))
     assert "expected a torch.Tensor" in r.failures[0]
 

@@ -73,6 +73,49 @@ def _execute(nb, tmp_path, strict):
     )
 
 
+SILENT_LIMIT_S = 30.0  # a cell may run this long (wall time) without progress output: 20 s on 2 idle cores + slack
+
+
+def _seconds(cell) -> float | None:
+    """How long a cell ran, from the timestamps nbclient records in its metadata."""
+    from datetime import datetime
+
+    t = cell.get("metadata", {}).get("execution", {})
+    start, end = t.get("iopub.execute_input") or t.get("shell.execute_request"), t.get("shell.execute_reply")
+    if not start or not end:
+        return None
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def _shows_progress(cell) -> bool:
+    """A progress bar (tqdm text on stderr, or a widget) or lines printed as the work goes."""
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream" and o.get("name") == "stderr" and ("%|" in o.get("text", "")):
+            return True
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {}):
+            return True
+        if o.get("output_type") == "stream" and o.get("text", "").count("\n") >= 3:
+            return True
+    return False
+
+
+def _assert_long_cells_talk(nb):
+    """No cell runs long in silence, and no output carries a tqdm warning."""
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        texts = [o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"]
+        if any("TqdmWarning" in t or "TqdmExperimentalWarning" in t for t in texts):
+            problems.append(f"cell {i} prints a tqdm warning")
+        secs = _seconds(cell)
+        if secs is not None and secs > SILENT_LIMIT_S and not _shows_progress(cell):
+            first = "".join(cell.source).strip().splitlines()[:1]
+            problems.append(f"cell {i} ran {secs:.0f} s without progress output ({first})")
+    assert not problems, "; ".join(problems)
+
+
 def _n_checks(nb):
     return sum(("= check(" in "".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code")
 
@@ -86,6 +129,7 @@ def test_executes_as_shipped(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     out = _execute(nb, tmp_path, strict=False)
     assert out.count("uses the reference solution") == _n_checks(nb)
+    _assert_long_cells_talk(nb)
 
 
 @pytest.mark.notebooks

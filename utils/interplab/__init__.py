@@ -20,8 +20,12 @@ __version__ = "0.1.0"
 
 import os as _os
 
-from . import threads
-from .models import best_device, is_tinyworld, load_model, tinyworld_only
+from .progress import progress, quiet_tqdm
+
+quiet_tqdm()  # before any module imports tqdm.auto: no "IProgress not found" warning in notebooks
+
+from . import threads  # noqa: E402
+from .models import best_device, is_tinyworld, load_model, tinyworld_only  # noqa: E402
 
 if _os.environ.get(threads.ENV, "").strip().lower() != "off":
     threads.configure(quiet=True)  # at most the free physical cores; the first load_model says what it chose
@@ -41,4 +45,13 @@ def show_solution(name):
     return _show(name)
 
 
-__all__ = ["load_model", "best_device", "is_tinyworld", "tinyworld_only", "check", "show_solution", "__version__"]
+__all__ = [
+    "progress",
+    "load_model",
+    "best_device",
+    "is_tinyworld",
+    "tinyworld_only",
+    "check",
+    "show_solution",
+    "__version__",
+]

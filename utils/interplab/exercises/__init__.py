@@ -34,11 +34,42 @@ from ..paths import MODULE_NAME
 
 @dataclass
 class Case:
-    """One call of the exercise: positional and keyword arguments, and a label for reports."""
+    """One call of the exercise: positional and keyword arguments, and a label for reports.
+
+    Two optional hooks turn a case into a behaviour or property check:
+
+    - ``call(fn, *args, **kwargs)`` runs instead of ``fn(*args, **kwargs)`` for the learner's
+      function, the reference and every known mistake alike. It is trusted code that wraps the
+      call to observe behaviour the contract names (run under `torch.no_grad`, return the
+      gradients a backward pass leaves on the parameters, call twice with one seed, ...). What it
+      returns must be plain: tensors, numbers, strings, bools, None, or containers of those.
+    - ``judge(expected, got)`` replaces the exercise's value comparison on this case: None when the
+      contract holds, otherwise a message in the contract's words saying which property failed on
+      which input. ``expected`` is the reference's output on the same case (through ``call``), so a
+      judge can accept any answer the contract allows (another random split, a probe with other
+      weights but the same loss).
+
+    Label such cases so the label alone says what is tested ("behaviour: works under no_grad").
+    """
 
     label: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    call: Callable[..., Any] | None = None
+    judge: Callable[[Any, Any], str | None] | None = None
+
+    def invoke(self, fn: Callable) -> Callable:
+        """The function to call with this case's arguments: ``fn`` itself, or ``fn`` seen through ``call``."""
+        if self.call is None:
+            return fn
+        call = self.call
+        return functools.wraps(fn)(lambda *args, **kwargs: call(fn, *args, **kwargs))
+
+
+def under_no_grad(fn: Callable, *args, **kwargs):
+    """A `Case.call` that runs the function with gradients turned off, as a caller in `torch.no_grad()` would."""
+    with torch.no_grad():
+        return fn(*args, **kwargs)
 
 
 @dataclass
@@ -85,8 +116,10 @@ class Exercise:
     atol: float | None = None
     compare: Callable[[Any, Any], str | None] | None = None
     time_limit: float = 30.0
+    output_names: tuple[str, ...] | None = None  # the docstring's names of a tuple output's items, for messages
     _cases: list[Case] | None = field(default=None, repr=False)
     _expected: list[Any] | None = field(default=None, repr=False)
+    _mistake_outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def cases(self) -> list[Case]:
         if self._cases is None:

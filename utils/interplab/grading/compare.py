@@ -39,20 +39,69 @@ def describe(x: Any) -> str:
     return f"{type(x).__name__} {r if len(r) < 60 else r[:57] + '...'}"
 
 
-def _preview(t: torch.Tensor, n: int = 6) -> str:
-    flat = t.detach().flatten()[:n].tolist()
-    if t.dtype.is_floating_point:
-        body = ", ".join(f"{v:.4g}" for v in flat)
-    else:
-        body = ", ".join(str(v) for v in flat)
-    return f"[{body}{', ...' if t.numel() > n else ''}]"
+def _fmt(v: Any, floating: bool) -> str:
+    return f"{v:.4g}" if floating else str(v)
+
+
+def _window(e: torch.Tensor, g: torch.Tensor, idx: tuple[int, ...], radius: int = 2) -> str:
+    """The expected and the returned entries around ``idx`` along the last dimension."""
+    if e.dim() == 0:
+        return f":\n    expected {_fmt(e.item(), e.is_floating_point())}\n    got      {_fmt(g.item(), g.is_floating_point())}"
+    last = idx[-1]
+    lo, hi = max(0, last - radius), min(e.shape[-1], last + radius + 1)
+    row = idx[:-1]
+    where = "[" + ", ".join([*map(str, row), f"{lo}:{hi}"]) + "]"
+    ev = e[row][lo:hi].tolist()
+    gv = g[row][lo:hi].tolist()
+    fe, fg = e.is_floating_point(), g.is_floating_point()
+    return (
+        f" at {where}:\n    expected [{', '.join(_fmt(v, fe) for v in ev)}]\n"
+        f"    got      [{', '.join(_fmt(v, fg) for v in gv)}]"
+    )
+
+
+def _degenerate(e: torch.Tensor, g: torch.Tensor) -> str | None:
+    """A note when the learner's output is all NaN, all zero or all one value while the expected one is not."""
+    if g.numel() < 2:
+        return None
+    if g.is_floating_point() and bool(torch.isnan(g).all()) and not bool(torch.isnan(e).all()):
+        return "every value you returned is NaN"
+    if bool((g == 0).all()) and not bool((e == 0).all()):
+        return "every value you returned is 0 (is something not computed, or multiplied by a zero mask?)"
+    if bool((g == g.flatten()[0]).all()) and not bool((e == e.flatten()[0]).all()):
+        return f"every value you returned is the same ({_fmt(g.flatten()[0].item(), g.is_floating_point())})"
+    return None
 
 
 def _where(idx: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, idx)) + "]"
 
 
+def _family(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "integer"
+
+
+FAMILY_WORDS = {
+    "bool": "a bool mask",
+    "float": "a floating-point tensor",
+    "integer": "an integer tensor",
+    "complex": "a complex tensor",
+}
+
+
 def compare_tensors(expected: torch.Tensor, got: Any, rtol: float | None, atol: float | None, path: str) -> str | None:
+    """Shape, dtype family, device, then values.
+
+    The course's dtype policy: a floating output may be any floating dtype of at least float32
+    precision and is judged at the looser of the two dtypes' tolerances (a float64 implementation
+    passes a float32 reference); an integer output may be any integer dtype; a mask must be bool.
+    """
     if not isinstance(got, torch.Tensor):
         return f"{path}expected a torch.Tensor, got {describe(got)}"
     if got.shape != expected.shape:
@@ -60,36 +109,65 @@ def compare_tensors(expected: torch.Tensor, got: Any, rtol: float | None, atol: 
             f"{path}wrong shape: expected {tuple(expected.shape)}, got {tuple(got.shape)}. "
             f"Check which dimensions you reduce over, index or keep."
         )
-    if got.dtype != expected.dtype:
-        return f"{path}wrong dtype: expected {expected.dtype}, got {got.dtype}"
+    fam_e, fam_g = _family(expected.dtype), _family(got.dtype)
+    if fam_e != fam_g:
+        return f"{path}wrong dtype: expected {FAMILY_WORDS[fam_e]} (like {expected.dtype}), got {got.dtype}"
+    if fam_e == "float" and got.dtype in (torch.float16, torch.bfloat16) and got.dtype != expected.dtype:
+        return f"{path}wrong dtype: {got.dtype} loses precision; compute in float32 (or float64)"
     if got.device.type != expected.device.type:
         return f"{path}wrong device: expected {expected.device.type}, got {got.device.type}"
     e, g = expected.detach().cpu(), got.detach().cpu()
-    if g.dtype.is_floating_point or g.is_complex():
+    if fam_e in ("float", "complex"):
         bad_nan = torch.isnan(g) & ~torch.isnan(e)
         if bad_nan.any():
             idx = tuple(int(i) for i in bad_nan.nonzero()[0])
-            return f"{path}your output has NaN at {_where(idx)} ({int(bad_nan.sum())} NaN values) where the reference has numbers"
-        r, a = tolerances(e.dtype, rtol, atol)
-        close = torch.isclose(g, e, rtol=r, atol=a, equal_nan=True)
+            return (
+                f"{path}your output has NaN at {_where(idx)} ({int(bad_nan.sum())} NaN values) where the "
+                f"reference has numbers"
+            )
+        r1, a1 = tolerances(e.dtype, rtol, atol)
+        r2, a2 = tolerances(g.dtype, rtol, atol)
+        common = torch.promote_types(e.dtype, g.dtype)
+        e, g = e.to(common), g.to(common)
+        close = torch.isclose(g, e, rtol=max(r1, r2), atol=max(a1, a2), equal_nan=True)
     else:
         close = g == e
     if bool(close.all()):
         return None
-    idx = tuple(int(i) for i in (~close).nonzero()[0])
-    n_bad = int((~close).sum())
-    msg = (
-        f"{path}values differ at {n_bad} of {e.numel()} positions; first at {_where(idx)}: "
-        f"expected {e[idx].item():.6g}, got {g[idx].item():.6g}\n"
-        f"    expected {_preview(e)}\n    got      {_preview(g)}"
-    )
-    return msg
+    bad = ~close
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    n_bad = int(bad.sum())
+    lines = [f"{path}values differ at {n_bad} of {e.numel()} positions", "  first difference" + _window(e, g, first)]
+    if fam_e in ("float", "complex"):
+        gap = (g - e).abs().masked_fill(~bad, 0)
+        gap = torch.nan_to_num(gap, nan=float("inf"))
+        largest = tuple(int(i) for i in torch.unravel_index(gap.flatten().argmax(), gap.shape)) if gap.dim() else ()
+        if largest != first:
+            lines.append("  largest difference" + _window(e, g, largest))
+    note = _degenerate(e, g)
+    if note:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def _item_path(path: str, i: int, names: tuple[str, ...] | None) -> str:
+    if names is not None and i < len(names):
+        return f"{path}item {i} (`{names[i]}`): "
+    return f"{path}item {i}: "
 
 
 def compare(
-    expected: Any, got: Any, rtol: float | None = None, atol: float | None = None, path: str = ""
+    expected: Any,
+    got: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    path: str = "",
+    names: tuple[str, ...] | None = None,
 ) -> str | None:
-    """None if ``got`` matches ``expected``, else a message describing the first difference."""
+    """None if ``got`` matches ``expected``, else a message describing the first difference.
+
+    ``names`` gives a tuple output's items the names the docstring uses, for the messages.
+    """
     if isinstance(expected, torch.Tensor):
         return compare_tensors(expected, got, rtol, atol, path)
     if isinstance(expected, bool) or expected is None:
@@ -111,9 +189,10 @@ def compare(
         if not isinstance(got, (tuple, list)):
             return f"{path}expected a {type(expected).__name__} of {len(expected)}, got {describe(got)}"
         if len(got) != len(expected):
-            return f"{path}expected {len(expected)} items, got {len(got)}"
+            what = f" ({', '.join(names)})" if names is not None and len(names) == len(expected) else ""
+            return f"{path}expected {len(expected)} items{what}, got {len(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
-            msg = compare(e, g, rtol, atol, path=f"{path}item {i}: ")
+            msg = compare(e, g, rtol, atol, path=_item_path(path, i, names))
             if msg:
                 return msg
         return None
@@ -121,7 +200,13 @@ def compare(
         if not isinstance(got, dict):
             return f"{path}expected a dict, got {describe(got)}"
         if set(got) != set(expected):
-            return f"{path}expected keys {sorted(map(str, expected))}, got {sorted(map(str, got))}"
+            missing, extra = set(expected) - set(got), set(got) - set(expected)
+            parts = []
+            if missing:
+                parts.append(f"missing keys {sorted(map(str, missing))}")
+            if extra:
+                parts.append(f"unexpected keys {sorted(map(str, extra))}")
+            return f"{path}expected keys {sorted(map(str, expected))}: {'; '.join(parts)}"
         for k in expected:
             msg = compare(expected[k], got[k], rtol, atol, path=f"{path}[{k!r}]: ")
             if msg:

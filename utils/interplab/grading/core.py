@@ -44,6 +44,7 @@ class CaseResult:
     message: str = ""
     hint: str | None = None
     seconds: float = 0.0
+    got: Any = field(default=None, repr=False)  # the plain output of a wrong answer, for choosing a hint
 
 
 @dataclass
@@ -315,7 +316,7 @@ def expected_outputs(ex: Exercise) -> list[Any]:
     if ex._expected is None:
         outs = []
         for case in ex.cases():
-            status, result, _, _ = call_safely(ex.reference, fresh(case.args), fresh(case.kwargs), 0)
+            status, result, _, _ = call_safely(case.invoke(ex.reference), fresh(case.args), fresh(case.kwargs), 0)
             if status != "ok":
                 raise RuntimeError(f"the reference for {ex.name!r} failed on case {case.label!r}: {result!r}")
             for m in _models_in((case.args, case.kwargs)):
@@ -325,23 +326,82 @@ def expected_outputs(ex: Exercise) -> list[Any]:
     return ex._expected
 
 
-def _compare(ex: Exercise, expected: Any, got: Any) -> str | None:
+def _compare(ex: Exercise, expected: Any, got: Any, case_index: int | None = None) -> str | None:
+    """The verdict of case ``case_index``'s judge, or of the exercise's comparison: None when ``got`` is right."""
+    case = ex.cases()[case_index] if case_index is not None else None
+    if case is not None and case.judge is not None:
+        return case.judge(expected, got)
     if ex.compare is not None:
         return ex.compare(expected, got)
-    return compare(expected, got, ex.rtol, ex.atol)
+    return compare(expected, got, ex.rtol, ex.atol, names=ex.output_names)
 
 
-def _mistake_hint(ex: Exercise, case_index: int, got: Any) -> str | None:
-    case = ex.cases()[case_index]
-    for m in ex.mistakes:
-        status, out, _, _ = call_safely(m.fn, fresh(case.args), fresh(case.kwargs), ex.time_limit)
+def _mistake_output(ex: Exercise, name: str, case_index: int) -> tuple[str, Any]:
+    """(status, output) of known mistake ``name`` on case ``case_index`` (computed once, trusted code)."""
+    outs = ex._mistake_outputs.setdefault(name, [None] * len(ex.cases()))
+    if outs[case_index] is None:
+        m = next(m for m in ex.mistakes if m.name == name)
+        case = ex.cases()[case_index]
+        status, out, _, _ = call_safely(case.invoke(m.fn), fresh(case.args), fresh(case.kwargs), ex.time_limit)
         for model in _models_in((case.args, case.kwargs)):
             _restore(model)
+        outs[case_index] = (status, out)
+    return outs[case_index]
+
+
+def _verdict(ex: Exercise, expected: Any, got: Any, case_index: int) -> str | None:
+    try:
+        return _compare(ex, expected, got, case_index)
+    except Exception as e:  # noqa: BLE001 - a comparison meeting an output it did not expect
+        return f"could not be compared ({type(e).__name__}: {e})"
+
+
+def _same_output(ex: Exercise, case_index: int, a: Any, b: Any, verdict_a: str | None, verdict_b: str | None) -> bool:
+    """Whether two outputs are the same answer: equal values, or (on a judged case) the same failed property."""
+    if ex.cases()[case_index].judge is not None and verdict_a is not None and verdict_a == verdict_b:
+        return True
+    if ex.compare is not None:
         try:
-            same = _compare(ex, out, got) is None if ex.compare else matches(out, got, ex.rtol, ex.atol)
+            return ex.compare(a, b) is None
         except Exception:  # noqa: BLE001
-            same = False
-        if status == "ok" and same:
+            return False
+    return matches(a, b, ex.rtol, ex.atol)
+
+
+def choose_hint(ex: Exercise, failing: list[tuple[int, Any, str]]) -> str | None:
+    """The hint of the known mistake the learner made, or None when no single mistake explains the failures.
+
+    ``failing`` holds (case index, the learner's output, "wrong" or "mutation") of every case answered
+    wrongly. A mistake's
+    hint is chosen only when the learner's output matches that mistake on every failing case where
+    the mistake's own output differs from the reference's (and there is at least one such case):
+    matching one tiny case, where different mistakes coincide, is not enough.
+    """
+    if not failing:
+        return None
+    expected = expected_outputs(ex)
+    for m in ex.mistakes:
+        relevant = 0
+        explained = True
+        for i, got, kind in failing:
+            status, out = _mistake_output(ex, m.name, i)
+            if status != "ok":
+                explained = False
+                break
+            if kind == "mutation":  # the value may be right: the mistake is in what the call did to its input
+                relevant += 1
+                if not _same_output(ex, i, out, got, None, None):
+                    explained = False
+                    break
+                continue
+            mistake_verdict = _verdict(ex, expected[i], out, i)
+            if mistake_verdict is None:
+                continue  # the mistake gives the right answer here: this case says nothing about it
+            relevant += 1
+            if not _same_output(ex, i, out, got, mistake_verdict, _verdict(ex, expected[i], got, i)):
+                explained = False
+                break
+        if explained and relevant:
             return m.hint
     return None
 
@@ -373,7 +433,7 @@ def observe(ex: Exercise, fn: Callable, case_index: int) -> Observation:
     for m in models:
         _snapshot(m)
         _restore(m)
-    status, got, secs, printed = call_safely(fn, args, kwargs, ex.time_limit)
+    status, got, secs, printed = call_safely(case.invoke(fn), args, kwargs, ex.time_limit)
     side_effects = [p for m in models for p in _restore(m)]
     obs = Observation(status, None, "", None, side_effects, printed, secs)
     if status == "ok":
@@ -417,22 +477,21 @@ def judge(
             f"or use out-of-place operations (x = x + 1, not x += 1)."
         )
         kind = "mutation"
-        hint = _mistake_hint(ex, case_index, obs.value)
     elif obs.side_effects:
         msg = "your function " + "; and ".join(obs.side_effects) + "."
         kind = "side_effect"
     else:
         exp = expected_outputs(ex)[case_index] if expected is None else expected
         try:
-            diff = _compare(ex, exp, obs.value)
+            diff = _compare(ex, exp, obs.value, case_index)
         except Exception as e:  # noqa: BLE001 - a custom comparison meeting an output it did not expect
             diff = f"your output could not be compared with the expected one ({type(e).__name__}: {e})"
         if diff:
             msg, kind = diff, "wrong"
-            hint = _mistake_hint(ex, case_index, obs.value)
     if obs.printed and msg:
         msg += "\n(your function printed:)\n" + _indent(obs.printed[:500])
-    return CaseResult(case.label, not msg, msg, hint, obs.seconds), kind
+    got = obs.value if kind in ("wrong", "mutation") else None
+    return CaseResult(case.label, not msg, msg, hint, obs.seconds, got), kind
 
 
 def make_report(ex: Exercise, judged: list[tuple[CaseResult, str | None]]) -> Report:
@@ -443,6 +502,9 @@ def make_report(ex: Exercise, judged: list[tuple[CaseResult, str | None]]) -> Re
         results.append(r)
         if not r.passed and kind == "passed":
             kind, hint = k or "wrong", r.hint
+    if kind in ("wrong", "mutation"):
+        failing = [(i, r.got, k) for i, (r, k) in enumerate(judged) if k in ("wrong", "mutation")]
+        hint = choose_hint(ex, failing)
     stopped = next((k for r, k in judged if k in ("timeout", "not_implemented")), None)
     for rest in ex.cases()[len(results) :]:
         why = {"timeout": "timed out", "not_implemented": "is not implemented"}.get(stopped, "stopped the run")
@@ -474,11 +536,11 @@ def run(name: str | Exercise, fn: Callable, *, stop_on_timeout: bool = True) -> 
         return Report(
             ex.name, False, 0, len(ex.cases()), [msg], kind="error", results=[CaseResult("(no call)", False, msg)]
         )
-    expected = expected_outputs(ex)
     judged = []
     for i in range(len(ex.cases())):
         obs = observe(ex, fn, i)
-        judged.append(judge(ex, i, obs, expected[i]))
+        # A stub or a loop answers at once: the reference runs only when there is an answer to judge.
+        judged.append(judge(ex, i, obs))
         if obs.status in ("timeout", "not_implemented") and stop_on_timeout:
             break
     return make_report(ex, judged)
