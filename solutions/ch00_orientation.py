@@ -156,7 +156,7 @@ def head_ablation_effects(
 ) -> Float[Tensor, "layer head batch"]:
     """For every head of the model and every prompt, how much the loss rises when that head is removed.
 
-    Each head is removed on its own (one forward pass per head, all other heads intact) by
+    Each head is removed on its own, with all other heads intact, by
     replacing its output before W_O (`hook_z`) at every position.
 
     Args:

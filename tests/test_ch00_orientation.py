@@ -125,7 +125,9 @@ def test_three_layer_0_heads_carry_induction_whatever_the_ablation(ablations):
         mean, se = ablations[method]
         for lh in layer0:
             assert mean[lh] > 1.5 and mean[lh] > 5 * se[lh], (method, lh, float(mean[lh]), float(se[lh]))
-        others = [(layer, h) for layer in range(mean.shape[0]) for h in range(mean.shape[1]) if (layer, h) not in layer0]
+        others = [
+            (layer, h) for layer in range(mean.shape[0]) for h in range(mean.shape[1]) if (layer, h) not in layer0
+        ]
         assert max(float(mean[lh]) for lh in others) < 0.5, (method, mean)
 
 

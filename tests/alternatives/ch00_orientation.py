@@ -104,7 +104,7 @@ def ablation_loss_weights(model, tokens, layer, head, loss_mask=None):
     logits = model.run_with_hooks(tokens, fwd_hooks=[(act_name("z", layer), lambda z, hook: z * keep[:, None])])
     loss = loss_cross_entropy(logits, tokens)
     w = torch.ones_like(loss) if loss_mask is None else loss_mask[:, 1:].to(loss.dtype)
-    return float((loss * w).sum() / w.sum())
+    return float(((loss * w).sum() / w.sum()).detach())
 
 
 def ablation_loss_hook_context(model, tokens, layer, head, loss_mask=None):

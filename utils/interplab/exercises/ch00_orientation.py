@@ -27,6 +27,17 @@ def _raises(fn, *args, **kwargs):
     return "returned"
 
 
+def _validating(validate, fn):
+    """``fn`` with the reference's input validation in front: a mistake that differs from the reference only
+    where it is wrong, not also on the inputs that must raise (so each mistake's hint stays its own)."""
+
+    def wrapped(*args, **kwargs):
+        validate(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _must_raise(error: str, what: str):
     """A judge for a case whose input the contract says must raise ``error``."""
 
@@ -217,6 +228,11 @@ def _logit_diff_cases():
     return cases
 
 
+def _check_ids(logits, a, w):
+    if a.shape != logits.shape[:1] or w.shape != logits.shape[:1]:
+        raise ValueError("one id per prompt")
+
+
 def _diff_from_numbers(logits, a, w):
     return torch.tensor(sol.answer_logit_diff(logits, a, w).tolist())
 
@@ -234,7 +250,12 @@ register(
     mistakes=[
         Mistake(
             "first position",
-            lambda logits, a, w: logits[:, 0].gather(-1, a[:, None])[:, 0] - logits[:, 0].gather(-1, w[:, None])[:, 0],
+            _validating(
+                _check_ids,
+                lambda logits, a, w: (
+                    logits[:, 0].gather(-1, a[:, None])[:, 0] - logits[:, 0].gather(-1, w[:, None])[:, 0]
+                ),
+            ),
             "Position 0 is the <bos> token; the answer is predicted at the LAST position (index -1).",
         ),
         Mistake(
@@ -249,8 +270,11 @@ register(
         ),
         Mistake(
             "mean over positions",
-            lambda logits, a, w: (
-                logits.mean(1).gather(-1, a[:, None])[:, 0] - logits.mean(1).gather(-1, w[:, None])[:, 0]
+            _validating(
+                _check_ids,
+                lambda logits, a, w: (
+                    logits.mean(1).gather(-1, a[:, None])[:, 0] - logits.mean(1).gather(-1, w[:, None])[:, 0]
+                ),
             ),
             "Use the logits at the final position only (logits[:, -1]), not an average over positions.",
         ),
@@ -307,6 +331,11 @@ def _prev_cases():
     return cases
 
 
+def _check_positions(pattern):
+    if pattern.shape[-1] < 2:
+        raise ValueError("no previous token")
+
+
 def _prev_unchecked(pattern):
     return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1)
 
@@ -334,7 +363,10 @@ register(
         ),
         Mistake(
             "includes position 0",
-            lambda p: torch.cat([p[:, :1, 0], p.diagonal(offset=-1, dim1=-2, dim2=-1)], dim=-1).mean(-1),
+            _validating(
+                _check_positions,
+                lambda p: torch.cat([p[:, :1, 0], p.diagonal(offset=-1, dim1=-2, dim2=-1)], dim=-1).mean(-1),
+            ),
             "Position 0 has no previous token: average over q = 1 .. n-1 only (don't count its attention "
             "to <bos> itself).",
         ),
@@ -355,6 +387,11 @@ register(
 
 
 # --- ablate_head -------------------------------------------------------------------------
+
+
+def _check_head(z, head):
+    if not 0 <= head < z.shape[2]:
+        raise IndexError(head)
 
 
 def _ablate_in_place(z, head):
@@ -410,22 +447,22 @@ register(
     mistakes=[
         Mistake(
             "position axis",
-            lambda z, head: z.clone().index_fill_(1, torch.tensor([head]), 0.0),
+            _validating(_check_head, lambda z, head: z.clone().index_fill_(1, torch.tensor([head]), 0.0)),
             "hook_z is [batch, pos, head, d_head]: the head is axis 2, not axis 1.",
         ),
         Mistake(
             "keeps only the head",
-            lambda z, head: z * (torch.arange(z.shape[2]) == head)[None, None, :, None],
+            _validating(_check_head, lambda z, head: z * (torch.arange(z.shape[2]) == head)[None, None, :, None]),
             "Zero the chosen head and keep the others, not the other way round.",
         ),
         Mistake(
             "in place",
-            _ablate_in_place,
+            _validating(_check_head, _ablate_in_place),
             "Clone z before editing it; editing a learner's input in place changes it for everyone.",
         ),
         Mistake(
             "detached copy",
-            _ablate_detached,
+            _validating(_check_head, _ablate_detached),
             "z.detach() cuts the copy off from the autograd graph; z.clone() alone keeps the gradient flowing.",
         ),
         Mistake(
@@ -596,6 +633,8 @@ def _effects_from(model, tokens, loss_mask, replacements, *, shift=1, subtract=T
     else:
         counted = loss_mask[:, 1:] if shift == 1 else loss_mask[:, :-1]
     counted = counted.float()
+    if loss_mask is not None and not loss_mask[:, 1:].any(1).all():
+        raise ValueError("a prompt counts no prediction")
 
     def mean_loss(logits):
         return (sol.per_token_loss(logits, tokens) * counted).sum(1) / counted.sum(1)
