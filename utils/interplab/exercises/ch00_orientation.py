@@ -10,7 +10,7 @@ from .. import tinyworld
 from ..hooks import act_name
 from ..paths import chapter_of
 from ..solutions import ch00_orientation as sol
-from . import Case, Mistake, gen, model_tokens, register, shared_model
+from . import Case, Mistake, gen, model_tokens, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
 
@@ -499,15 +499,10 @@ def _ablation_loss_cases():
         Case(
             "behaviour: works when the caller has turned gradients off",
             (model, ids, 1, 2, real),
-            call=_under_no_grad,
+            call=under_no_grad,
         ),
     ]
     return cases
-
-
-def _under_no_grad(fn, *args, **kwargs):
-    with torch.no_grad():
-        return fn(*args, **kwargs)
 
 
 def _no_ablation(model, tokens, layer, head, loss_mask=None):
