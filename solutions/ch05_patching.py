@@ -24,10 +24,10 @@ def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dic
     """Clean and corrupted indirect-object prompts, tokenized by the model's tokenizer.
 
     Each prompt is a dict with the template "template" (a format string in the model's
-    own text format, e.g. ``tinyworld.IOI_TEMPLATES[0]``), the names "A" and "B" of the
-    first clause, the subject "S" (A or B), the indirect object "IO" (the other one), a
-    third name "C" (neither A nor B), and the words "place" and "obj". The clean text is
-    ``template.format(A=A, B=B, S=S, place=place, obj=obj)``.
+    own text format, with the fields {A}, {B}, {S}, {place} and {obj}), the names "A" and
+    "B" of the first clause, the subject "S" (A or B), the indirect object "IO" (the
+    other one), a third name "C" (neither A nor B), and the words "place" and "obj". The
+    clean text is the template filled in with these words.
 
     Corruptions (each changes as little as possible):
         "swap_names": A and B exchanged everywhere (the template stays; the answer flips
@@ -44,11 +44,17 @@ def ioi_pairs(model, prompts: list[dict], corruption: str = "third_name") -> dic
         corruption: one of "swap_names", "swap_template", "third_name".
 
     Returns:
-        A dict of tensors: "clean" and "corrupted" [batch, pos] token ids (from
-        `model.to_tokens`, which prepends <bos>), "answer" [batch] (the id of the IO) and
-        "wrong" [batch] (the id of S), names as the next word of a sentence
-        (`model.to_single_token(" " + name)`). The answer and wrong ids are the clean
-        prompt's: the metric compares the same two names on both runs.
+        A dict of integer tensors: "clean" and "corrupted" [batch, pos], the token ids of
+        the two texts, each starting with the model's <bos> token (the model was trained
+        with it); "answer" [batch], the token of the IO, and "wrong" [batch], the token of
+        S, each name spelled as the next word of a sentence (for a BPE tokenizer such as
+        GPT-2's, the token with a leading space, which differs from the bare name's). The
+        answer and wrong tokens are the clean prompt's: the metric compares the same two
+        names on both runs.
+
+    Raises:
+        ValueError: for an unknown corruption, or when the texts do not all tokenize to
+            the same number of tokens (patching compares positions, so they must align).
     """
     if corruption not in IOI_CORRUPTIONS:
         raise ValueError(f"corruption must be one of {IOI_CORRUPTIONS}, not {corruption!r}")
@@ -95,8 +101,9 @@ def induction_pairs(
         "match": x_{cut-1} becomes r, so the current word x_{cut-1} never appeared
             before and there is nothing to copy.
 
-    Each word is one token, with a leading space (``model.to_single_token(" " + word)``),
-    after the model's <bos> token (``model.tokenizer.bos_token_id``).
+    Each word is one token: the token the model's tokenizer gives it as the next word of
+    a sentence (for a BPE tokenizer, the one with a leading space). Every prompt starts
+    with the model's <bos> token.
 
     Args:
         model: a HookedTransformer (for its tokenizer).
@@ -106,8 +113,12 @@ def induction_pairs(
         corruption: "answer" or "match".
 
     Returns:
-        A dict of tensors: "clean", "corrupted" [batch, 1 + n + cut] token ids, "answer"
-        [batch] (the id of x_cut) and "wrong" [batch] (the id of r).
+        A dict of integer tensors: "clean", "corrupted" [batch, 1 + n + cut] token ids,
+        "answer" [batch] (the token of x_cut) and "wrong" [batch] (the token of r).
+
+    Raises:
+        ValueError: for an unknown corruption, sequences of different lengths, or a cut
+            outside 1 <= cut < n.
     """
     if corruption not in INDUCTION_CORRUPTIONS:
         raise ValueError(f"corruption must be one of {INDUCTION_CORRUPTIONS}, not {corruption!r}")
@@ -150,9 +161,9 @@ def normalised_logit_diff(
 ) -> Float[Tensor, ""]:
     """The mean logit difference, rescaled so that the clean run gives 1 and the corrupted run 0.
 
-    The logit difference of prompt b is logits[b, -1, answer[b]] - logits[b, -1, wrong[b]]
-    (at the final position). Its mean over the batch, ld, becomes
-    (ld - corrupted_ld) / (clean_ld - corrupted_ld).
+    A prompt's logit difference is the logit of its right token minus the logit of its
+    wrong token, both at the final position. Their mean over the batch, ld, is rescaled
+    linearly so that ld equal to clean_ld scores 1 and ld equal to corrupted_ld scores 0.
 
     Args:
         logits: the model's output logits.
@@ -162,7 +173,10 @@ def normalised_logit_diff(
         corrupted_ld: the mean logit difference of the corrupted run.
 
     Returns:
-        A 0-dimensional tensor (keep it a tensor: attribution patching differentiates it).
+        A 0-dimensional float tensor that stays differentiable with respect to the logits:
+        attribution patching takes its gradient, so a value detached from the logits (a
+        Python number turned back into a tensor) is wrong even when the number is right.
+        With gradients turned off by the caller it simply carries no graph.
     """
     ld = _logit_diff(logits, answer, wrong).mean()
     return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
@@ -255,10 +269,12 @@ def patch_layer_pos_sweep(
         target_tokens: the prompts the model runs on (same shape).
         metric: logits [batch, pos, vocab] -> a 0-dimensional tensor.
         component: "resid_pre", "resid_mid", "resid_post", "attn_out" or "mlp_out"
-            (hook `blocks.{l}.hook_{component}`).
+            (TransformerLens's hook of that name in each block).
 
     Returns:
-        [n_layers, pos] metric values, as a float32 tensor on the CPU.
+        A float tensor on the CPU, [n_layers, pos]: the metric with that single patch
+        made. It must work when the caller has turned gradients off, and leave the model
+        as it found it (no hooks left attached).
     """
     if component not in LAYER_POS_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(LAYER_POS_COMPONENTS)}, not {component!r}")
@@ -290,7 +306,9 @@ def patch_head_sweep(
         component: "z", "q", "k", "v" or "pattern".
 
     Returns:
-        [n_layers, n_heads] metric values, as a float32 tensor on the CPU.
+        A float tensor on the CPU, [n_layers, n_heads]: the metric with that one head
+        patched. It must work when the caller has turned gradients off, and leave the
+        model as it found it (no hooks left attached).
     """
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
@@ -312,9 +330,9 @@ def patch_head_pos_sweep(
 ) -> Float[Tensor, "layer pos head"]:
     """Patch one attention head's activation at one position, for every (layer, position, head).
 
-    As `patch_head_sweep`, but at a single position: for "z", "q", "k" and "v" the entry
-    [:, pos, head]; for "pattern" the row of query position pos, [:, head, pos, :] (where
-    the head looks from that position).
+    As `patch_head_sweep`, but at a single position: for "z", "q", "k" and "v" the head's
+    vector at that position, for every prompt; for "pattern" the head's attention from
+    query position pos (where the head looks from there, over every key position).
 
     Args:
         model: a HookedTransformer.
@@ -324,8 +342,9 @@ def patch_head_pos_sweep(
         component: "z", "q", "k", "v" or "pattern".
 
     Returns:
-        [n_layers, pos, n_heads] metric values (the same layout for every component), as a
-        float32 tensor on the CPU.
+        A float tensor on the CPU, [n_layers, pos, n_heads] (the same layout for every
+        component): the metric with that one patch made. It must work when the caller has
+        turned gradients off, and leave the model as it found it (no hooks left attached).
     """
     if component not in HEAD_COMPONENTS:
         raise ValueError(f"component must be one of {sorted(HEAD_COMPONENTS)}, not {component!r}")
@@ -354,17 +373,18 @@ def path_patch(
 ) -> float:
     """The effect of one head on others along the direct path only (path patching).
 
-    1. Run the model on `target_tokens` with the sender head's output (hook_z) taken from
-       the `source_tokens` run, and every OTHER head's output held at its value on the
-       target run (MLPs are recomputed). Only the direct path from the sender (through
-       the residual stream and MLPs) changes anything.
-    2. Record the receivers' inputs (hook_q, hook_k or hook_v of each receiver head) in
-       that run.
-    3. Run the model on `target_tokens` again, with only those receiver inputs patched in
-       (everything else recomputed), and return metric(logits).
+    The path is defined by a run on `target_tokens` in which the sender head's output
+    (hook_z) takes its value from the `source_tokens` run while every OTHER head's output
+    is held at its value on the target run (MLPs and LayerNorms are recomputed): in that
+    run the sender's change reaches later layers only directly, through the residual
+    stream and the MLPs. The receivers' chosen input (their queries, keys or values) in
+    that run is what the direct path makes of it.
 
-    With ``receivers=None`` the receiver is the unembedding: return the metric of the
-    first run (the sender's direct effect on the logits).
+    The result is the metric of a run on `target_tokens` in which only those receiver
+    heads' chosen input takes those values (no other head, no other input of theirs),
+    everything else computed normally. With ``receivers=None`` the receiver is the
+    unembedding: the result is the metric of the frozen run itself (the sender's effect
+    on the logits without any later head).
 
     Args:
         model: a HookedTransformer.
@@ -376,7 +396,12 @@ def path_patch(
         receiver_input: which input of the receivers to patch: "q", "k" or "v".
 
     Returns:
-        The metric as a Python float.
+        The metric, a Python float. It must work when the caller has turned gradients off,
+        and leave the model as it found it (no hooks left attached).
+
+    Raises:
+        ValueError: if the sender is not a head of the model, a receiver is not in a later
+            layer than the sender, or receiver_input is not "q", "k" or "v".
     """
     validate_path(model, sender, receivers, receiver_input)
     s_layer, s_head = sender
@@ -430,10 +455,11 @@ def attribution_patch(
     """Estimate every denoising patch of one component at once, from one backward pass.
 
     To first order, patching activation a from its corrupted value to its clean value
-    changes the metric by (a_clean - a_corrupted) . d metric / d a, the gradient taken
-    on the CORRUPTED run. Summing that product over the batch and the activation's
-    last axis gives the estimate of patching every prompt's a at one position (and
-    head) at once, as `patch_layer_pos_sweep` / `patch_head_pos_sweep` do.
+    changes the metric by the dot product of (a_clean - a_corrupted) with the metric's
+    gradient with respect to a, the gradient taken on the CORRUPTED run (a Taylor
+    expansion around the run patched into). Each estimate is for one patch of
+    `patch_layer_pos_sweep` / `patch_head_pos_sweep`: one position (and head), every
+    prompt at once.
 
     Args:
         model: a HookedTransformer.
@@ -444,8 +470,10 @@ def attribution_patch(
             [layer, pos]) or "z", "q", "k", "v" (giving [layer, pos, head]).
 
     Returns:
-        The estimated CHANGE of the metric (patched minus corrupted) for each patch, as a
-        float32 tensor on the CPU: [n_layers, pos] or [n_layers, pos, n_heads].
+        A float tensor on the CPU, [n_layers, pos] or [n_layers, pos, n_heads]: the
+        estimated CHANGE of the metric (patched minus corrupted) for each patch. It must
+        work when the caller has turned gradients off (it needs them inside), and leave
+        the model as it found it (no hooks left attached).
     """
     if component not in LAYER_POS_COMPONENTS and component not in ("z", "q", "k", "v"):
         raise ValueError(f"component must be a residual-stream component or 'z', 'q', 'k', 'v', not {component!r}")
@@ -497,6 +525,11 @@ def circuit_faithfulness(
 
     Returns:
         ld(circuit only) / ld(full model), a Python float (1.0: the circuit does it all).
+        The model is left as it was found (no hooks left attached).
+
+    Raises:
+        ValueError: if a head of `circuit` is not a head of the model, or mean_tokens has
+            a different number of positions from tokens.
     """
     if mean_tokens.shape[1] != tokens.shape[1]:
         raise ValueError(

@@ -136,3 +136,17 @@ def test_a_real_section_end_to_end(tmp_path):
     assert len(rows) == 3 and all(isinstance(r["ratio"], float) for r in rows)
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| probes | training time, 5 depths (s) |" in md
+
+
+def test_a_busy_run_compares_each_chapter_with_its_idle_pass_of_the_same_run():
+    from interplab.bench import add_idle_peers, rows_notebooks
+
+    busy = {"sections": {"notebooks": {"all_chapters": ["00_x"], "00_x": {"as_shipped": {"seconds": 30.0}}}}}
+    idle = {
+        "date": "now",
+        "idle_date": "earlier in this run",
+        "sections": {"notebooks": {"00_x": {"as_shipped": {"seconds": 20.0, "peak_mb": 5}}}},
+    }
+    add_idle_peers(busy, idle)
+    (r,) = rows_notebooks(busy["sections"]["notebooks"])
+    assert r["ratio"] == 1.5 and r["peer"] == 20.0 and "earlier in this run" in r["note"]

@@ -112,9 +112,15 @@ def draw_circuit(
     coloured by role, and arrows (sender, receiver, strength) between heads or to "MLP0".. "logits".
 
     Nodes other than heads are named by strings: "embed" (below layer 0), "MLP{l}" (right of
-    layer l) and "logits" (above the last layer).
+    layer l) and "logits" (above the last layer). Each arrow is labelled with its strength; notes
+    are wrapped onto short lines under their node so that neighbouring labels do not overlap.
     """
+    import textwrap
+
     import matplotlib.pyplot as plt
+
+    def wrapped(text: str) -> str:
+        return "\n".join(textwrap.wrap(text, 16))
 
     notes = notes or {}
     role_names = sorted(set(roles.values()))
@@ -132,7 +138,7 @@ def draw_circuit(
             return n_heads + 0.3, int(node[3:]) + 0.35
         raise ValueError(f"unknown node {node!r}")
 
-    fig, ax = plt.subplots(figsize=(1.9 * n_heads + 3.5, 1.35 * n_layers + 2.2))
+    fig, ax = plt.subplots(figsize=(2.2 * n_heads + 3.5, 1.9 * n_layers + 2.2))
     for layer in range(n_layers):
         for head in range(n_heads):
             role = roles.get((layer, head))
@@ -146,7 +152,9 @@ def draw_circuit(
             )
             ax.text(head, layer, f"L{layer}H{head}", ha="center", va="center", fontsize=7, zorder=4)
             if (layer, head) in notes:
-                ax.text(head, layer - 0.38, notes[(layer, head)], ha="center", va="top", fontsize=6.5, zorder=4)
+                ax.text(
+                    head, layer - 0.27, wrapped(notes[(layer, head)]), ha="center", va="top", fontsize=5.5, zorder=4
+                )
         ax.text(
             n_heads + 0.3,
             layer + 0.35,
@@ -157,7 +165,7 @@ def draw_circuit(
             bbox=dict(boxstyle="round", fc="#fff7dd" if f"MLP{layer}" in notes else "#f6f6f6", ec="#999999"),
         )
         if f"MLP{layer}" in notes:
-            ax.text(n_heads + 0.3, layer + 0.05, notes[f"MLP{layer}"], ha="center", va="top", fontsize=6.5)
+            ax.text(n_heads + 0.3, layer + 0.2, wrapped(notes[f"MLP{layer}"]), ha="center", va="top", fontsize=5.5)
     for node in ("embed", "logits"):
         x, y = where(node)
         ax.text(
@@ -179,6 +187,17 @@ def draw_circuit(
             ),
             zorder=2,
         )
+        ax.text(
+            x0 + 0.55 * (x1 - x0),
+            y0 + 0.55 * (y1 - y0),
+            f"{weight:.2f}",
+            fontsize=6,
+            color="#cc3311" if weight < 0 else "#225588",
+            ha="center",
+            va="center",
+            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8),
+            zorder=5,
+        )
     for role in role_names:
         ax.scatter([], [], s=120, color=colour[role], edgecolors="black", label=role)
     if role_names:
@@ -190,3 +209,43 @@ def draw_circuit(
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def direct_path_drops(
+    path_patch_fn: Callable,
+    model,
+    pairs: dict[str, Tensor],
+    metric: Callable[[Tensor], Tensor],
+    senders: Sequence[tuple[int, int]],
+    readers: Sequence[tuple[int, int]] = (),
+    receiver_input: str = "v",
+) -> dict[tuple, float]:
+    """How much noising moves the metric along each direct path of a circuit, by path patching.
+
+    `path_patch_fn` has the signature of `interplab.patching.path_patch` (the chapter passes the
+    learner's). Noising: the senders' outputs come from the corrupted prompts, the model runs on
+    the clean ones, so each value is a drop below 1 (the clean metric). The keys:
+
+    - (sender, "logits"): the sender with every later head frozen (its path through the
+      residual stream and the MLPs only);
+    - (sender, reader): the sender into the `receiver_input` of one reader (a head in a later layer);
+    - (sender, tuple(readers)): into all of its later readers at once (effects need not add up);
+    - (reader, "logits"): each reader's own direct path.
+    """
+    clean, corrupted = pairs["clean"], pairs["corrupted"]
+
+    def drop(sender, receivers, inp="q"):
+        return 1.0 - float(path_patch_fn(model, corrupted, clean, metric, sender, receivers, inp))
+
+    out: dict[tuple, float] = {}
+    for sender in senders:
+        out[sender, "logits"] = drop(sender, None)
+        later = [r for r in readers if r[0] > sender[0]]
+        for reader in later:
+            out[sender, reader] = drop(sender, [reader], receiver_input)
+        if len(later) > 1:
+            out[sender, tuple(later)] = drop(sender, later, receiver_input)
+    for reader in readers:
+        if reader not in senders:
+            out[reader, "logits"] = drop(reader, None)
+    return out

@@ -246,14 +246,14 @@ def start_busy_loop(limit_s: float = BUSY_LIMIT_S):
 
 
 def add_idle_peers(report: dict, idle: dict | None) -> None:
-    """A busy run's chapter times get the last idle run's as their peer (ratio = time under load / idle)."""
+    """A busy run's chapter times get the idle run's as their peer (ratio = time under load / idle)."""
     old = (idle or {}).get("sections", {}).get(NOTEBOOKS, {})
     if not old or (idle or {}).get("busy"):
         return
     for stem, m in report["sections"].get(NOTEBOOKS, {}).items():
         if isinstance(m, dict) and isinstance(old.get(stem), dict):
             m["idle"] = {k: v for k, v in old[stem].items() if k in ("as_shipped", "solutions_injected")}
-            m["idle_date"] = idle.get("date")
+            m["idle_date"] = idle.get("idle_date") or f"on {idle.get('date')}"
 
 
 def carry_over_notebooks(report: dict, previous: dict | None) -> None:
@@ -305,7 +305,7 @@ def rows_notebooks(r: dict) -> list[dict]:
                         f"{stem} ({what}): execution time with the other core busy (s)",
                         m["seconds"],
                         idle,
-                        f"peer: the idle run of {chapter.get('idle_date')}; lower is better",
+                        f"peer: the same chapter run idle {chapter.get('idle_date')}; lower is better",
                     )
                 )
                 continue
@@ -399,7 +399,7 @@ def to_markdown(report: dict) -> str:
     if report.get("busy"):
         lines.append(
             "- **busy**: a busy loop kept one core busy for the whole run (`interplab bench --busy`); "
-            "chapter times are compared with the last idle run's"
+            "each chapter first ran with the machine idle, in this same run, as its peer"
         )
     if mode == "quick":
         lines.append(
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "--busy",
         action="store_true",
         help="keep the other core busy (a bounded busy loop in a subprocess) for the whole run; writes "
-        "BENCHMARKS_BUSY.md / benchmarks_busy.json, chapter times next to the last idle run's",
+        "BENCHMARKS_BUSY.md / benchmarks_busy.json; each chapter runs idle first in the same run, as its peer",
     )
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -448,16 +448,23 @@ def main(argv: list[str] | None = None) -> int:
             previous = json.loads((out / "benchmarks.json").read_text())
         except json.JSONDecodeError:
             previous = None
+    overrides = {"notebooks": {"inject": a.inject}} if a.inject else None
+    idle = None
+    if a.busy:  # the peer: the same sections, idle, in this run (the machine and the code are the same)
+        print("== idle pass (the peer of the busy pass)")
+        idle = run(sections, a.quick, overrides=overrides)
+        idle["idle_date"] = "earlier in this run"
+        print("== busy pass: one core kept busy")
     busy = start_busy_loop() if a.busy else None
     try:
-        report = run(sections, a.quick, overrides={"notebooks": {"inject": a.inject}} if a.inject else None)
+        report = run(sections, a.quick, overrides=overrides)
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
     if a.busy:
         report["busy"] = True
-        add_idle_peers(report, previous)
+        add_idle_peers(report, idle)
     elif a.quick:
         carry_over_notebooks(report, previous)
     report["rows"] = table_rows(report)

@@ -15,13 +15,72 @@ from ..models import quiet_transformer_lens
 from ..patching import logit_diff
 from ..paths import chapter_of
 from ..solutions import ch05_patching as sol
-from . import Case, Mistake, gen, register, shared_model
+from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
 SWEEP_TOL = dict(rtol=1e-3, atol=1e-4)
 
 
 # --- shared inputs -------------------------------------------------------------------------
+
+
+@functools.cache
+def _bpe_model():
+    """A randomly initialised GPT-2-shaped stand-in with a byte-level BPE tokenizer, where " Alice" and "Alice"
+    are different tokens (TinyWorld's word tokenizer cannot tell them apart)."""
+    from ..standin import standin_model  # lazy: builds a tokenizer, needed only by the pair exercises' cases
+
+    return standin_model("gpt2-small", device="cpu")
+
+
+def _raised(fn, *args, **kwargs):
+    """Call fn and return the name of the exception it raised ("" when it returned normally)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the case asks which error, if any, is raised
+        return type(e).__name__
+    return ""
+
+
+def _must_raise(what: str):
+    """A judge for a `_raised` case: the contract says this input raises a ValueError."""
+
+    def judge(expected, got):
+        if got == "ValueError":
+            return None
+        if got == "":
+            return f"{what} must raise a ValueError, but the function returned normally"
+        return f"{what} must raise a ValueError (with a message saying what is wrong), not {got}"
+
+    return judge
+
+
+def _gradient_of_metric(fn, logits, *args):
+    """Call the metric with logits that require gradients; return (its value, d value / d logits or None)."""
+    logits = logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = fn(logits, *args)
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return value, None
+        (grad,) = torch.autograd.grad(value, logits)
+    return value.detach(), grad
+
+
+def _judge_gradient(expected, got):
+    """The metric's value and its gradient with respect to the logits must both match the reference's."""
+    from ..grading.compare import compare  # lazy: grading imports the exercise specs
+
+    value, grad = got if isinstance(got, tuple) and len(got) == 2 else (got, None)
+    msg = compare(expected[0], value, 1e-4, 1e-5)
+    if msg:
+        return "the value: " + msg
+    if grad is None:
+        return (
+            "the value is right but it is not differentiable with respect to the logits (it comes back detached: "
+            "passed through .item() or float() and made a tensor again?). Attribution patching takes its gradient."
+        )
+    msg = compare(expected[1], grad, 1e-4, 1e-5)
+    return "the gradient with respect to the logits: " + msg if msg else None
 
 
 @functools.cache
@@ -100,6 +159,33 @@ def _ioi_pairs_cases():
     for seed, c in [(1, "swap_names"), (2, "swap_template"), (3, "third_name")]:
         prompts = pairs_lib.sample_ioi_prompts(6, seed=seed, template=seed)
         cases.append(Case(f"6 sampled TinyWorld prompts (template {seed}), {c}", (model, prompts, c)))
+    bpe = _bpe_model()
+    cases.append(
+        Case(
+            "a BPE tokenizer (GPT-2-shaped stand-in), where ' Alice' and 'Alice' are different tokens, third_name",
+            (bpe, pairs_lib.sample_ioi_prompts(4, seed=4, template=0, model=bpe), "third_name"),
+        )
+    )
+    short, long = (
+        pairs_lib.sample_ioi_prompts(1, seed=5, template=2),
+        pairs_lib.sample_ioi_prompts(1, seed=5, template=3),
+    )
+    cases.append(
+        Case(
+            "property: prompts of two templates of different lengths raise ValueError",
+            (model, short + long, "swap_names"),
+            call=_raised,
+            judge=_must_raise("prompts that tokenize to different lengths"),
+        )
+    )
+    cases.append(
+        Case(
+            "property: an unknown corruption raises ValueError",
+            (model, [HAND_PROMPT], "swap_everything"),
+            call=_raised,
+            judge=_must_raise("an unknown corruption"),
+        )
+    )
     return cases
 
 
@@ -129,6 +215,27 @@ def _ioi_swapped_answer(model, prompts, corruption="third_name"):
 def _ioi_no_bos(model, prompts, corruption="third_name"):
     out = sol.ioi_pairs(model, prompts, corruption)
     return dict(out, clean=out["clean"][:, 1:], corrupted=out["corrupted"][:, 1:])
+
+
+def _ioi_bare_names(model, prompts, corruption="third_name"):
+    out = sol.ioi_pairs(model, prompts, corruption)
+    first = {"answer": "IO", "wrong": "S"}
+    return dict(
+        out,
+        **{
+            k: torch.tensor([model.to_tokens(p[v], prepend_bos=False)[0, 0].item() for p in prompts])
+            for k, v in first.items()
+        },
+    )
+
+
+def _ioi_no_length_check(model, prompts, corruption="third_name"):
+    if corruption not in pairs_lib.IOI_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {corruption!r}")
+    try:
+        return sol.ioi_pairs(model, prompts, corruption)
+    except ValueError:
+        return {}
 
 
 register(
@@ -161,6 +268,18 @@ register(
             _ioi_no_bos,
             "Tokenize with model.to_tokens, which prepends the <bos> token; the model was trained with it.",
         ),
+        Mistake(
+            "names without their leading space",
+            _ioi_bare_names,
+            "A name that is the next word of a sentence is a different token from the bare name for a BPE "
+            "tokenizer: take the token of ' ' + name (model.to_single_token(' ' + name)).",
+        ),
+        Mistake(
+            "no length check",
+            _ioi_no_length_check,
+            "Check that every clean and corrupted text has the same number of tokens and raise a ValueError "
+            "(saying so) when they do not: patching compares positions.",
+        ),
     ],
 )
 
@@ -185,6 +304,22 @@ def _induction_cases():
                 f"5 sampled sequences of {length} words, cut {cut}, {corruption}", (model, seqs, cut, reps, corruption)
             )
         )
+    bpe = _bpe_model()
+    seqs, reps = pairs_lib.sample_induction_prompts(3, 6, seed=7, model=bpe)
+    cases.append(
+        Case(
+            "a BPE tokenizer (GPT-2-shaped stand-in), words with their leading space, cut 3, answer",
+            (bpe, seqs, 3, reps, "answer"),
+        )
+    )
+    cases.append(
+        Case(
+            "property: cut = n (nothing left to predict) raises ValueError",
+            (model, [hand], 5, ["zoo"], "answer"),
+            call=_raised,
+            judge=_must_raise("a cut outside 1 <= cut < n"),
+        )
+    )
     return cases
 
 
@@ -210,6 +345,23 @@ def _ind_second_copy(model, sequences, cut, replacements, corruption="answer"):
 def _ind_no_bos(model, sequences, cut, replacements, corruption="answer"):
     out = sol.induction_pairs(model, sequences, cut, replacements, corruption)
     return dict(out, clean=out["clean"][:, 1:], corrupted=out["corrupted"][:, 1:])
+
+
+def _ind_bare_words(model, sequences, cut, replacements, corruption="answer"):
+    def bare(word):
+        return model.to_tokens(word, prepend_bos=False)[0, 0].item()
+
+    bos = model.tokenizer.bos_token_id
+    clean, corrupted, answer, wrong = [], [], [], []
+    for seq, r in zip(sequences, replacements, strict=True):
+        ids = [bare(w) for w in seq]
+        first = list(ids)
+        first[cut if corruption == "answer" else cut - 1] = bare(r)
+        clean.append([bos] + ids + ids[:cut])
+        corrupted.append([bos] + first + ids[:cut])
+        answer.append(ids[cut])
+        wrong.append(bare(r))
+    return {k: torch.tensor(v) for k, v in dict(clean=clean, corrupted=corrupted, answer=answer, wrong=wrong).items()}
 
 
 register(
@@ -238,6 +390,12 @@ register(
         ),
         Mistake(
             "no <bos>", _ind_no_bos, "Start every prompt with model.tokenizer.bos_token_id, as model.to_tokens would."
+        ),
+        Mistake(
+            "words without their leading space",
+            _ind_bare_words,
+            "Each word of the sequence follows another word, so for a BPE tokenizer it is the token of ' ' + word "
+            "(model.to_single_token(' ' + word)), not the token that starts the bare word.",
         ),
     ],
 )
@@ -277,7 +435,42 @@ def _nld_cases():
         args = (pairs["answer"], pairs["wrong"], metric.clean_ld, metric.corrupted_ld)
         cases.append(Case(f"TinyWorld IOI clean run ({corruption})", (logits,) + args))
         cases.append(Case(f"TinyWorld IOI corrupted run ({corruption})", (logits_corrupted,) + args))
+    random_args = cases[2].args
+    cases.append(
+        Case(
+            "behaviour: differentiable with respect to the logits (random batch 6, the gradient compared)",
+            random_args,
+            call=_gradient_of_metric,
+            judge=_judge_gradient,
+        )
+    )
+    pairs, metric = _ioi("third_name")
+    with torch.no_grad():
+        logits = model(pairs["corrupted"])
+    cases.append(
+        Case(
+            "behaviour: differentiable on the TinyWorld IOI corrupted run (third_name), where attribution uses it",
+            (logits, pairs["answer"], pairs["wrong"], metric.clean_ld, metric.corrupted_ld),
+            call=_gradient_of_metric,
+            judge=_judge_gradient,
+        )
+    )
+    cases.append(Case("behaviour: works under torch.no_grad() (random batch 6)", random_args, call=under_no_grad))
+    cases.append(
+        Case(
+            "float64 logits (random batch 6): any floating dtype is accepted",
+            (random_args[0].double(),) + random_args[1:],
+        )
+    )
     return cases
+
+
+def _nld_detached(logits, answer, wrong, clean_ld, corrupted_ld):
+    return torch.tensor(sol.normalised_logit_diff(logits, answer, wrong, clean_ld, corrupted_ld).item())
+
+
+def _nld_first_position(logits, answer, wrong, clean_ld, corrupted_ld):
+    return sol.normalised_logit_diff(logits[:, :1], answer, wrong, clean_ld, corrupted_ld)
 
 
 register(
@@ -316,6 +509,17 @@ register(
             ".sum()",
             "Average the logit difference over the prompts (mean), don't sum: clean_ld and corrupted_ld are means.",
         ),
+        Mistake(
+            "passed through .item()",
+            _nld_detached,
+            "The number is right, but a tensor rebuilt from .item() (or float()) has lost its link to the logits: "
+            "attribution patching needs the gradient. Compute the result with tensor operations only.",
+        ),
+        Mistake(
+            "first position",
+            _nld_first_position,
+            "The next token is predicted at the FINAL position: read the logits at position -1.",
+        ),
     ],
 )
 
@@ -350,7 +554,13 @@ def _layer_pos_cases():
         _ioi_sweep_case("the residual stream", "swap_names", "denoising", "resid_pre"),
         _ioi_sweep_case("attention output", "swap_template", "denoising", "attn_out"),
         _ioi_sweep_case("MLP output", "third_name", "noising", "mlp_out"),
+        _no_grad(_ioi_sweep_case("the residual stream", "third_name", "denoising", "resid_mid")),
     ]
+
+
+def _no_grad(case: Case) -> Case:
+    """The same case, called with gradients turned off (as the chapter's notebook runs every sweep)."""
+    return Case("behaviour: works under torch.no_grad(), " + case.label, case.args, case.kwargs, call=under_no_grad)
 
 
 def _unpatched(model, source_tokens, target_tokens, metric, shape):
@@ -424,6 +634,7 @@ def _head_cases():
         _ioi_sweep_case("queries", "swap_template", "denoising", "q"),
         _ioi_sweep_case("keys", "swap_names", "denoising", "k"),
         _ioi_sweep_case("attention patterns", "swap_template", "noising", "pattern"),
+        _no_grad(_ioi_sweep_case("values", "third_name", "denoising", "v")),
     ]
 
 
@@ -496,6 +707,7 @@ def _head_pos_cases():
         _tiny_sweep_case("seeded", 2, 2, 3, 9, "v"),
         _ioi_sweep_case("head outputs by position", "swap_names", "denoising", "z", n=2),
         _ioi_sweep_case("patterns by query position", "swap_template", "noising", "pattern", n=2),
+        _no_grad(_ioi_sweep_case("keys by position", "third_name", "denoising", "k", n=2)),
     ]
 
 
@@ -584,10 +796,27 @@ def _path_cases():
                 (model, pairs["corrupted"], pairs["clean"], metric, sender, receivers, inp),
             )
         )
+    cases.append(
+        Case(
+            "behaviour: works under torch.no_grad(), TinyWorld IOI (third_name), sender L0H2, receivers the values "
+            "of L1H1, L1H3, L2H3",
+            (model, pairs["corrupted"], pairs["clean"], metric, (0, 2), [(1, 1), (1, 3), (2, 3)], "v"),
+            call=under_no_grad,
+        )
+    )
+    cases.append(
+        Case(
+            "property: a receiver in the sender's own layer raises ValueError",
+            (model, pairs["corrupted"], pairs["clean"], metric, (1, 0), [(1, 2)], "q"),
+            call=_raised,
+            judge=_must_raise("a receiver that is not in a later layer than the sender"),
+        )
+    )
     return cases
 
 
 def _pp_qkv(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input="q"):
+    patching.validate_path(model, sender, receivers, receiver_input)
     if receivers is None:
         return sol.path_patch(model, source_tokens, target_tokens, metric, sender, receivers, receiver_input)
     # step 1 for all three inputs, then patch all of them
@@ -643,6 +872,14 @@ register(
     sol.path_patch,
     _path_cases,
     mistakes=[
+        Mistake.edit(
+            "no validation",
+            sol.path_patch,
+            "validate_path(model, sender, receivers, receiver_input)",
+            "pass",
+            "Check the arguments first and raise a ValueError saying what is wrong: a receiver must be in a "
+            "later layer than the sender (a head cannot send to its own layer or an earlier one).",
+        ),
         Mistake.edit(
             "other heads not frozen",
             sol.path_patch,
@@ -703,7 +940,36 @@ def _attr_cases():
         )
     pairs, metric = _induction("answer")
     cases.append(Case("TinyWorld induction (answer), z", (model, pairs["clean"], pairs["corrupted"], metric, "z")))
+    pairs, metric = _ioi("third_name")
+    cases.append(
+        Case(
+            "behaviour: works under torch.no_grad() (as in the notebook), TinyWorld IOI (third_name), z",
+            (model, pairs["clean"], pairs["corrupted"], metric, "z"),
+            call=_without_grad,
+            judge=_judge_without_grad,
+        )
+    )
     return cases
+
+
+def _without_grad(fn, *args, **kwargs):
+    """Call fn with gradients turned off by the caller; an error comes back as its name (so it can be judged)."""
+    with torch.no_grad():
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the case is about whether it raises
+            return f"{type(e).__name__}: {e}"
+
+
+def _judge_without_grad(expected, got):
+    from ..grading.compare import compare  # lazy: grading imports the exercise specs
+
+    if isinstance(got, str):
+        return (
+            f"with gradients turned off by the caller (torch.no_grad(), as the chapter runs), your function raised "
+            f"{got.splitlines()[0][:200]}; it must turn them on where it needs them"
+        )
+    return compare(expected, got, 1e-3, 1e-4)
 
 
 def _attr_clean_grad(model, clean_tokens, corrupted_tokens, metric, component="z"):
@@ -754,6 +1020,14 @@ register(
             "Multiply the gradient by the activation difference (clean - corrupted) before summing: the "
             "gradient alone says how sensitive the metric is, not how much this patch would change it.",
         ),
+        Mistake.edit(
+            "gradients switched off by the caller",
+            sol.attribution_patch,
+            "with torch.enable_grad():",
+            "if True:",
+            "The chapter runs with gradients turned off (torch.set_grad_enabled(False)); turn them on for your "
+            "forward and backward pass with `with torch.enable_grad():`.",
+        ),
         Mistake(
             "summed over positions",
             _attr_over_positions,
@@ -796,6 +1070,30 @@ def _faith_cases():
         Case(
             "TinyWorld induction, circuit [(0, 1), (1, 2)]",
             (model, pairs["clean"], pairs["answer"], pairs["wrong"], [(0, 1), (1, 2)], pairs["corrupted"]),
+        )
+    )
+    pairs, _ = _ioi("swap_names", n=8, seed=3)
+    cases.append(
+        Case(
+            "behaviour: works under torch.no_grad(); means over 8 other prompts than the 4 evaluated, circuit "
+            "[(0, 1), (1, 1)]",
+            (
+                model,
+                _ioi("swap_names")[0]["clean"],
+                _ioi("swap_names")[0]["answer"],
+                _ioi("swap_names")[0]["wrong"],
+                [(0, 1), (1, 1)],
+                pairs["clean"],
+            ),
+            call=under_no_grad,
+        )
+    )
+    cases.append(
+        Case(
+            "property: a head that is not in the model raises ValueError",
+            (model, pairs["clean"], pairs["answer"], pairs["wrong"], [(0, 1), (4, 0)], pairs["corrupted"]),
+            call=_raised,
+            judge=_must_raise("a circuit naming a head the model does not have (L4H0 of a 4-layer model)"),
         )
     )
     return cases
