@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EXERCISES = ["per_token_loss", "answer_logit_diff", "previous_token_score", "ablate_head", "head_ablation_loss"]
+EXERCISES = [
+    "per_token_loss",
+    "answer_logit_diff",
+    "previous_token_score",
+    "ablate_head",
+    "head_ablation_loss",
+    "head_ablation_effects",
+]
 
 HONEST = {
     "per_token_loss": """def per_token_loss(logits, tokens):
@@ -20,17 +27,41 @@ HONEST = {
     "answer_logit_diff": """def answer_logit_diff(logits, answer_ids, wrong_ids):
     last = logits[:, -1, :]
     rows = torch.arange(last.shape[0])
+    if answer_ids.shape != rows.shape or wrong_ids.shape != rows.shape:
+        raise ValueError("one answer id and one wrong id per prompt")
     return last[rows, answer_ids] - last[rows, wrong_ids]""",
     "previous_token_score": """def previous_token_score(pattern):
+    if pattern.shape[-1] < 2:
+        raise ValueError("no previous token")
     q = torch.arange(1, pattern.shape[-1])
     return pattern[:, q, q - 1].mean(-1)""",
     "ablate_head": """def ablate_head(z, head):
+    if head not in range(z.shape[2]):
+        raise IndexError(head)
     return z.index_fill(2, torch.tensor([head]), 0.0)""",
-    "head_ablation_loss": """def head_ablation_loss(model, tokens, layer, head):
+    "head_ablation_loss": """def head_ablation_loss(model, tokens, layer, head, loss_mask=None):
     def zero(z, hook):
         return ablate_head(z, head)
     logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
-    return float(per_token_loss(logits, tokens).mean())""",
+    loss = per_token_loss(logits, tokens)
+    return float(loss.mean() if loss_mask is None else loss[loss_mask[:, 1:]].mean())""",
+    "head_ablation_effects": """def head_ablation_effects(model, tokens, loss_mask=None, replacements=None):
+    keep = (torch.ones_like(tokens, dtype=torch.bool) if loss_mask is None else loss_mask)[:, 1:].float()
+    if (keep.sum(1) == 0).any():
+        raise ValueError("a prompt counts nothing")
+    def prompt_loss(logits):
+        return (per_token_loss(logits, tokens) * keep).sum(1) / keep.sum(1)
+    clean = prompt_loss(model(tokens))
+    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, len(tokens))
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            def swap(z, hook, layer=layer, head=head):
+                z = z.clone()
+                z[:, :, head] = 0.0 if replacements is None else replacements[layer][:, :, head]
+                return z
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", swap)])
+            out[layer, head] = prompt_loss(logits) - clean
+    return out""",
 }
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from honest_ch00 import notebook
+from honest_ch00 import EXERCISES, notebook
 
 from interplab.grading.gradebook import NoNotebooks, grade
 from interplab.grading.notebooks import cell_source, inject_solutions, read_notebook, write_notebook
@@ -74,7 +74,7 @@ def _status(rows, sub, exercise):
 def test_correct_submission_passes_everything(rows):
     rows, _ = rows
     total = _status(rows, "00_correct.ipynb", "TOTAL")
-    assert total.status == "passed" and total.n_passed == total.n_total == 5
+    assert total.status == "passed" and total.n_passed == total.n_total == len(EXERCISES)
 
 
 def test_partly_wrong_submission(rows):
@@ -83,7 +83,7 @@ def test_partly_wrong_submission(rows):
     wrong = _status(rows, "00_partly.ipynb", "previous_token_score")
     assert wrong.status == "failed" and "Hint" in wrong.message
     assert _status(rows, "00_partly.ipynb", "ablate_head").status == "not_implemented"
-    assert _status(rows, "00_partly.ipynb", "TOTAL").n_passed == 3
+    assert _status(rows, "00_partly.ipynb", "TOTAL").n_passed == len(EXERCISES) - 2
 
 
 def test_broken_submission_gets_a_clear_row_for_each_fault(rows):
@@ -116,7 +116,7 @@ def test_csv_and_json_have_every_row(rows):
     rows, out = rows
     with open(out) as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 5 * 6
+    assert len(table) == len(rows) == 5 * (len(EXERCISES) + 1)
     assert json.loads(out.with_suffix(".json").read_text())[0].keys() == table[0].keys()
 
 
@@ -128,7 +128,7 @@ def test_cli_check_reports_on_one_notebook(submissions):
         timeout=600,
     )
     assert r.returncode == 1
-    assert "3/5 exercises passed" in r.stdout and "previous_token_score" in r.stdout
+    assert f"{len(EXERCISES) - 2}/{len(EXERCISES)} exercises passed" in r.stdout and "previous_token_score" in r.stdout
 
 
 def test_nothing_to_grade_is_an_error_that_says_so(tmp_path):

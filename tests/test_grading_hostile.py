@@ -323,12 +323,16 @@ def _shapes_a() -> dict:
             "    return -torch.gather(logp, VOCAB_DIM, shift(tokens).unsqueeze(-1)).squeeze(-1)",
             "answer_logit_diff": "if True:\n"
             "    def answer_logit_diff(logits, answer_ids, wrong_ids):\n"
+            "        if answer_ids.shape != logits.shape[:1] or wrong_ids.shape != logits.shape[:1]:\n"
+            "            raise ValueError('one id per prompt')\n"
             "        last = logits[:, LAST]\n"
             "        return last.gather(-1, answer_ids[:, None])[:, 0] - "
             "last.gather(-1, wrong_ids[:, None])[:, 0]",
             "previous_token_score": "@keeps_name\n"
             "def previous_token_score(pattern):\n"
             "    heads, n, _ = pattern.shape\n"
+            "    if n < 2:\n"
+            "        raise ValueError('no previous token')\n"
             "    out = torch.zeros(heads, dtype=pattern.dtype)\n"
             "    for h in range(heads):\n"
             "        total = 0.0\n"
@@ -337,12 +341,13 @@ def _shapes_a() -> dict:
             "        out[h] = total / (n - 1)\n"
             "    return out",
             "ablate_head": "%%time\n" + HONEST["ablate_head"],
-            "head_ablation_loss": "def head_ablation_loss(model, tokens, layer, head):\n"
+            "head_ablation_loss": "def head_ablation_loss(model, tokens, layer, head, loss_mask=None):\n"
             "    %time n_tokens = tokens.numel()\n"
             "    def zero(z, hook):\n"
             "        return ablate_head(z, head)\n"
             "    logits = model.run_with_hooks(tokens, fwd_hooks=[(f'blocks.{layer}.attn.hook_z', zero)])\n"
-            "    return per_token_loss(logits, tokens).mean().item()",
+            "    loss = per_token_loss(logits, tokens)\n"
+            "    return (loss if loss_mask is None else loss[loss_mask[:, 1:]]).mean().item()",
         }
     )
     i = exercise_cell_index(nb, "per_token_loss")
@@ -375,7 +380,9 @@ def _shapes_b() -> dict:
     nb["cells"][i:i] = [
         code_cell(
             "class Zeroer:\n    def __init__(self, head):\n        self.head = head\n"
-            "    def __call__(self, z):\n        out = z.clone()\n"
+            "    def __call__(self, z):\n"
+            "        if self.head not in range(z.shape[2]):\n            raise IndexError(self.head)\n"
+            "        out = z.clone()\n"
             "        out[:, :, self.head] = 0\n        return out",
             "cls",
         ),

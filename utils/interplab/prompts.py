@@ -3,13 +3,14 @@
 A subword tokenizer (GPT-2's) turns documents of the same number of words into different
 numbers of tokens. The helpers here keep the rows of one token length, so that a loss
 averaged over every position, or a prediction read at position -1, means the same for
-every row, whichever model reads them (chapter 00 builds its batches with them).
+every row, whichever model reads them (chapter 00 builds its batches with them). `induction_batch`
+also marks the tokens of the repeated half, where an induction circuit can predict.
 """
 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from .tinyworld import tokens_for
@@ -75,3 +76,31 @@ def ioi_batch(model, docs, n: int = 32) -> tuple[Int[Tensor, "k pos"], Int[Tenso
         torch.tensor([s_ids[r] for r in rows], device=device),
         kept,
     )
+
+
+def induction_batch(model, docs, n: int = 32) -> tuple[Int[Tensor, "k pos"], Bool[Tensor, "k pos"], list[int]]:
+    """Repeated sequences as `model`'s tokens, with a mask of the tokens in their second copy.
+
+    A TinyWorld induction document is random words followed by the same words again
+    (`meta["repeat_start"]` is the word where the copy begins). Keeps the documents of the
+    most common token length (see `same_length_rows`), at most n, so the batch has no padding.
+
+    Returns:
+        (tokens [k, pos] on the model's device; repeated [k, pos], True on every token of the
+        second copy, the tokens an induction circuit can predict, on the same device; the
+        indices in `docs` of the k documents used).
+
+    Raises:
+        ValueError: a document is not an induction document (no `repeat_start`), or there are none.
+    """
+    if not docs or any("repeat_start" not in d.meta for d in docs):
+        raise ValueError(
+            "pass induction documents: tinyworld.generate(..., families=['induction']) (each has meta['repeat_start'])"
+        )
+    mt = tokens_for(model, docs)
+    rows = same_length_rows(mt.mask.sum(1), n).tolist()
+    width = int(mt.mask[rows[0]].sum())
+    starts = torch.tensor([int(mt.first[r, docs[r].meta["repeat_start"]]) for r in rows])
+    repeated = torch.arange(width)[None, :] >= starts[:, None]
+    device = model.cfg.device
+    return mt.ids[rows, :width].to(device), repeated.to(device), rows
