@@ -1,7 +1,7 @@
 """Every check accepts right work written differently: the alternatives in tests/alternatives pass.
 
-For each chapter with an alternatives module, every exercise needs at least two alternatives and
-each must pass its exercise's checks. (That every known mistake and a stub fail is in
+Every chapter has an alternatives module, every exercise at least two alternatives, and each must
+pass its exercise's checks. (That every known mistake and a stub fail is in
 tests/test_exercises.py.)
 """
 
@@ -63,7 +63,12 @@ def test_alternative_modules_are_named_after_chapters():
         assert not unknown, f"alternatives for exercises that {chapter} does not register: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("chapter", sorted(ALTERNATIVES))
+def test_every_chapter_has_alternatives():
+    missing = sorted(set(BY_CHAPTER) - set(ALTERNATIVES))
+    assert not missing, f"chapters with no tests/alternatives/<chapter module>.py: {missing}"
+
+
+@pytest.mark.parametrize("chapter", sorted(BY_CHAPTER))
 def test_every_exercise_of_the_chapter_has_alternatives(chapter):
     short = {n: len(ALTERNATIVES[chapter].get(n, [])) for n in BY_CHAPTER[chapter]}
     short = {n: k for n, k in short.items() if k < MIN_ALTERNATIVES}

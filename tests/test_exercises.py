@@ -199,14 +199,6 @@ def test_only_specs_tests_and_the_grader_import_the_answer_key(repo):
 
 # --- contracts, not code -------------------------------------------------------------------
 
-ALTERNATIVES_DIR = Path(__file__).parent / "alternatives"
-
-
-def _converted(ex) -> bool:
-    """Chapters whose exercises are written as contracts: those with an alternatives module."""
-    mod = ex.reference.__module__.rsplit(".", 1)[-1]
-    return (ALTERNATIVES_DIR / f"{mod}.py").exists()
-
 
 def returns_lines_that_are_code(fn) -> list[str]:
     """Lines of a docstring's Returns section that read as code of the function's arguments."""
@@ -252,8 +244,6 @@ def test_the_returns_check_flags_code_and_passes_prose():
 @pytest.mark.parametrize("name", EXERCISES)
 def test_returns_section_is_a_contract_not_code(name):
     ex = get(name)
-    if not _converted(ex):
-        pytest.skip(f"{ex.chapter}: exercises not yet written as contracts (no tests/alternatives module)")
     code = returns_lines_that_are_code(ex.reference)
     assert not code, f"{name}: the Returns section gives the code instead of the contract: {code}"
 
