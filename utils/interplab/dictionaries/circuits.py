@@ -304,7 +304,7 @@ def attribution_graph(
     def expand(key: tuple) -> dict[tuple, float]:
         kind, a, p, b = key
         if kind == "feature":
-            act = float(frozen.live["acts"][a][0, p, b])
+            act = float(frozen.live["acts"][a][0, p, b].detach())
             scale = nodes[key]["attr"] / act if act else 0.0
             attr = frozen.attribute(feature_target(a, p, b))
         else:
