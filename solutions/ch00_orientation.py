@@ -49,7 +49,7 @@ def answer_logit_diff(
         A float tensor [batch]: for each prompt, the logit the final position gives the
         right answer minus the logit it gives the wrong one. Positive means the right answer
         is preferred; 0 when both ids are the same token. One value per prompt (not an
-        average), and differentiable in the logits: chapter 5 takes gradients of it.
+        average), and differentiable in the logits: chapter 6 takes gradients of it.
 
     Raises:
         ValueError: answer_ids or wrong_ids does not have exactly one id per prompt (ids of

@@ -1,4 +1,4 @@
-"""Chapter 3 (SAEs): the SAE module, the shipped SAEs, and agreement with SAELens.
+"""Chapter 4 (SAEs): the SAE module, the shipped SAEs, and agreement with SAELens.
 
 Agreement with SAELens: the shipped SAEs convert to the matching SAELens 6 class
 (StandardSAE, TopKSAE, JumpReLUSAE for BatchTopK) with identical outputs, SAELens's
@@ -34,7 +34,7 @@ from interplab.dictionaries import (
 from interplab.exercises import get
 from interplab.grading import run as grade
 from interplab.hooks import act_name
-from interplab.solutions import ch03_saes as sol
+from interplab.solutions import ch04_saes as sol
 from interplab.weights import CorruptedFileError
 
 AGREEMENT_RTOL = 1e-3

@@ -1,4 +1,4 @@
-"""Chapter 3's findings on the bundled model, and the library pieces they rest on.
+"""Chapter 4's findings on the bundled model, and the library pieces they rest on.
 
 - k-sparse probes over the shipped TopK SAE's features against the dense probe on the same
   features and splits, per kind of latent (section 5 of the chapter);

@@ -1,4 +1,4 @@
-"""Chapter 4 (transcoders): the shipped transcoders against the outside world.
+"""Chapter 5 (transcoders): the shipped transcoders against the outside world.
 
 - they load into SAELens 6's transcoder classes and give the same outputs;
 - with every MLP of the bundled model replaced at once, they recover at least 80% of the
@@ -16,7 +16,7 @@ from interplab.dictionaries import data as data_module
 from interplab.dictionaries.data import tinyworld_dataset
 from interplab.exercises import get
 from interplab.grading import run as grade
-from interplab.solutions import ch04_transcoders as T
+from interplab.solutions import ch05_transcoders as T
 
 N_LAYERS = 4
 
@@ -298,7 +298,7 @@ def test_attribution_graph_draws(model):
 
 @pytest.mark.slow
 def test_bench_quick():
-    from interplab.bench.ch04_transcoders import run
+    from interplab.bench.ch05_transcoders import run
 
     out = run(quick=True)
     assert 0.8 <= out["loss_recovered"] <= 1.0

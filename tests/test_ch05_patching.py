@@ -1,4 +1,4 @@
-"""Chapter 5 (patching) against the outside world: TransformerLens's patching module, attribution
+"""Chapter 6 (patching) against the outside world: TransformerLens's patching module, attribution
 patching against activation patching, and the properties the chapter relies on."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from interplab import pairs as PR
 from interplab import patching as P
 from interplab.grading.core import expected_outputs, fresh
 from interplab.hooks import act_name
-from interplab.solutions import ch05_patching as sol
+from interplab.solutions import ch06_patching as sol
 
 # The library's own implementation of each exercise the library needs (the answer key holds the learner-facing one).
 LIBRARY_VERSION = {
@@ -41,7 +41,7 @@ def test_the_answer_key_holds_only_the_chapters_exercises():
         for name, fn in vars(sol).items()
         if inspect.isfunction(fn) and fn.__module__ == sol.__name__ and not name.startswith("_")
     )
-    assert public == sorted(e.name for e in exercises.all_exercises() if e.chapter == "05_patching")
+    assert public == sorted(e.name for e in exercises.all_exercises() if e.chapter == "06_patching")
     assert set(LIBRARY_VERSION) == set(public)
 
 
@@ -406,7 +406,7 @@ def test_datasets_are_minimal_pairs(model):
 
 @pytest.mark.slow
 def test_benchmark_runs_and_agrees(model):
-    from interplab.bench import ch05_patching as bench
+    from interplab.bench import ch06_patching as bench
 
     out = bench.run(model, n_prompts=8)
     print(out)

@@ -141,3 +141,18 @@ def test_nothing_to_grade_is_an_error_that_says_so(tmp_path):
         timeout=600,
     )
     assert r.returncode == 2 and "nothing to grade" in r.stderr and not (tmp_path / "g.csv").exists()
+
+
+def test_a_notebook_is_matched_to_its_chapter_by_id_then_slug_then_number():
+    from pathlib import Path
+
+    from interplab.grading.gradebook import chapter_of
+
+    assert chapter_of(Path("04_saes.ipynb")) == "04_saes"
+    assert chapter_of(Path("04_saes_alice.ipynb")) == "04_saes"
+    # saved before the SAE, transcoder and patching chapters moved up one number: graded by slug
+    assert chapter_of(Path("03_saes.ipynb")) == "04_saes"
+    assert chapter_of(Path("05_patching-bob.ipynb")) == "06_patching"
+    assert chapter_of(Path("04_transcoders.ipynb")) == "05_transcoders"
+    assert chapter_of(Path("00_anything.ipynb")) == "00_orientation"
+    assert chapter_of(Path("notes.ipynb")) is None

@@ -84,7 +84,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:TopKSAERecipe",
-            "TopK SAE on blocks.1.hook_resid_post (chapter 03)",
+            "TopK SAE on blocks.1.hook_resid_post (chapter 04)",
             2,
         ),
         Artifact(
@@ -93,7 +93,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:BatchTopKSAERecipe",
-            "BatchTopK SAE on blocks.1.hook_resid_post (chapter 03)",
+            "BatchTopK SAE on blocks.1.hook_resid_post (chapter 04)",
             2,
         ),
         Artifact(
@@ -102,7 +102,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:StandardSAERecipe",
-            "standard (L1) SAE on blocks.1.hook_resid_post (chapter 03)",
+            "standard (L1) SAE on blocks.1.hook_resid_post (chapter 04)",
             2,
         ),
         Artifact(
@@ -111,7 +111,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:SAESweepRecipe",
-            "the sparsity-fidelity sweep of TopK and standard SAEs (chapter 03)",
+            "the sparsity-fidelity sweep of TopK and standard SAEs (chapter 04)",
             8,
         ),
         Artifact(
@@ -120,7 +120,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:TranscoderRecipe",
-            "a transcoder for every MLP (chapter 04)",
+            "a transcoder for every MLP (chapter 05)",
             5,
         ),
         Artifact(
@@ -129,7 +129,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:SkipTranscoderRecipe",
-            "a skip transcoder for every MLP (chapter 04)",
+            "a skip transcoder for every MLP (chapter 05)",
             5,
         ),
         Artifact(
@@ -138,7 +138,7 @@ REGISTRY: dict[str, Artifact] = {
             ("tinyworld",),
             f"{_DICT}:build_artifact",
             f"{_DICT}:MLPOutSAERecipe",
-            "SAE baselines on every MLP's output (chapter 04)",
+            "SAE baselines on every MLP's output (chapter 05)",
             5,
         ),
     ]

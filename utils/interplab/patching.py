@@ -19,9 +19,9 @@ The sweeps batch many patches into one forward pass: the target prompts are repe
 once per patch, and each hook edits only its own copy. This gives the same numbers as
 one forward pass per patch (as TransformerLens does) in a fraction of the time.
 
-Chapter 05's exercises ask learners to write some of these functions (the metric, the sweeps,
-`path_patch`, `attribution_patch`); the answer key (`interplab.solutions.ch05_patching`) holds
-their learner-facing references, and tests/test_ch05_patching.py checks that the two agree.
+Chapter 06's exercises ask learners to write some of these functions (the metric, the sweeps,
+`path_patch`, `attribution_patch`); the answer key (`interplab.solutions.ch06_patching`) holds
+their learner-facing references, and tests/test_ch06_patching.py checks that the two agree.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where things are: the course checkout, its chapters, and the chapter naming convention.
 
-A chapter has one id, ``NN_slug`` (``03_saes``): its notebook is ``chapters/NN_slug.ipynb``, its
+A chapter has one id, ``NN_slug`` (``04_saes``): its notebook is ``chapters/NN_slug.ipynb``, its
 answer key ``interplab.solutions.chNN_slug``, its exercise specs ``interplab.exercises.chNN_slug``,
 its benchmark section ``interplab.bench.chNN_slug`` and its tests ``tests/test_chNN_slug.py``.
 Nothing lists the chapters by hand: they are found by these names.
@@ -34,24 +34,24 @@ def chapters_dir() -> Path | None:
 
 
 def module_name(chapter: str) -> str:
-    """The module name of a chapter id: ``03_saes`` -> ``ch03_saes``."""
+    """The module name of a chapter id: ``04_saes`` -> ``ch04_saes``."""
     if not CHAPTER_ID.fullmatch(chapter):
         raise ValueError(
-            f"{chapter!r} is not a chapter id: chapter ids look like '03_saes' (two digits, an "
+            f"{chapter!r} is not a chapter id: chapter ids look like '04_saes' (two digits, an "
             f"underscore, a lower-case slug)"
         )
     return f"ch{chapter}"
 
 
 def chapter_of(module: str) -> str:
-    """The chapter id of a chapter module (full dotted name or last part): ``...ch03_saes`` -> ``03_saes``."""
+    """The chapter id of a chapter module (full dotted name or last part): ``...ch04_saes`` -> ``04_saes``."""
     last = module.rsplit(".", 1)[-1]
     m = MODULE_NAME.fullmatch(last)
     if not m:
-        raise ValueError(f"{module!r} is not a chapter module: chapter modules are named chNN_slug, e.g. ch03_saes")
+        raise ValueError(f"{module!r} is not a chapter module: chapter modules are named chNN_slug, e.g. ch04_saes")
     return m.group(1)
 
 
 def slug(chapter: str) -> str:
-    """The chapter's name without its number: ``03_saes`` -> ``saes``."""
+    """The chapter's name without its number: ``04_saes`` -> ``saes``."""
     return chapter.split("_", 1)[1]

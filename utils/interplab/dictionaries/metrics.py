@@ -241,7 +241,7 @@ def splice_ce(
 
 @torch.no_grad()
 def evaluate_sae(model, sae, ids: Tensor, mask: Tensor, acts: Tensor | None = None) -> dict[str, float]:
-    """Every metric of chapter 3 for one SAE on one dataset (a flat dict of floats, rounded to 4 places)."""
+    """Every metric of chapter 4 for one SAE on one dataset (a flat dict of floats, rounded to 4 places)."""
     x = collect_acts(model, ids, mask, sae.cfg.hook_name) if acts is None else acts
     f = sae.encode(x)
     x_hat = sae.decode(f)

@@ -61,7 +61,7 @@ def sparse_probe(
 
     The k latents are those whose mean activation differs most between the classes (the
     absolute gap of the class means) on these rows; the probe's log-odds of the positive
-    class are ``acts[:, features] @ w + b``. The library's version of chapter 3's exercise.
+    class are ``acts[:, features] @ w + b``. The library's version of chapter 4's exercise.
     """
     _check_probe_input(acts, labels, k)
     labels = labels.bool()

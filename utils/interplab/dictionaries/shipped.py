@@ -150,7 +150,7 @@ class SAESweepRecipe:
 
 @dataclass(frozen=True)
 class MLPRecipe:
-    """How the shipped dictionaries of every MLP layer are trained (chapter 4).
+    """How the shipped dictionaries of every MLP layer are trained (chapter 5).
 
     Attributes:
         architecture, d_sae, k, l1_coeff: the dictionary.

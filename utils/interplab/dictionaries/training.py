@@ -3,7 +3,7 @@
     sae = train_dictionary(acts, SAEConfig(d_in=192, d_sae=768, architecture="topk", k=16), steps=1200)
     tc = train_dictionary(x, TranscoderConfig(d_in=192, d_sae=768, layer=1), target=y, steps=800)
 
-The recipe (chapter 3's): seed, then build the module and set ``b_dec`` to the mean of the
+The recipe (chapter 4's): seed, then build the module and set ``b_dec`` to the mean of the
 target; Adam, its learning rate constant and then decaying linearly to 0 over the last 20%
 of the steps; each step a shuffled batch, the decoder gradient made orthogonal to the decoder
 rows, the rows renormalised after the step; features that have not fired for ``dead_after``

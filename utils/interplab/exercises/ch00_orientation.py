@@ -211,7 +211,7 @@ def _logit_diff_cases():
     cases.append(Case("TinyWorld indirect-object prompts (IO vs S)", (logits, io, s)))
     cases.append(
         Case(
-            "behaviour: the gradient reaches the logits (chapter 5 differentiates this metric)",
+            "behaviour: the gradient reaches the logits (chapter 6 differentiates this metric)",
             (torch.randn(3, 4, 7, generator=g), torch.tensor([1, 4, 6]), torch.tensor([2, 4, 0])),
             call=_grad_of_first,
             judge=_gradient_judge("the logits"),

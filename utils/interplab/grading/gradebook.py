@@ -65,13 +65,29 @@ class Row:
 
 
 def chapter_of(path: Path) -> str | None:
-    """The chapter a notebook belongs to, from its name ("00_orientation.ipynb" or "00_anything")."""
-    m = re.match(r"(\d\d)", path.name)
+    """The chapter a notebook belongs to, from its name.
+
+    The full id wins ("04_saes.ipynb", "04_saes_alice.ipynb"); then the slug, so that a notebook
+    saved before the chapters were renumbered ("03_saes.ipynb", from a copy of the course where the
+    SAE chapter was 03) is still graded as the SAE chapter; then the number alone ("04_anything").
+    """
+    stem = path.stem.lower()
+    chapters = sorted({ex.chapter for ex in all_exercises()})
+    for chapter in chapters:
+        if stem == chapter or stem.startswith(chapter + "_") or stem.startswith(chapter + "-"):
+            return chapter
+    m = re.match(r"(\d\d)[_-](.*)", stem)
+    if m:
+        for chapter in chapters:
+            s = chapter.split("_", 1)[1]
+            if m.group(2) == s or m.group(2).startswith((s + "_", s + "-")):
+                return chapter
+    m = re.match(r"(\d\d)", stem)
     if not m:
         return None
-    for ex in all_exercises():
-        if ex.chapter.startswith(m.group(1)):
-            return ex.chapter
+    for chapter in chapters:
+        if chapter.startswith(m.group(1)):
+            return chapter
     return None
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the replacement model built from the shipped transcoders.
 
-    python -m interplab.bench.ch04_transcoders            # 100 test documents (as the chapter)
-    python -m interplab.bench.ch04_transcoders --quick    # 40 documents
+    python -m interplab.bench.ch05_transcoders            # 100 test documents (as the chapter)
+    python -m interplab.bench.ch05_transcoders --quick    # 40 documents
 
 Every MLP of the bundled model is replaced at once by its shipped transcoder (and, in a
 second run, by its skip transcoder); the figure is the fraction of the loss gap between
@@ -60,7 +60,7 @@ def run(quick: bool = False, threads: int | None = 2, verbose: bool = False) -> 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m interplab.bench.ch04_transcoders",
+        prog="python -m interplab.bench.ch05_transcoders",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Benchmark: the library's batched patching sweeps (`interplab.patching`) against TransformerLens's `patching` module.
 
-    python -m interplab.bench.ch05_patching            # the bundled model, 16 IOI prompts
+    python -m interplab.bench.ch06_patching            # the bundled model, 16 IOI prompts
 
 Both run the same sweeps on the same prompts with the same metric; the benchmark reports
 each one's time, the ratio, and the largest difference between their results (they
@@ -149,7 +149,7 @@ def _sweeps(model, pairs, metric, repeat: int, by_pos_tl: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m interplab.bench.ch05_patching",
+        prog="python -m interplab.bench.ch06_patching",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

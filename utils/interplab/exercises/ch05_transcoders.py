@@ -1,4 +1,4 @@
-"""Chapter 4 (transcoders): build and train transcoders, replace every MLP with one, and read
+"""Chapter 5 (transcoders): build and train transcoders, replace every MLP with one, and read
 feature-level circuits (de-embeddings, pullbacks, activation-times-gradient attribution)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..dictionaries.data import mlp_io_pairs, tinyworld_dataset
 from ..dictionaries.shipped import load_transcoder
 from ..hooks import act_name
 from ..paths import chapter_of
-from ..solutions import ch04_transcoders as sol
+from ..solutions import ch05_transcoders as sol
 from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
@@ -447,7 +447,7 @@ register(
             "L1 without decoder norms",
             lambda tc, x, y: _loss_parts(tc, x, y, weighted=False),
             "Weight each feature's |activation| by the norm of its decoder row (W_dec.norm(dim=-1)), as in "
-            "chapter 3; otherwise the penalty can be dodged by shrinking activations and growing the decoder.",
+            "chapter 4; otherwise the penalty can be dodged by shrinking activations and growing the decoder.",
         ),
         Mistake(
             "penalty for every architecture",

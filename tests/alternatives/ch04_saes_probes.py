@@ -1,4 +1,4 @@
-"""Right answers to chapter 3's probing exercise written differently from the reference (see tests/test_alternatives.py)."""
+"""Right answers to chapter 4's probing exercise written differently from the reference (see tests/test_alternatives.py)."""
 
 from __future__ import annotations
 

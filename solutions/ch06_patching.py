@@ -1,4 +1,4 @@
-"""Chapter 05 (activation patching): the reference solution of every exercise.
+"""Chapter 06 (activation patching): the reference solution of every exercise.
 
 The course's library for the chapter lives in the package: prompt pairs and samplers in
 `interplab.pairs`, the metric, the batched patching engine, path and attribution patching in

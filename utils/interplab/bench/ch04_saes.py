@@ -1,7 +1,7 @@
 """Benchmark: interplab's SAE trainer against SAELens's, on the same activations.
 
-    python -m interplab.bench.ch03_saes                    # TopK, k=16, 768 features, 600 steps of 1024 tokens
-    python -m interplab.bench.ch03_saes --steps 200        # quicker
+    python -m interplab.bench.ch04_saes                    # TopK, k=16, 768 features, 600 steps of 1024 tokens
+    python -m interplab.bench.ch04_saes --steps 200        # quicker
 
 Both trainers see the same cached residual-stream activations of the bundled model,
 in the same order, in batches of the same size, for the same number of steps, with
@@ -177,7 +177,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m interplab.bench.ch03_saes",
+        prog="python -m interplab.bench.ch04_saes",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""Chapter 3 (sparse autoencoders): the reference solution of every exercise.
+"""Chapter 4 (sparse autoencoders): the reference solution of every exercise.
 
 The SAE module these functions are the pieces of, its trainer, saving and loading, and the
 shipped SAEs live in the course's library, `interplab.dictionaries`.

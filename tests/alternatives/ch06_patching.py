@@ -1,4 +1,4 @@
-"""Correct implementations of chapter 05's exercises written differently from the answer key.
+"""Correct implementations of chapter 06's exercises written differently from the answer key.
 
 Each must pass `interplab.grading.run(name, fn)`: the checks must accept any right answer, not only
 the reference's way of computing it (other algorithms, loops instead of batching, float64 inside,

@@ -1,4 +1,4 @@
-"""Chapter 3 (sparse autoencoders): build, train, measure and interpret SAEs, then score them
+"""Chapter 4 (sparse autoencoders): build, train, measure and interpret SAEs, then score them
 against the features planted in TinyWorld.
 
 Where a contract leaves freedom (which of several tied entries TopK keeps, the order of equally
@@ -27,7 +27,7 @@ from ..grading.compare import compare
 from ..grading.plain import module_from_plain
 from ..paths import chapter_of
 from ..probes import fit_probe
-from ..solutions import ch03_saes as sol
+from ..solutions import ch04_saes as sol
 from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)

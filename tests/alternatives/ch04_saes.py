@@ -1,4 +1,4 @@
-"""Chapter 3: correct implementations written differently from the answer key.
+"""Chapter 4: correct implementations written differently from the answer key.
 
 Each must pass its exercise's checks (tests/test_alternatives.py runs them): other algorithms, float64
 inside, loops instead of vectorised code, another valid choice among ties, another batch order.

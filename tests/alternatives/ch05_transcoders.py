@@ -1,4 +1,4 @@
-"""Correct implementations of chapter 4's exercises, written differently from the answer key.
+"""Correct implementations of chapter 5's exercises, written differently from the answer key.
 
 Each must pass its exercise's check (tests/test_alternatives.py): float64 inside, loops instead of
 vectorised code, another way of hooking the model, another way of taking the gradient.

@@ -1,6 +1,6 @@
-"""Chapter 4 (transcoders): the reference solution of every exercise.
+"""Chapter 5 (transcoders): the reference solution of every exercise.
 
-The transcoder module, its trainer (shared with chapter 3's SAEs), saving and loading, the
+The transcoder module, its trainer (shared with chapter 4's SAEs), saving and loading, the
 shipped transcoders and the circuit tools (attribution graphs, the fact-recall check) live in
 the course's library, `interplab.dictionaries`.
 """
@@ -93,7 +93,7 @@ def transcoder_loss(
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""], Float[Tensor, ""]]:
     """The training loss of a transcoder: error in predicting the MLP's OUTPUT, plus the sparsity penalty.
 
-    The penalty is chapter 3's: for a standard (ReLU) transcoder, each feature's |activation|
+    The penalty is chapter 4's: for a standard (ReLU) transcoder, each feature's |activation|
     weighted by the norm of its decoder row (so that shrinking activations while growing the
     decoder cannot dodge it); TopK and BatchTopK transcoders have no penalty (their activation
     function enforces the sparsity), though the penalty term is still reported.

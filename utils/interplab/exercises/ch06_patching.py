@@ -1,4 +1,4 @@
-"""Chapter 05 (patching): prompt pairs, the metric, patching sweeps, path patching, attribution
+"""Chapter 06 (patching): prompt pairs, the metric, patching sweeps, path patching, attribution
 patching and circuit faithfulness."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ..hooks import act_name
 from ..models import quiet_transformer_lens
 from ..patching import logit_diff
 from ..paths import chapter_of
-from ..solutions import ch05_patching as sol
+from ..solutions import ch06_patching as sol
 from . import Case, Mistake, gen, register, shared_model, under_no_grad
 
 CHAPTER = chapter_of(__name__)
