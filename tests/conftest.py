@@ -27,6 +27,18 @@ if not hasattr(__import__("socket"), "NetworkBlockedError"):
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
+# Tests that run submissions in the grading sandbox. The sandbox runs them as `nobody` and limits
+# that user's process count, so two sandboxes at once (one per pytest-xdist worker) could starve each
+# other: `--dist loadgroup` (what `./course test` passes) keeps these on one worker, one at a time.
+SANDBOX_FILES = {"test_grading.py", "test_grading_hostile.py", "test_gradebook.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SANDBOX_FILES:
+            item.add_marker(pytest.mark.xdist_group("sandbox"))
+
+
 @pytest.fixture(scope="session")
 def model():
     """The bundled TinyWorld model, loaded once for the whole session."""

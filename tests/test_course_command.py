@@ -36,6 +36,12 @@ def _load_launcher():
 course = _load_launcher()
 
 
+@pytest.fixture(autouse=True)
+def _setup_allowed(monkeypatch):
+    """The launcher's own tests decide whether set-up may run (the suite itself may run under INTERPLAB_NO_SETUP=1)."""
+    monkeypatch.delenv("INTERPLAB_NO_SETUP", raising=False)
+
+
 class ThisPythonEnv(course.Env):
     """An environment whose Python is the one running the tests (which has everything), with its stamp in tmp."""
 
@@ -322,3 +328,13 @@ def test_course_lab_opens_jupyterlab_on_the_chapters(tmp_path):
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(proc.pid), "something the lab command started is still running"
+
+
+def test_course_test_spreads_the_suite_over_the_cores_unless_told_otherwise():
+    launcher = _load_launcher()
+    assert launcher.parallel_args([], 2, True) == ["-n", "2", "--dist", "loadgroup"]
+    assert launcher.parallel_args(["tests/test_cli.py"], 16, True)[:2] == ["-n", str(launcher.MAX_WORKERS)]
+    for chosen in (["-n", "3"], ["-n0"], ["--numprocesses=2"], ["-p", "no:xdist"], ["--pdb"], ["--dist", "load"]):
+        assert launcher.parallel_args(chosen, 2, True) == [], chosen
+    assert launcher.parallel_args([], 1, True) == []
+    assert launcher.parallel_args([], 8, False) == []
