@@ -1,0 +1,471 @@
+"""Superposition (chapter 03): toy models of superposition, their geometry, toy SAEs, and the bundled model's variables.
+
+- Toy models (Elhage et al. 2022): ``n`` sparse features squeezed into ``m < n`` hidden dimensions and
+  read back through a ReLU, ``x' = ReLU(W^T W x + b)``, optionally with a ReLU on the hidden layer
+  too. Many instances (one per sparsity, or per importance profile) are trained at once:
+  `sparse_features`, `toy_forward`, `importance_loss`, `train_toy_models`, `geometric_importance`.
+- Geometry: `feature_norms`, `n_represented`, `superposition_score` (how much of a feature's
+  direction other features share), `feature_dimensionality` (D_i), `antipodal_pairs`,
+  `near_plateau` (the fractional values D takes), `polysemantic_neurons`.
+- Why dictionaries: `train_toy_sae` (L1 or TopK on a toy model's hidden layer) and
+  `recovery_score` (mean max cosine of the true feature directions to the decoder rows).
+- The bundled model: `class_mean_subspace`, `effective_dim`, `subspace_overlap` (principal
+  angles) with `random_subspace_overlap` as its baseline, `mlp_probe`.
+- Figures: `plot_wtw`, `plot_feature_bars`, `plot_phase`, `plot_dimensionality`, `plot_directions`,
+  `plot_recovery`, `plot_overlap`.
+
+`sparse_features`, `toy_forward`, `importance_loss`, `train_toy_models`, `feature_dimensionality`
+and `recovery_score` are also the chapter's exercises: these are the library's own copies, and
+the chapter's tests hold them to the exercises' cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# The fractional dimensionalities of Elhage et al.'s uniform superposition (1, 3/4, 2/3, 1/2, 2/5, 3/8, 1/3):
+# a feature alone in its dimension, tetrahedra, triangles, antipodal pairs, pentagons, square antiprisms, ...
+PLATEAUS: tuple[float, ...] = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8, 1 / 3)
+
+# --- toy models -------------------------------------------------------------------------------------------
+
+
+def geometric_importance(n_features: int, decay: float = 0.9) -> Float[Tensor, " n"]:
+    """Feature importances decay**i (feature 0 matters most), as in Elhage et al.'s sparsity sweep."""
+    return decay ** torch.arange(n_features, dtype=torch.float32)
+
+
+def sparse_features(
+    n_instances: int,
+    batch_size: int,
+    n_features: int,
+    feature_probability: Float[Tensor, " inst"],
+    generator: torch.Generator | None = None,
+) -> Float[Tensor, "inst batch n"]:
+    """A batch of sparse features: each value is present with its instance's probability, uniform in [0, 1)."""
+    p = feature_probability.reshape(n_instances, 1, 1)
+    present = torch.rand(n_instances, batch_size, n_features, generator=generator) < p
+    values = torch.rand(n_instances, batch_size, n_features, generator=generator)
+    return torch.where(present, values, torch.zeros(()))
+
+
+def toy_forward(
+    W: Float[Tensor, "inst m n"],
+    b: Float[Tensor, "inst n"],
+    x: Float[Tensor, "inst batch n"],
+    hidden_relu: bool = False,
+) -> Float[Tensor, "inst batch n"]:
+    """The toy model of every instance: h = W x (ReLU'd when hidden_relu), x' = ReLU(W^T h + b)."""
+    h = torch.einsum("imn,ibn->ibm", W, x)
+    if hidden_relu:
+        h = torch.relu(h)
+    return torch.relu(torch.einsum("imn,ibm->ibn", W, h) + b[:, None, :])
+
+
+def importance_loss(
+    x: Float[Tensor, "inst batch n"], x_hat: Float[Tensor, "inst batch n"], importance: Float[Tensor, "... n"]
+) -> Float[Tensor, " inst"]:
+    """Per instance: the importance-weighted squared error, summed over features and averaged over the batch."""
+    imp = importance if importance.dim() == 2 else importance[None, :]
+    return (imp[:, None, :] * (x - x_hat) ** 2).sum(-1).mean(-1)
+
+
+def init_toy(
+    n_instances: int, n_features: int, n_hidden: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Xavier-normal W [inst, m, n] and a zero bias [inst, n]."""
+    std = math.sqrt(2.0 / (n_features + n_hidden))
+    return torch.randn(n_instances, n_hidden, n_features, generator=generator) * std, torch.zeros(
+        n_instances, n_features
+    )
+
+
+def train_toy_models(
+    n_features: int,
+    n_hidden: int,
+    feature_probability: Float[Tensor, " inst"],
+    importance: Float[Tensor, "... n"],
+    steps: int = 1500,
+    batch_size: int = 512,
+    lr: float = 3e-3,
+    seed: int = 0,
+    hidden_relu: bool = False,
+    progress: Callable | None = None,
+) -> tuple[Float[Tensor, "inst m n"], Float[Tensor, "inst n"]]:
+    """Train one toy model per entry of feature_probability, all at once (Adam); returns detached (W, b).
+
+    One generator seeded with ``seed`` draws the initial weights and then every batch, so a run is
+    reproducible. ``progress`` wraps the step range (e.g. ``interplab.progress.progress``).
+    """
+    n_inst = len(feature_probability)
+    g = torch.Generator().manual_seed(seed)
+    W, b = init_toy(n_inst, n_features, n_hidden, g)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    steps_iter = range(steps) if progress is None else progress(range(steps))
+    with torch.enable_grad():
+        for _ in steps_iter:
+            x = sparse_features(n_inst, batch_size, n_features, feature_probability, g)
+            loss = importance_loss(x, toy_forward(W, b, x, hidden_relu), importance).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return W.detach(), b.detach()
+
+
+@torch.no_grad()
+def eval_loss(
+    W: Tensor,
+    b: Tensor,
+    feature_probability: Tensor,
+    importance: Tensor,
+    batch_size: int = 4096,
+    seed: int = 1234,
+    hidden_relu: bool = False,
+) -> Float[Tensor, " inst"]:
+    """Each instance's loss on one fresh batch drawn with ``seed`` (the same batch for any (W, b))."""
+    g = torch.Generator().manual_seed(seed)
+    x = sparse_features(W.shape[0], batch_size, W.shape[2], feature_probability, g)
+    return importance_loss(x, toy_forward(W, b, x, hidden_relu), importance)
+
+
+# --- geometry ----------------------------------------------------------------------------------------------
+
+
+def feature_norms(W: Float[Tensor, "... m n"]) -> Float[Tensor, "... n"]:
+    """||W_i||: how strongly each feature is represented (about 1: fully, about 0: dropped)."""
+    return W.norm(dim=-2)
+
+
+def n_represented(W: Float[Tensor, "... m n"], threshold: float = 0.5) -> Tensor:
+    """How many features have ||W_i|| > threshold."""
+    return (feature_norms(W) > threshold).sum(-1)
+
+
+def superposition_score(W: Float[Tensor, "... m n"]) -> Float[Tensor, "... n"]:
+    """sum_{j != i} (W_i_hat . W_j)^2: how much of feature i's direction the others also use (0: a dimension of its own)."""
+    unit = W / W.norm(dim=-2, keepdim=True).clamp_min(1e-8)
+    overlap = (unit.transpose(-1, -2) @ W) ** 2
+    return overlap.sum(-1) - torch.diagonal(overlap, dim1=-2, dim2=-1)
+
+
+def feature_dimensionality(W: Float[Tensor, "m n"]) -> Float[Tensor, " n"]:
+    """D_i = ||W_i||^2 / sum_j (W_i_hat . W_j)^2: the fraction of a dimension feature i gets (0 for a dropped feature)."""
+    W = W.double()
+    norms = W.norm(dim=0)
+    unit = W / norms.clamp_min(1e-12)
+    denom = ((unit.T @ W) ** 2).sum(-1)
+    dim = torch.where(norms > 1e-6, norms**2 / denom.clamp_min(1e-300), torch.zeros_like(norms))
+    return dim.float()
+
+
+def near_plateau(dims: Float[Tensor, " n"], tol: float = 0.05, plateaus: Sequence[float] = PLATEAUS) -> Tensor:
+    """For each value, whether it lies within ``tol`` of one of the fractional plateaus."""
+    p = torch.tensor(plateaus, dtype=dims.dtype)
+    return ((dims[:, None] - p[None, :]).abs() < tol).any(-1)
+
+
+def antipodal_pairs(W: Float[Tensor, "m n"], cos_below: float = -0.95, min_norm: float = 0.5) -> list[tuple[int, int]]:
+    """Pairs (i, j) of represented features whose directions point opposite ways (cosine < cos_below)."""
+    keep = feature_norms(W) > min_norm
+    unit = W / W.norm(dim=0, keepdim=True).clamp_min(1e-8)
+    cos = unit.T @ unit
+    n = W.shape[1]
+    return [(i, j) for i in range(n) for j in range(i + 1, n) if keep[i] and keep[j] and cos[i, j] < cos_below]
+
+
+def polysemantic_neurons(W: Float[Tensor, "m n"], threshold: float = 0.5) -> Int[Tensor, " m"]:
+    """For each hidden neuron, how many features it reads strongly (a positive weight above ``threshold``)."""
+    return (W > threshold).sum(-1)
+
+
+def neuron_alignment(W: Float[Tensor, "m n"], min_norm: float = 0.5) -> Float[Tensor, ""]:
+    """Mean over represented features of max_j |W_ji| / ||W_i||: 1 when every feature sits on one neuron."""
+    norms = feature_norms(W)
+    keep = norms > min_norm
+    if not keep.any():
+        return torch.tensor(float("nan"))
+    return (W.abs().max(0).values / norms.clamp_min(1e-8))[keep].mean()
+
+
+# --- why dictionaries: a sparse autoencoder on a toy model's hidden layer ----------------------------------
+
+
+def recovery_score(
+    true_directions: Float[Tensor, "n m"], decoder: Float[Tensor, "d_sae m"], threshold: float = 0.9
+) -> tuple[float, int]:
+    """(mean over true features of the best decoder-row cosine, how many have it above ``threshold``)."""
+    t = F.normalize(true_directions.double(), dim=-1)
+    d = F.normalize(decoder.double(), dim=-1)
+    best = (t @ d.T).max(-1).values
+    return float(best.mean()), int((best > threshold).sum())
+
+
+def train_toy_sae(
+    h: Float[Tensor, "N m"],
+    d_sae: int,
+    *,
+    l1_coeff: float = 0.0,
+    k: int | None = None,
+    steps: int = 2000,
+    batch_size: int = 1024,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """A small SAE on hidden vectors h: ReLU (L1 penalty, weighted by decoder norms) or TopK (``k`` given).
+
+    Decoder rows are kept at unit norm. Returns {"W_enc" [m, d_sae], "b_enc", "W_dec" [d_sae, m], "b_dec"}
+    and the final "mse", "l0" on all of h.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = h.shape[1]
+    W_dec = F.normalize(torch.randn(d_sae, m, generator=g), dim=-1)
+    W_enc = W_dec.T.clone()
+    b_enc = torch.zeros(d_sae)
+    b_dec = torch.zeros(m)
+    params = [p.requires_grad_(True) for p in (W_enc, b_enc, W_dec, b_dec)]
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def encode(x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        if k is None:
+            return torch.relu(pre)
+        top = pre.topk(min(k, d_sae), dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            x = h[torch.randint(len(h), (batch_size,), generator=g)]
+            acts = encode(x)
+            x_hat = acts @ W_dec + b_dec
+            mse = (x_hat - x).pow(2).sum(-1).mean()
+            loss = mse + l1_coeff * acts.sum(-1).mean() if k is None else mse
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+    with torch.no_grad():
+        acts = encode(h)
+        mse = (acts @ W_dec + b_dec - h).pow(2).sum(-1).mean()
+        l0 = (acts > 0).float().sum(-1).mean()
+    return {
+        "W_enc": W_enc.detach(),
+        "b_enc": b_enc.detach(),
+        "W_dec": W_dec.detach(),
+        "b_dec": b_dec.detach(),
+        "mse": mse,
+        "l0": l0,
+    }
+
+
+def hidden_activations(
+    W: Float[Tensor, "m n"], feature_probability: float, n: int = 20000, seed: int = 0
+) -> tuple[Float[Tensor, "N m"], Float[Tensor, "N n"]]:
+    """(h, x): n sparse feature vectors x of one toy model and its hidden vectors h = W x."""
+    g = torch.Generator().manual_seed(seed)
+    x = sparse_features(1, n, W.shape[1], torch.tensor([feature_probability]), g)[0]
+    return x @ W.T, x
+
+
+# --- the bundled model: variables as subspaces ---------------------------------------------------------------
+
+
+def class_mean_subspace(acts: Float[Tensor, "N d"], labels: Int[Tensor, " N"]) -> Float[Tensor, "k d"]:
+    """The class means minus their average, one row per class present (they span the variable's subspace)."""
+    classes = torch.unique(labels)
+    means = torch.stack([acts[labels == c].mean(0) for c in classes])
+    return means - means.mean(0)
+
+
+def effective_dim(vectors: Float[Tensor, "k d"], var: float = 0.9) -> tuple[float, int]:
+    """(participation ratio (sum s^2)^2 / sum s^4, how many principal components hold ``var`` of the variance)."""
+    s2 = torch.linalg.svdvals(vectors.double()) ** 2
+    pr = float(s2.sum() ** 2 / (s2**2).sum())
+    frac = s2.cumsum(0) / s2.sum()
+    return pr, int((frac < var).sum()) + 1
+
+
+def top_basis(vectors: Float[Tensor, "k d"], rank: int) -> Float[Tensor, "d r"]:
+    """An orthonormal basis (columns) of the ``rank`` leading principal directions of the rows."""
+    _, _, Vh = torch.linalg.svd(vectors.double(), full_matrices=False)
+    return Vh[:rank].T.float()
+
+
+def subspace_overlap(A: Float[Tensor, "d a"], B: Float[Tensor, "d b"]) -> float:
+    """The largest cosine of the principal angles between span(A) and span(B) (columns orthonormalised)."""
+    qa, _ = torch.linalg.qr(A.double())
+    qb, _ = torch.linalg.qr(B.double())
+    return float(torch.linalg.svdvals(qa.T @ qb).max())
+
+
+def random_subspace_overlap(d: int, a: int, b: int, n: int = 200, seed: int = 0) -> Float[Tensor, " n"]:
+    """The same overlap between ``n`` pairs of random subspaces of sizes a and b in d dimensions: the baseline."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor(
+        [subspace_overlap(torch.randn(d, a, generator=g), torch.randn(d, b, generator=g)) for _ in range(n)]
+    )
+
+
+def mlp_probe(
+    x_train: Float[Tensor, "N d"],
+    y_train: Int[Tensor, " N"],
+    n_classes: int,
+    hidden: int = 64,
+    steps: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """A one-hidden-layer ReLU probe (full-batch Adam on standardized inputs); returns x -> logits."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    d = x_train.shape[1]
+    W1 = (torch.randn(d, hidden, generator=g) / math.sqrt(d)).requires_grad_(True)
+    b1 = torch.zeros(hidden, requires_grad=True)
+    W2 = (torch.randn(hidden, n_classes, generator=g) / math.sqrt(hidden)).requires_grad_(True)
+    b2 = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([W1, b1, W2, b2], lr=lr, weight_decay=weight_decay)
+
+    def logits(x):
+        return torch.relu(((x - mean) / std) @ W1 + b1) @ W2 + b2
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(logits(x_train), y_train)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for p in (W1, b1, W2, b2):
+        p.requires_grad_(False)
+    return logits
+
+
+# --- figures -------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # lazy: importing the library must not need a plotting backend
+
+    return plt
+
+
+def plot_wtw(Ws: Sequence[Tensor], titles: Sequence[str], suptitle: str | None = None):
+    """W^T W of several toy models side by side (blue negative, red positive): interference off the diagonal."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(Ws), figsize=(2.2 * len(Ws), 2.5), squeeze=False)
+    for ax, W, t in zip(axes[0], Ws, titles):
+        ax.imshow((W.T @ W).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(t, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_bars(Ws: Sequence[Tensor], titles: Sequence[str]):
+    """||W_i|| per feature for several models; a bar's colour says how much it shares its direction (dark: alone)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(Ws), figsize=(2.2 * len(Ws), 2.6), squeeze=False, sharey=True)
+    for ax, W, t in zip(axes[0], Ws, titles):
+        norms, sup = feature_norms(W), superposition_score(W)
+        colours = plt.cm.viridis((sup / (1 + sup)).clamp(0, 1).numpy() * 0.9)
+        ax.barh(range(W.shape[1]), norms.numpy(), color=colours)
+        ax.invert_yaxis()
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("||W_i||")
+    axes[0, 0].set_ylabel("feature (most important at the top)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_phase(sparsities: Sequence[float], counts: Sequence[int], m: int, n: int):
+    """Features represented against sparsity, with the hidden width m and the feature count n marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(sparsities, counts, "o-")
+    ax.axhline(m, ls="--", c="grey", label=f"m = {m} hidden dimensions")
+    ax.axhline(n, ls=":", c="grey", label=f"n = {n} features")
+    ax.set_xscale("logit")
+    ax.set_xlabel("sparsity S (probability a feature is zero)")
+    ax.set_ylabel("features with ||W_i|| > 0.5")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dimensionality(sparsities: Sequence[float], dims: Sequence[Tensor], m: int, n: int):
+    """D_i of every feature of every model against 1 / (1 - S), with the plateau values and m / ||W||_F^2."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    xs = [1 / (1 - s) for s in sparsities]
+    for x, d in zip(xs, dims):
+        ax.scatter([x] * len(d), d.numpy(), s=8, alpha=0.5, c="C0")
+    for p, lab in zip(PLATEAUS, ("1", "3/4", "2/3", "1/2", "2/5", "3/8", "1/3")):
+        ax.axhline(p, ls=":", c="grey", lw=0.8)
+        ax.text(xs[-1] * 1.15, p, lab, fontsize=7, va="center")
+    ax.set_xscale("log")
+    ax.set_xlabel("1 / (1 - S)  (sparser to the right)")
+    ax.set_ylabel("dimensions per feature D_i")
+    fig.tight_layout()
+    return fig
+
+
+def plot_directions(Ws: Sequence[Tensor], titles: Sequence[str]):
+    """The columns W_i of 2-dimensional toy models drawn as arrows (pentagons, antipodal pairs, ...)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(Ws), figsize=(2.3 * len(Ws), 2.4), squeeze=False)
+    for ax, W, t in zip(axes[0], Ws, titles):
+        for i in range(W.shape[1]):
+            ax.plot([0, W[0, i]], [0, W[1, i]], "-o", ms=3, c=f"C{i % 10}")
+        ax.set_xlim(-1.4, 1.4)
+        ax.set_ylim(-1.4, 1.4)
+        ax.set_aspect("equal")
+        ax.set_title(t, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def plot_recovery(xs: Sequence[float], scores: Sequence[float], xlabel: str, n: int, counts: Sequence[int]):
+    """Mean max cosine (left axis) and features recovered (right axis) of SAEs along one knob."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(xs, scores, "o-", c="C0")
+    ax.set_ylabel("mean max cosine", color="C0")
+    ax.set_ylim(0, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(xs, counts, "s--", c="C1")
+    ax2.set_ylabel(f"recovered (> 0.9) of {n}", color="C1")
+    ax2.set_ylim(0, n + 1)
+    ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_overlap(names: Sequence[str], overlap: Tensor, baseline: Tensor):
+    """Largest principal-angle cosine between every pair of variables' subspaces, beside the random baseline."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3))
+    im = axes[0].imshow(overlap.numpy(), vmin=0, vmax=1, cmap="magma")
+    axes[0].set_xticks(range(len(names)), names, rotation=45, fontsize=8)
+    axes[0].set_yticks(range(len(names)), names, fontsize=8)
+    axes[0].set_title("measured", fontsize=9)
+    fig.colorbar(im, ax=axes[0])
+    im = axes[1].imshow(baseline.numpy(), vmin=0, vmax=1, cmap="magma")
+    axes[1].set_xticks(range(len(names)), names, rotation=45, fontsize=8)
+    axes[1].set_yticks([])
+    axes[1].set_title("random subspaces, same sizes (mean)", fontsize=9)
+    fig.colorbar(im, ax=axes[1])
+    fig.tight_layout()
+    return fig
