@@ -392,11 +392,11 @@ def plot_phase(sparsities: Sequence[float], counts: Sequence[int], m: int, n: in
     """Features represented against sparsity, with the hidden width m and the feature count n marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(sparsities, counts, "o-")
+    ax.plot([1 / (1 - s) for s in sparsities], counts, "o-")
     ax.axhline(m, ls="--", c="grey", label=f"m = {m} hidden dimensions")
     ax.axhline(n, ls=":", c="grey", label=f"n = {n} features")
-    ax.set_xscale("logit")
-    ax.set_xlabel("sparsity S (probability a feature is zero)")
+    ax.set_xscale("log")
+    ax.set_xlabel("1 / (1 - S): 1 for dense features, 1000 for S = 0.999")
     ax.set_ylabel("features with ||W_i|| > 0.5")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -404,7 +404,7 @@ def plot_phase(sparsities: Sequence[float], counts: Sequence[int], m: int, n: in
 
 
 def plot_dimensionality(sparsities: Sequence[float], dims: Sequence[Tensor], m: int, n: int):
-    """D_i of every feature of every model against 1 / (1 - S), with the plateau values and m / ||W||_F^2."""
+    """D_i of the given features of every model against 1 / (1 - S), with the plateau values marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     xs = [1 / (1 - s) for s in sparsities]
