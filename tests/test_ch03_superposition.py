@@ -10,9 +10,10 @@ import torch
 
 from interplab import superposition as sp
 from interplab import tinyworld
-from interplab.exercises import get
+from interplab.exercises import get, shared_model
 from interplab.grading import run
 from interplab.probes import bootstrap_ci, document_split, fit_probe, latent_examples, probe_logits, residual_dataset
+from interplab.solutions import ch03_superposition as sol
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,6 @@ def test_library_copy_passes_the_exercise(name):
 
 
 def test_library_trainer_is_the_exercise_s_trainer():
-    from interplab.solutions import ch03_superposition as sol
-
     p, imp = torch.tensor([0.5, 0.05]), sp.geometric_importance(5, 0.7)
     a = sp.train_toy_models(5, 2, p, imp, steps=50, batch_size=64, seed=3)
     b = sol.train_toy_models(5, 2, p, imp, steps=50, batch_size=64, seed=3)
@@ -116,8 +115,6 @@ def test_toy_sae_and_recovery_on_planted_directions():
 
 @pytest.fixture(scope="module")
 def variables():
-    from interplab.exercises import shared_model
-
     model = shared_model()
     docs = tinyworld.generate(2400, seed=3, split="train")
     out = {}

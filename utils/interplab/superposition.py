@@ -478,39 +478,43 @@ GEOMETRY_PROBABILITIES = (1.0, 0.3, 0.1, 0.03)
 SAE_PROBABILITIES = (0.02, 0.05, 0.1, 0.3)
 
 
-def toy_findings() -> dict:
+def toy_findings(seed: int = 0) -> dict:
     """The toy-model figures of chapter 03, trained with the chapter's settings and seeds.
 
     Phase change (n = 20, m = 5, importance 0.9^i), antipodal pairs (n = 6, m = 3), dimensionality
     plateaus (n = 20, m = 8, equal importance, 10 sparsities), polysemantic neurons (ReLU hidden layer) and
-    toy-SAE recovery (n = 20, m = 8; TopK SAEs).
+    toy-SAE recovery (n = 20, m = 8; TopK SAEs). ``seed`` seeds every training run (the chapter uses 0).
     """
     out: dict[str, float | int | list] = {}
     S = torch.tensor(PHASE_SPARSITIES)
-    W, _ = train_toy_models(20, 5, 1 - S, geometric_importance(20, 0.9), seed=0)
+    W, _ = train_toy_models(20, 5, 1 - S, geometric_importance(20, 0.9), seed=seed)
     out["represented"] = n_represented(W).tolist()
     P = torch.tensor(GEOMETRY_PROBABILITIES)
-    W_pent, _ = train_toy_models(5, 2, P, torch.ones(5), seed=0)
-    W_anti, _ = train_toy_models(6, 3, P, torch.ones(6), seed=0)
+    W_pent, _ = train_toy_models(5, 2, P, torch.ones(5), seed=seed)
+    W_anti, _ = train_toy_models(6, 3, P, torch.ones(6), seed=seed)
     out["antipodal_pairs"] = [len(antipodal_pairs(w)) for w in W_anti]
     out["pentagon_dims"] = feature_dimensionality(W_pent[-1]).tolist()
     S_dim = 1 - torch.logspace(0, -2, 10)
-    W_dim, _ = train_toy_models(20, 8, 1 - S_dim, torch.ones(20), seed=0)
+    W_dim, _ = train_toy_models(20, 8, 1 - S_dim, torch.ones(20), seed=seed)
     on = [near_plateau(feature_dimensionality(w)[feature_norms(w) > 0.5]) for w, s in zip(W_dim, S_dim) if s > 0.3]
     out["plateau_fraction"] = float(torch.cat(on).float().mean())
     out["plateau_count"] = int(torch.cat(on).sum()), int(len(torch.cat(on)))
     S_relu = torch.tensor([0.0, 0.7, 0.9, 0.99])
-    W_relu, _ = train_toy_models(20, 5, 1 - S_relu, geometric_importance(20, 0.9), seed=0, hidden_relu=True)
+    W_relu, _ = train_toy_models(20, 5, 1 - S_relu, geometric_importance(20, 0.9), seed=seed, hidden_relu=True)
     out["polysemantic_neurons"] = [int((polysemantic_neurons(w) > 1).sum()) for w in W_relu]
-    W_sae, _ = train_toy_models(20, 8, torch.tensor(SAE_PROBABILITIES), torch.ones(20), seed=0)
+    W_sae, _ = train_toy_models(20, 8, torch.tensor(SAE_PROBABILITIES), torch.ones(20), seed=seed)
     toys = dict(zip(SAE_PROBABILITIES, W_sae))
     for key, p, d_sae in (("sae", 0.05, 40), ("sae_10_latents", 0.05, 10), ("sae_dense", 0.3, 40)):
         h = hidden_activations(toys[p], p, n=8192, seed=1)[0]
-        sae = train_toy_sae(h, d_sae, k=2, steps=1000, batch_size=512, seed=0)
+        sae = train_toy_sae(h, d_sae, k=2, steps=1000, batch_size=512, seed=seed)
         out[key] = recovery_score(toys[p].T, sae["W_dec"])
     return out
 
 
 if __name__ == "__main__":
-    for name, value in toy_findings().items():
-        print(f"{name}: {value}")
+    import sys
+
+    for seed in [int(a) for a in sys.argv[1:]] or [0]:
+        print(f"--- seed {seed}")
+        for name, value in toy_findings(seed).items():
+            print(f"{name}: {value}")
