@@ -146,7 +146,8 @@ def test_room_is_linear_and_the_person_needs_a_nonlinear_read(variables):
     assert mlp[1] > lin[2], "person at depth 3: the MLP probe is clearly better than the linear one"
 
 
-def test_room_and_person_subspaces_overlap_beyond_chance(variables):
+def test_room_and_person_overlap_is_the_residual_stream_s_anisotropy(variables):
+    """Above random isotropic subspaces of the same sizes, but not above subspaces built from shuffled labels."""
     subs, dims = {}, {}
     for name in ("room", "person", "sentiment"):
         x, y, _ = variables[name]
@@ -155,5 +156,8 @@ def test_room_and_person_subspaces_overlap_beyond_chance(variables):
         subs[name] = sp.top_basis(means, dims[name])
     assert dims["room"] <= 7 and dims["sentiment"] == 1
     measured = sp.subspace_overlap(subs["room"], subs["person"])
-    rand = sp.random_subspace_overlap(192, dims["room"], dims["person"], n=200, seed=1)
-    assert measured > float(rand.quantile(0.99))
+    isotropic = sp.random_subspace_overlap(192, dims["room"], dims["person"], n=200, seed=1)
+    x, y, _ = variables["person"]
+    shuffled = sp.shuffled_subspace_overlap(subs["room"], x, y, dims["person"], n=20, seed=1)
+    assert measured > float(isotropic.quantile(0.95))
+    assert measured < float(shuffled.quantile(0.95))

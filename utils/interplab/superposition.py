@@ -10,7 +10,8 @@
 - Why dictionaries: `train_toy_sae` (L1 or TopK on a toy model's hidden layer) and
   `recovery_score` (mean max cosine of the true feature directions to the decoder rows).
 - The bundled model: `class_mean_subspace`, `effective_dim`, `subspace_overlap` (principal
-  angles) with `random_subspace_overlap` as its baseline, `mlp_probe`.
+  angles) with two baselines, `random_subspace_overlap` (isotropic) and `shuffled_subspace_overlap`
+  (the data's own anisotropy), `mlp_probe`.
 - Figures: `plot_wtw`, `plot_feature_bars`, `plot_phase`, `plot_dimensionality`, `plot_directions`,
   `plot_recovery`, `plot_overlap`.
 
@@ -314,6 +315,28 @@ def random_subspace_overlap(d: int, a: int, b: int, n: int = 200, seed: int = 0)
     )
 
 
+def shuffled_subspace_overlap(
+    basis: Float[Tensor, "d a"],
+    x: Float[Tensor, "N d"],
+    labels: Int[Tensor, " N"],
+    rank: int,
+    n: int = 20,
+    seed: int = 0,
+) -> Float[Tensor, " n"]:
+    """The overlap of ``basis`` with ``n`` subspaces of the same rank built from ``x`` with shuffled labels.
+
+    A baseline matched to the data: shuffled class means point along the directions in which the
+    activations vary most, so it says how much two subspaces overlap because the residual stream is
+    anisotropic, with no shared variable behind it (random isotropic subspaces ignore that).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        shuffled = labels[torch.randperm(len(labels), generator=g)]
+        out.append(subspace_overlap(basis, top_basis(class_mean_subspace(x, shuffled), rank)))
+    return torch.tensor(out)
+
+
 def mlp_probe(
     x_train: Float[Tensor, "N d"],
     y_train: Int[Tensor, " N"],
@@ -453,21 +476,17 @@ def plot_recovery(xs: Sequence[float], scores: Sequence[float], xlabel: str, n: 
     return fig
 
 
-def plot_overlap(names: Sequence[str], overlap: Tensor, baseline: Tensor):
-    """Largest principal-angle cosine between every pair of variables' subspaces, beside the random baseline."""
+def plot_overlap(names: Sequence[str], panels: dict[str, Tensor]):
+    """Largest principal-angle cosine between every pair of variables' subspaces, one heatmap per panel
+    (e.g. measured, and the mean of each baseline)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3))
-    im = axes[0].imshow(overlap.numpy(), vmin=0, vmax=1, cmap="magma")
-    axes[0].set_xticks(range(len(names)), names, rotation=45, fontsize=8)
-    axes[0].set_yticks(range(len(names)), names, fontsize=8)
-    axes[0].set_title("measured", fontsize=9)
-    fig.colorbar(im, ax=axes[0])
-    im = axes[1].imshow(baseline.numpy(), vmin=0, vmax=1, cmap="magma")
-    axes[1].set_xticks(range(len(names)), names, rotation=45, fontsize=8)
-    axes[1].set_yticks([])
-    axes[1].set_title("random subspaces, same sizes (mean)", fontsize=9)
-    fig.colorbar(im, ax=axes[1])
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3), squeeze=False)
+    for k, (ax, (title, values)) in enumerate(zip(axes[0], panels.items())):
+        im = ax.imshow(values.numpy(), vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(names)), names, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(names)), names if k == 0 else [""] * len(names), fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]))
     return fig
 
 
