@@ -299,20 +299,39 @@ def room_prompts(n: int, seed: int = 0, moves: int = 0) -> list[dict]:
     return out
 
 
-def rooms_pairs(model, n: int, seed: int = 0, moves: int = 0) -> dict[str, Tensor]:
-    """Room tracking (TinyWorld only): the clean prompt's answer is X's room; the corrupted prompt
-    puts X in another room at X's last move (one word changed). answer = X's room, wrong = the other."""
+def rooms_pairs(model, n: int, seed: int = 0, moves: int = 0, corruption: str = "room") -> dict[str, Tensor]:
+    """Room tracking (TinyWorld only), "A r1 . B r2 . where is X" -> X's room, as clean/corrupted pairs.
+
+    corruption "room": the corrupted prompt puts X in another room at X's last statement (one word
+    changed); answer = X's room, wrong = that other room. corruption "person": the corrupted prompt
+    asks about the other person (the last word changed); answer = X's room, wrong = the other
+    person's room (the chapter's held-out variation)."""
+    if corruption not in ("room", "person"):
+        raise ValueError(f"corruption must be 'room' or 'person', not {corruption!r}")
     clean, corrupted, answer, wrong = [], [], [], []
     for p in room_prompts(n, seed, moves):
-        bad = list(p["words"])
-        bad[p["slot"]] = p["other_room"]
-        clean.append(_tw_tokens(model, p["words"]))
+        words = p["words"]
+        if corruption == "room":
+            bad = list(words)
+            bad[p["slot"]] = p["other_room"]
+            other = p["other_room"]
+        else:
+            first = words[0] == p["person"]
+            bad = words[:-1] + [words[3] if first else words[0]]
+            other = words[4] if first else words[1]
+        clean.append(_tw_tokens(model, words))
         corrupted.append(_tw_tokens(model, bad))
         answer.append(model.to_single_token(p["room"]))
-        wrong.append(model.to_single_token(p["other_room"]))
+        wrong.append(model.to_single_token(other))
     return {
         k: torch.tensor(v) for k, v in zip(("clean", "corrupted", "answer", "wrong"), (clean, corrupted, answer, wrong))
     }
+
+
+def faithfulness_on(task: EdgeTask, edge_mask: Tensor) -> float:
+    """The faithfulness of one circuit (a bool mask over `graph.edges()` order) on `task`."""
+    m = task.circuit_metric(task.edge_keep(edge_mask))
+    return (m - task.m_corrupted) / (task.m_clean - task.m_corrupted)
 
 
 def task_pairs(model, task: str, n: int = 16, seed: int = 0) -> dict[str, Tensor]:
