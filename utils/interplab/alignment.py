@@ -298,6 +298,8 @@ def dormant_patch_demo(model, pairs: dict, layer: int = 3, room_a: str = "kitche
     spread = lambda direction: float((acts @ (direction / direction.norm())).std())  # noqa: E731
     return {
         "v": v.float(),
+        "u_null": (u_null / u_null.norm()).float(),
+        "u_dormant": (u_dormant / u_dormant.norm()).float(),
         "flip v": mlp_patch_flip_rate(model, pairs, layer, v),
         "flip null-space part": mlp_patch_flip_rate(model, pairs, layer, v_null),
         "flip row-space part": mlp_patch_flip_rate(model, pairs, layer, v_row),

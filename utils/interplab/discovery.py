@@ -394,7 +394,9 @@ class EdgeTask:
 # --- scoring methods --------------------------------------------------------------------------------------
 
 
-def edge_patch_effects(task: EdgeTask, groups: Sequence[Sequence[tuple[int, int]]], chunk: int = 16) -> Tensor:
+def edge_patch_effects(
+    task: EdgeTask, groups: Sequence[Sequence[tuple[int, int]]], chunk: int = 16, progress: Callable | None = None
+) -> Tensor:
     """Exact patching: for each group of edges, metric(run with those edges patched) - metric(clean).
 
     An edge (s, r) is patched by adding (corrupted output of s - clean output of s) to r's input
@@ -407,7 +409,8 @@ def edge_patch_effects(task: EdgeTask, groups: Sequence[Sequence[tuple[int, int]
     tokens = task.pairs["clean"].to(model.cfg.device)
     batch = tokens.shape[0]
     out = torch.zeros(len(groups))
-    for start in range(0, len(groups), chunk):
+    starts = range(0, len(groups), chunk)
+    for start in progress(starts, desc="exact patching") if progress else starts:
         part = groups[start : start + chunk]
         n = len(part)
         # adds[r] = list of (row group k, sender s)
@@ -433,10 +436,12 @@ def edge_patch_effects(task: EdgeTask, groups: Sequence[Sequence[tuple[int, int]
     return out
 
 
-def exact_edge_scores(task: EdgeTask, edges: Sequence[tuple[int, int]] | None = None) -> Tensor:
-    """Exact edge patching of every edge (or `edges`): [S, R], 0 off the graph."""
+def exact_edge_scores(
+    task: EdgeTask, edges: Sequence[tuple[int, int]] | None = None, progress: Callable | None = None
+) -> Tensor:
+    """Exact edge patching of every edge (or `edges`): [S, R], 0 off the graph (and for edges not given)."""
     edges = task.graph.edges() if edges is None else list(edges)
-    effects = edge_patch_effects(task, [[e] for e in edges])
+    effects = edge_patch_effects(task, [[e] for e in edges], progress=progress)
     scores = torch.zeros(task.graph.valid.shape)
     for (s, r), v in zip(edges, effects):
         scores[s, r] = v
@@ -508,7 +513,9 @@ def random_scores(task: EdgeTask, seed: int = 0) -> Tensor:
     return torch.where(task.graph.valid, torch.rand(task.graph.valid.shape, generator=g), torch.zeros(()))
 
 
-def acdc(task: EdgeTask, threshold: float | None = None, progress: Callable | None = None) -> Tensor:
+def acdc(
+    task: EdgeTask, threshold: float | None = None, n_prompts: int | None = 8, progress: Callable | None = None
+) -> Tensor:
     """ACDC-style greedy pruning with exact edge patching (Conmy et al. 2023), as an edge ranking.
 
     Receivers are visited from the logits backwards; each incoming edge is removed (patched from
@@ -516,8 +523,11 @@ def acdc(task: EdgeTask, threshold: float | None = None, progress: Callable | No
     by less than `threshold` (default: 1% of |clean - corrupted|). The metric is the task's
     logit difference (ACDC's paper uses the KL divergence by default). Returns [S, R] scores:
     kept edges score 1 + |change|, removed edges |change| (< threshold), so the kept circuit
-    ranks first.
+    ranks first. The search runs on the first `n_prompts` pairs only (one forward pass per edge,
+    one after another: the slow reference); score its circuits on the whole task.
     """
+    if n_prompts is not None and n_prompts < len(task.pairs["clean"]):
+        task = EdgeTask(task.model, {k: v[:n_prompts] for k, v in task.pairs.items()}, task.graph)
     graph = task.graph
     threshold = 0.01 * abs(task.m_clean - task.m_corrupted) if threshold is None else threshold
     keep = graph.valid.clone()
