@@ -658,3 +658,57 @@ def spearman(x: Tensor, y: Tensor) -> float:
     a, b = ranks(x), ranks(y)
     a, b = a - a.mean(), b - b.mean()
     return float((a @ b) / math.sqrt(float((a @ a) * (b @ b))))
+
+
+# --- uncertainty over prompts ---------------------------------------------------------------------------------
+
+
+def per_prompt_curve(task: EdgeTask, scores: Tensor, fractions: Sequence[float] = FRACTIONS) -> dict[str, Tensor]:
+    """Each prompt's logit difference under each circuit of the curve: {"circuits": [n_fractions, batch],
+    "full": [batch], "empty": [batch]} (the faithfulness curve is built from their means)."""
+    flat = scores[task.graph.valid]
+    answer, wrong = task.pairs["answer"], task.pairs["wrong"]
+
+    def values(mask: Tensor) -> Tensor:
+        keep = task.edge_keep(mask)
+        with torch.no_grad():
+            logits = run_circuit(task.model, task.graph, task.pairs["clean"], task.corrupted_out, keep)
+        return logit_diff(logits, answer.to(logits.device), wrong.to(logits.device)).double().cpu()
+
+    n = len(flat)
+    circuits = torch.stack([values(top_edge_mask(flat, int(f * n))) for f in fractions])
+    return {
+        "circuits": circuits,
+        "full": values(torch.ones(n, dtype=torch.bool)),
+        "empty": values(torch.zeros(n, dtype=torch.bool)),
+    }
+
+
+def _cpr_from_means(fractions: Tensor, f: Tensor) -> Tensor:
+    widths = fractions[1:] - fractions[:-1]
+    return (widths * (f[..., 1:] + f[..., :-1]) / 2).sum(-1)
+
+
+def paired_cpr_interval(
+    a: dict[str, Tensor],
+    b: dict[str, Tensor],
+    fractions: Sequence[float] = FRACTIONS,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """CPR(a) - CPR(b) for two methods' `per_prompt_curve`s on the same prompts, and a 95% percentile-bootstrap
+    interval resampling the prompts (the same resample for both methods: a paired comparison)."""
+    x = torch.tensor(list(fractions), dtype=torch.float64)
+    batch = a["full"].shape[0]
+    draw = torch.randint(0, batch, (n_boot, batch), generator=torch.Generator().manual_seed(seed))
+
+    def cprs(c: dict[str, Tensor], idx: Tensor) -> Tensor:
+        full, empty = c["full"][idx].mean(-1), c["empty"][idx].mean(-1)
+        circuits = c["circuits"][:, idx].mean(-1)  # [n_fractions, ...]
+        f = (circuits - empty) / (full - empty)
+        return _cpr_from_means(x, f.movedim(0, -1))
+
+    point = float(cprs(a, torch.arange(batch)) - cprs(b, torch.arange(batch)))
+    diffs = cprs(a, draw) - cprs(b, draw)
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, lo, hi
