@@ -11,8 +11,9 @@ Illusions:
 - `dormant_patch_demo` (Makelov et al. 2023): a 1-d patch along v = (a direction the downstream
   weights ignore, which varies with the room) + (a direction the downstream weights read, along
   which the runs do not differ) moves the output, although neither part alone does.
-- the held-out check of a found circuit (Friedman et al. 2023) is in `discovery` (longer room
-  histories, `rooms_pairs(..., moves=2)`).
+- the held-out check of a found circuit (Friedman et al. 2023) uses `discovery`: a circuit found on
+  pairs that vary the room is evaluated on pairs that vary who is asked about
+  (`rooms_pairs(..., corruption="person")`) and on longer room histories (`moves=2`).
 
 Chapter 07's exercises ask learners to write the interchange on a subspace and IIA; the library
 holds its own copies (`interchange`, `iia_of`) and the chapter's tests check that they agree.
