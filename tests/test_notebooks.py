@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from interplab.grading.notebooks import SETUP_MARKER, has_outputs, inject_solutions, read_notebook, setup_cell_source
+from interplab.grading.notebooks import (
+    SETUP_MARKER,
+    cell_source,
+    has_outputs,
+    inject_solutions,
+    read_notebook,
+    setup_cell_source,
+    sync_setup_cells,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((REPO / "chapters").glob("*.ipynb"))
@@ -171,3 +179,21 @@ def test_executes_with_solutions_injected(path, tmp_path):
     out = _execute(nb, tmp_path, strict=True)
     assert out.count("checks passed") == _n_checks(nb) > 0
     assert "uses the reference solution" not in out
+
+
+def test_syncing_the_setup_cells_rewrites_only_what_changed(tmp_path):
+    for path in CHAPTERS[:2]:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    first = tmp_path / CHAPTERS[0].name
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.ipynb")}
+    assert sync_setup_cells(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.ipynb")} == before  # byte for byte
+
+    nb = json.loads(first.read_text())
+    cell = next(c for c in nb["cells"] if cell_source(c).startswith(SETUP_MARKER))
+    cell["source"] = SETUP_MARKER + "\n# an old set-up cell\n"
+    first.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    assert sync_setup_cells(tmp_path) == [first]
+    synced = next(c for c in json.loads(first.read_text())["cells"] if cell_source(c).startswith(SETUP_MARKER))
+    assert isinstance(synced["source"], list) and "an old set-up cell" not in cell_source(synced)
+    assert (tmp_path / CHAPTERS[1].name).read_bytes() == before[CHAPTERS[1].name]

@@ -192,10 +192,11 @@ def sync_setup_cells(chapters: Path, repo_url: str = REPO_URL) -> list[Path]:
             if cell.get("cell_type") == "code" and cell_source(cell).startswith(SETUP_MARKER):
                 new = setup_cell_source(repo_url)
                 if cell_source(cell) != new:
-                    cell["source"] = new
+                    cell["source"] = new.splitlines(keepends=True)
                     changed.append(path)
                 break
-        write_notebook(nb, path)
+        if changed and changed[-1] == path:  # an unchanged notebook is left byte for byte as it is
+            write_notebook(nb, path)
     return changed
 
 
