@@ -713,3 +713,216 @@ def validate_graph_json(data: dict) -> list[str]:
             if link.get(end) not in known:
                 problems.append(f"link {end} {link.get(end)!r} names no node")
     return problems
+
+
+# =====================================================================================
+# Checked against the world: fact recall, room tracking, indirect objects (TinyWorld only)
+# =====================================================================================
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95%) of a rate."""
+    from .dictionaries.circuits import rate_interval
+
+    return rate_interval(successes, n, z)
+
+
+def reachable(pruned: Pruned, graph: AttributionGraph, sources: Sequence[int], target: int) -> bool:
+    """Whether a path of kept edges leads from any of ``sources`` to ``target`` (kept nodes only)."""
+    edges = pruned.edge_mask & pruned.node_mask[:, None] & pruned.node_mask[None, :]
+    seen, frontier = set(), [s for s in sources if pruned.node_mask[s]]
+    while frontier:
+        s = frontier.pop()
+        if s == target:
+            return True
+        if s in seen:
+            continue
+        seen.add(s)
+        frontier += edges[:, s].nonzero()[:, 0].tolist()
+    return False
+
+
+def nodes_at(graph: AttributionGraph, pos: int) -> list[int]:
+    """Every feature, error and embedding node at position ``pos``."""
+    return [i for i in range(graph.slices()["logits"].start) if graph.node(i)["pos"] == pos]
+
+
+def feature_write(model, clt, layer: int, feature: int) -> Tensor:
+    """[d_vocab]: what a feature's decoders, summed over the layers they write to, add to the logits (via W_U)."""
+    return clt.W_dec[layer][feature].sum(0) @ model.W_U
+
+
+@torch.no_grad()
+def fact_recall_score(model, clt, people: Sequence[str] | None = None, relation: str = "city") -> dict:
+    """Does the graph route each person's identity to a feature of the right city?
+
+    For "where does P live ?", the graph of the true city's logit is built and pruned; the
+    "city feature" is the kept feature at the last position with the largest direct edge into
+    the true city's logit. A person counts as a hit when that feature's decoders promote the
+    true city most among the relation's values AND a path of kept edges leads to it from a node
+    at the person's name. Returns the rate with its Wilson interval and the rows.
+    """
+    from .dictionaries.circuits import fact_prompt
+    from .tinyworld import CAST, RELATIONS, WORLD, encode, token_id
+
+    values = RELATIONS[relation][2]
+    value_ids = torch.tensor([token_id(v) for v in values])
+    rows = []
+    for person in people or CAST:
+        words = fact_prompt(person, relation)
+        ids = torch.tensor(encode(words))
+        truth = WORLD.value(person, relation)
+        g = attribution_graph(model, clt, ids, logit_ids=[token_id(truth)])
+        pr = prune(g)
+        last, logit = len(words) - 1, g.slices()["logits"].start
+        cands = [i for i in range(g.n_features) if pr.node_mask[i] and g.node(i)["pos"] == last]
+        row = {"person": person, "truth": truth, "city_feature": None, "writes": None, "routed": False}
+        if cands:
+            best = max(cands, key=lambda i: float(g.adjacency[logit, i]))
+            nd = g.node(best)
+            writes = values[int(feature_write(model, clt, nd["layer"], nd["feature"])[value_ids].argmax())]
+            row.update(
+                city_feature=f"L{nd['layer']}/{nd['feature']}",
+                writes=writes,
+                routed=reachable(pr, g, nodes_at(g, words.index(person)), best),
+            )
+        row["hit"] = row["writes"] == truth and row["routed"]
+        rows.append(row)
+    hits = sum(r["hit"] for r in rows)
+    return {"rate": hits / len(rows), "interval": wilson(hits, len(rows)), "n": len(rows), "rows": rows}
+
+
+def room_prompts(n: int, seed: int = 0) -> list[dict]:
+    """Two-person room prompts "<bos> A r1 . B r2 . where is X" with X's room as the answer."""
+    import random
+
+    from .tinyworld.language import NAMES, ROOMS
+
+    rng = random.Random(f"rooms-{seed}")
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(NAMES, 2)
+        ra, rb = rng.sample(ROOMS, 2)
+        x = rng.choice([a, b])
+        words = ["<bos>", a, ra, ".", b, rb, ".", "where", "is", x]
+        out.append({"words": words, "answer": ra if x == a else rb, "right": 2 if x == a else 5, "wrong": 5 if x == a else 2})
+    return out
+
+
+@torch.no_grad()
+def room_binding_score(model, clt, n: int = 24, seed: int = 0) -> dict:
+    """Does the graph pass through the right person-room binding?
+
+    On two-person room prompts the model answers X's room; in the pruned graph of that logit,
+    a hit is a prompt where the nodes at the position of X's room carry more influence than the
+    nodes at the other person's room. Prompts the model gets wrong are counted and left out.
+    """
+    from .tinyworld import encode, token_id
+
+    rows = []
+    for p in room_prompts(n, seed):
+        ids = torch.tensor(encode(p["words"]))
+        correct = int(model(ids[None])[0, -1].argmax()) == token_id(p["answer"])
+        g = attribution_graph(model, clt, ids, logit_ids=[token_id(p["answer"])])
+        infl = node_influence(g)
+        right, wrong = float(infl[nodes_at(g, p["right"])].sum()), float(infl[nodes_at(g, p["wrong"])].sum())
+        rows.append({"prompt": " ".join(p["words"][1:]), "correct": correct, "right": right, "wrong": wrong})
+    kept = [r for r in rows if r["correct"]]
+    hits = sum(r["right"] > r["wrong"] for r in kept)
+    return {
+        "rate": hits / max(1, len(kept)),
+        "interval": wilson(hits, max(1, len(kept))),
+        "n": len(kept),
+        "model_wrong": len(rows) - len(kept),
+        "rows": rows,
+    }
+
+
+@torch.no_grad()
+def head_routing(model, clt, tokens: Tensor, logit_id: int, src: int) -> Tensor:
+    """[n_layers, n_heads]: how much the logit drops, in the replacement model, when one head stops moving
+    information from position ``src`` to the last position (its frozen attention weight set to 0)."""
+    rep = LocalReplacement(model, clt, tokens)
+    v = {k: t[None] for k, t in rep.values.items()}
+    base = float(rep.run(v["emb"], v["acts"], v["errors"])["logits"][0, -1, logit_id])
+    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    saved = dict(rep.frozen)
+    for L in range(model.cfg.n_layers):
+        name = f"blocks.{L}.attn.hook_pattern"
+        for h in range(model.cfg.n_heads):
+            pat = saved[name].clone()
+            pat[:, h, -1, src] = 0.0
+            rep.frozen = {**saved, name: pat}
+            out[L, h] = base - float(rep.run(v["emb"], v["acts"], v["errors"])["logits"][0, -1, logit_id])
+    rep.frozen = saved
+    return out
+
+
+@torch.no_grad()
+def ioi_agreement(model, clt, n: int = 16, seed: int = 0, top: int = 3) -> dict:
+    """Does the graph agree with the patching chapter's indirect-object circuit?
+
+    - "routing": the share of prompts whose pruned graph of the IO logit carries more influence
+      from the nodes at the IO name than from the nodes at the first mention of S;
+    - "head_overlap": the heads that route the IO name to the answer in the replacement model
+      (`head_routing`, averaged over prompts; the ``top`` largest) against the ``top`` heads of
+      activation patching of every head's output (``swap_names`` corruption, the patching
+      chapter's method): the share of the graph's heads that patching also finds.
+    """
+    from .pairs import ioi_pairs, ioi_positions, sample_ioi_prompts
+    from .patching import logit_diff_metric, patch_head_sweep
+
+    pairs = ioi_pairs(model, sample_ioi_prompts(n, seed=seed, model=model), corruption="swap_names")
+    where = ioi_positions(pairs)
+    metric = logit_diff_metric(model, pairs)
+    patched = patch_head_sweep(model, pairs["corrupted"], pairs["clean"], metric, "z")
+    patch_effect = (1.0 - patched).abs()  # how much of the clean logit difference each head's output carries
+    routing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    rows = []
+    for k in range(pairs["clean"].shape[0]):
+        ids, ans = pairs["clean"][k], int(pairs["answer"][k])
+        io, s1 = int(where["IO"][k]), int(where["S1"][k])
+        g = attribution_graph(model, clt, ids, logit_ids=[ans])
+        infl = node_influence(g)
+        rows.append({"io": float(infl[nodes_at(g, io)].sum()), "s1": float(infl[nodes_at(g, s1)].sum())})
+        routing += head_routing(model, clt, ids, ans, io)
+    routing /= len(rows)
+    name = lambda i: f"L{i // model.cfg.n_heads}H{i % model.cfg.n_heads}"  # noqa: E731
+    graph_heads = [name(i) for i in routing.flatten().topk(top).indices.tolist()]
+    patch_heads = [name(i) for i in patch_effect.flatten().topk(top).indices.tolist()]
+    hits = sum(r["io"] > r["s1"] for r in rows)
+    return {
+        "routing": hits / len(rows),
+        "routing_interval": wilson(hits, len(rows)),
+        "n": len(rows),
+        "graph_heads": graph_heads,
+        "patching_heads": patch_heads,
+        "head_overlap": len(set(graph_heads) & set(patch_heads)) / top,
+        "head_routing": routing,
+        "patch_effect": patch_effect,
+        "rows": rows,
+    }
+
+
+def validation_items(model, clt, prompts: Sequence[Tensor], per_prompt: int = 5) -> list[dict]:
+    """(prompt, feature) items for `intervention_check`: each prompt's ``per_prompt`` most influential features."""
+    items = []
+    for ids in prompts:
+        g = attribution_graph(model, clt, ids)
+        infl = node_influence(g)[: g.n_features]
+        T = total_effects(g)
+        logit = g.slices()["logits"].start
+        for i in infl.topk(min(per_prompt, g.n_features)).indices.tolist():
+            nd = g.node(i)
+            items.append(
+                {
+                    "tokens": ids,
+                    "label": f"{' '.join(g.prompt[1:])} | {g.label(i)}",
+                    "layer": nd["layer"],
+                    "pos": nd["pos"],
+                    "feature": nd["feature"],
+                    "logit_id": int(g.logit_ids[0]),
+                    "predicted": -float(T[logit, i]),
+                }
+            )
+    return items
