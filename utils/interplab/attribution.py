@@ -805,7 +805,9 @@ def room_prompts(n: int, seed: int = 0) -> list[dict]:
         ra, rb = rng.sample(ROOMS, 2)
         x = rng.choice([a, b])
         words = ["<bos>", a, ra, ".", b, rb, ".", "where", "is", x]
-        out.append({"words": words, "answer": ra if x == a else rb, "right": 2 if x == a else 5, "wrong": 5 if x == a else 2})
+        out.append(
+            {"words": words, "answer": ra if x == a else rb, "right": 2 if x == a else 5, "wrong": 5 if x == a else 2}
+        )
     return out
 
 
