@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .dictionaries.circuits import fact_prompt, rate_interval
 from .dictionaries.config import mlp_in_hook, mlp_out_hook
+from .pairs import ioi_pairs, ioi_positions, sample_ioi_prompts
+from .patching import logit_diff_metric, patch_head_sweep
+from .tinyworld import CAST, RELATIONS, WORLD, encode, token_id
+from .tinyworld.language import NAMES, ROOMS
 
 # =====================================================================================
 # The local replacement model
@@ -722,8 +728,6 @@ def validate_graph_json(data: dict) -> list[str]:
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval (95%) of a rate."""
-    from .dictionaries.circuits import rate_interval
-
     return rate_interval(successes, n, z)
 
 
@@ -762,9 +766,6 @@ def fact_recall_score(model, clt, people: Sequence[str] | None = None, relation:
     true city most among the relation's values AND a path of kept edges leads to it from a node
     at the person's name. Returns the rate with its Wilson interval and the rows.
     """
-    from .dictionaries.circuits import fact_prompt
-    from .tinyworld import CAST, RELATIONS, WORLD, encode, token_id
-
     values = RELATIONS[relation][2]
     value_ids = torch.tensor([token_id(v) for v in values])
     rows = []
@@ -794,10 +795,6 @@ def fact_recall_score(model, clt, people: Sequence[str] | None = None, relation:
 
 def room_prompts(n: int, seed: int = 0) -> list[dict]:
     """Two-person room prompts "<bos> A r1 . B r2 . where is X" with X's room as the answer."""
-    import random
-
-    from .tinyworld.language import NAMES, ROOMS
-
     rng = random.Random(f"rooms-{seed}")
     out = []
     for _ in range(n):
@@ -819,8 +816,6 @@ def room_binding_score(model, clt, n: int = 24, seed: int = 0) -> dict:
     a hit is a prompt where the nodes at the position of X's room carry more influence than the
     nodes at the other person's room. Prompts the model gets wrong are counted and left out.
     """
-    from .tinyworld import encode, token_id
-
     rows = []
     for p in room_prompts(n, seed):
         ids = torch.tensor(encode(p["words"]))
@@ -871,9 +866,6 @@ def ioi_agreement(model, clt, n: int = 16, seed: int = 0, top: int = 3) -> dict:
       activation patching of every head's output (``swap_names`` corruption, the patching
       chapter's method): the share of the graph's heads that patching also finds.
     """
-    from .pairs import ioi_pairs, ioi_positions, sample_ioi_prompts
-    from .patching import logit_diff_metric, patch_head_sweep
-
     pairs = ioi_pairs(model, sample_ioi_prompts(n, seed=seed, model=model), corruption="swap_names")
     where = ioi_positions(pairs)
     metric = logit_diff_metric(model, pairs)

@@ -35,9 +35,13 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from .. import artifacts
+from ..models import load_model
 from ..progress import progress as progress_bar
-from ..weights import verify, write_checksums
+from ..weights import WEIGHTS_DIR, verify, write_checksums
 from .config import SAEConfig, mlp_in_hook, mlp_out_hook
+from .data import collect_pairs, tinyworld_dataset
+from .metrics import _mean_ce
 from .modules import batchtopk_activation
 
 WEIGHTS_FILE = "clt_weights.safetensors"
@@ -361,8 +365,6 @@ def clt_replacement_loss(model, clt: CrossLayerTranscoder, tokens: Tensor, mask:
     Same measurement as `interplab.dictionaries.metrics.replacement_loss` for per-layer
     transcoders: ce_clean, ce_replaced, ce_ablated, loss_recovered, and the mean L0 per layer.
     """
-    from .metrics import _mean_ce
-
     keep = mask.to(tokens.device).bool()
     n = clt.cfg.n_layers
     zero = [(mlp_out_hook(L), lambda y, hook: torch.where(keep[..., None], torch.zeros_like(y), y)) for L in range(n)]
@@ -410,15 +412,11 @@ class CLTRecipe:
 
 
 def shipped_clt_folder() -> Path:
-    from ..weights import WEIGHTS_DIR
-
     return WEIGHTS_DIR / SHIPPED_FOLDER
 
 
 def load_clt(device: str | None = None) -> CrossLayerTranscoder:
     """The CLT shipped for the bundled TinyWorld model, verified (refused if trained on other model weights)."""
-    from .. import artifacts
-
     folder = shipped_clt_folder()
     clt = CrossLayerTranscoder.load(folder, device=device)
     artifacts.require_model_match(folder)
@@ -427,10 +425,6 @@ def load_clt(device: str | None = None) -> CrossLayerTranscoder:
 
 def build_clt(recipe: CLTRecipe, folder: Path, model=None, progress: bool = True, artifact: str | None = None):
     """Train the CLT of ``recipe`` on the bundled model and write it (with provenance) to ``folder``."""
-    from .. import artifacts
-    from ..models import load_model
-    from .data import collect_pairs, tinyworld_dataset
-
     model = model or load_model("tinyworld", device="cpu")
     n = model.cfg.n_layers
     t0 = time.time()
@@ -468,8 +462,6 @@ def build_clt(recipe: CLTRecipe, folder: Path, model=None, progress: bool = True
 
 def build_artifact(name: str, *, progress: bool = True, out_dir: Path | None = None) -> None:
     """Build the registry artifact ``clt_tinyworld`` with its shipped recipe."""
-    from ..weights import WEIGHTS_DIR
-
     if name != "clt_tinyworld":
         raise KeyError(f"{name!r} is not built here; this module builds clt_tinyworld")
     build_clt(CLTRecipe(), Path(out_dir or WEIGHTS_DIR) / SHIPPED_FOLDER, progress=progress, artifact=name)
