@@ -148,7 +148,7 @@ REGISTRY: dict[str, Artifact] = {
             "interplab.dictionaries.clt:build_artifact",
             "interplab.dictionaries.clt:CLTRecipe",
             "a cross-layer transcoder for every MLP (chapter 08)",
-            4,
+            6,
         ),
     ]
 }

@@ -417,13 +417,16 @@ def graph_scores(graph: AttributionGraph, edge_mask: Tensor | None = None) -> di
 
 
 @torch.no_grad()
-def ablate_feature_logit_change(model, clt, tokens: Tensor, layer: int, pos: int, feature: int, logit_id: int) -> float:
-    """Run the REAL model with one feature's decoder writes removed at its position; the change of one logit.
+def ablate_feature_logit_change(
+    model, clt, tokens: Tensor, layer: int, pos: int, feature: int, logit_id: int, scale: float = 0.0
+) -> float:
+    """Run the REAL model with one feature's decoder writes removed (or rescaled) at its position; a logit's change.
 
-    Feature ``feature`` of ``layer`` at ``pos`` is read from the clean run; a_f times its decoder
-    into layer L is subtracted from the MLP output of every layer L >= layer at ``pos``. Every
-    later computation (attention patterns, LayerNorm, the real MLPs) responds as the model does.
-    Returns logit(ablated) - logit(clean) at the last position.
+    Feature ``feature`` of ``layer`` at ``pos`` is read from the clean run; (1 - scale) a_f times
+    its decoder into layer L is subtracted from the MLP output of every layer L >= layer at
+    ``pos`` (scale 0 ablates the feature, 2 doubles it). Every later computation (attention
+    patterns, LayerNorm, the real MLPs) responds as the model does. Returns logit(intervened) -
+    logit(clean) at the last position.
     """
     x = model.run_with_cache(tokens[None], names_filter=[mlp_in_hook(layer)])[1][mlp_in_hook(layer)][0, pos]
     pre = x @ clt.W_enc[layer][:, feature] + clt.b_enc[layer, feature]
@@ -431,7 +434,7 @@ def ablate_feature_logit_change(model, clt, tokens: Tensor, layer: int, pos: int
 
     def remove(y: Tensor, hook) -> Tensor:
         y = y.clone()
-        y[:, pos] -= a * clt.W_dec[layer][feature, hook.layer() - layer]
+        y[:, pos] -= (1.0 - scale) * a * clt.W_dec[layer][feature, hook.layer() - layer]
         return y
 
     hooks = [(mlp_out_hook(L), remove) for L in range(layer, clt.cfg.n_layers)]
