@@ -626,11 +626,20 @@ def to_circuit_tracer_json(
 
 
 def write_graph_json(data: dict, folder: str | Path) -> Path:
-    """Write ``{slug}.json`` into ``folder`` (circuit-tracer's local server reads such a folder)."""
+    """Write ``{slug}.json`` into ``folder`` and list it in the folder's ``graph-metadata.json``.
+
+    That is the layout circuit-tracer's local server serves: one file per graph and an index of
+    their metadata (an existing entry with the same slug is replaced).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{data['metadata']['slug']}.json"
     path.write_text(json.dumps(data, indent=1))
+    index = folder / "graph-metadata.json"
+    listing = json.loads(index.read_text()) if index.is_file() else {"graphs": []}
+    listing["graphs"] = [g for g in listing["graphs"] if g.get("slug") != data["metadata"]["slug"]]
+    listing["graphs"].append(data["metadata"])
+    index.write_text(json.dumps(listing, indent=2))
     return path
 
 
