@@ -141,6 +141,15 @@ REGISTRY: dict[str, Artifact] = {
             "SAE baselines on every MLP's output (chapter 05)",
             5,
         ),
+        Artifact(
+            "clt_tinyworld",
+            ("clt_tinyworld",),
+            ("tinyworld",),
+            "interplab.dictionaries.clt:build_artifact",
+            "interplab.dictionaries.clt:CLTRecipe",
+            "a cross-layer transcoder for every MLP (chapter 08)",
+            6,
+        ),
     ]
 }
 

@@ -8,6 +8,7 @@
 - `metrics`: fidelity, sparsity and the model's loss with dictionaries spliced in.
 - `latents`: ground truth: which planted TinyWorld latents a dictionary recovers.
 - `display`: a feature's top tokens and contexts.
+- `clt`: the cross-layer transcoder (`CrossLayerTranscoder`, `CLTConfig(SAEConfig)`, `train_clt`, the shipped CLT).
 - `circuits`: feature circuits on transcoders (de-embeddings, attribution, graphs, fact recall).
 - `shipped`: the shipped SAEs and transcoders: recipes, loaders, builders (`interplab rebuild`).
 """
