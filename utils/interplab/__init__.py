@@ -7,8 +7,8 @@ The package behind the course's notebooks:
 - `activations`, `activation_store` - activations in memory (batched) and on disk.
 - `hooks` - hook names (TransformerLens's `get_act_name`).
 - the library side of each method: `prompts` (chapter 00), `probes` (01), `lenses` (02),
-  `superposition` (03), `dictionaries` (SAEs and transcoders, 04-05), `pairs`, `patching`,
-  `circuits` (06), `discovery`, `alignment` (07).
+  `superposition` (03), `dictionaries` (SAEs, transcoders and cross-layer transcoders: 04, 05, 08),
+  `pairs`, `patching`, `circuits` (06), `discovery`, `alignment` (07), `attribution`, `graph_view` (08).
 - `artifacts` - everything trained on the bundled model; `interplab rebuild`.
 - `check`, `show_solution` - grading of exercises in notebooks (`grading` for the rest).
 - `threads` - torch's thread count for this machine and its load (set on import).
