@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .tinyworld import CITIES, NAMES
+
 # The fractional dimensionalities of Elhage et al.'s uniform superposition (1, 3/4, 2/3, 1/2, 2/5, 3/8, 1/3):
 # a feature alone in its dimension, tetrahedra, triangles, antipodal pairs, pentagons, square antiprisms, ...
 PLATEAUS: tuple[float, ...] = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8, 1 / 3)
@@ -292,8 +294,6 @@ def city_examples(docs) -> dict[str, Tensor]:
     person, never the city. Returns {"doc", "position", "label" (index into CITIES), "group" (index into
     NAMES of the person)} as int64 tensors, like `interplab.probes.latent_examples`.
     """
-    from .tinyworld import CITIES, NAMES
-
     rows = []
     for i, d in enumerate(docs):
         if d.family != "facts":
