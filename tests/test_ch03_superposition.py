@@ -21,6 +21,11 @@ def toy():
     return sp.toy_findings()
 
 
+@pytest.fixture(scope="module")
+def replicas():
+    return sp.replicate_findings(2, seed=1)
+
+
 # --- the toy models reproduce the paper's qualitative results ------------------------------------------------
 
 
@@ -53,6 +58,32 @@ def test_toy_sae_recovers_the_true_features_and_fails_where_expected(toy):
     assert score > 0.99 and recovered == 20
     assert toy["sae_10_latents"][0] < 0.75, "too few latents: features must share latents"
     assert toy["sae_dense"][0] < 0.95 and toy["sae_dense"][1] < 16, "dense features: recovery drops"
+
+
+def test_l1_sae_fails_at_both_ends_of_the_penalty(toy):
+    """ReLU + L1 SAEs (40 latents) on the p = 0.05 toy model, L1 coefficient 0.01 -> 3."""
+    rows = toy["sae_l1"]
+    coeffs, scores, recovered, l0, dead = zip(*rows)
+    assert list(coeffs) == sorted(coeffs)
+    best = max(range(len(rows)), key=lambda i: scores[i])
+    assert 0 < best < len(rows) - 1, "recovery peaks at an intermediate penalty"
+    assert scores[best] > 0.95 and recovered[best] >= 19
+    assert l0[0] > 8 and scores[0] < 0.85 and recovered[0] <= 3, "too little penalty: dense, entangled latents"
+    assert l0[-1] < 0.1 and dead[-1] > 30 and scores[-1] < 0.85, "too much penalty: the latents die"
+    assert all(b <= a for a, b in zip(l0, l0[1:])), "L0 falls as the penalty grows"
+
+
+def test_toy_findings_hold_on_two_more_runs(replicas):
+    """The qualitative results, on independent runs other than the chapter's seed 0."""
+    for one in replicas:
+        dense, sparse = one["represented (S = 0, S = 0.999)"]
+        assert dense <= 7 and sparse == 20
+        assert one["antipodal pairs (dense, S = 0.97)"] == [0, 3]
+        assert one["plateau fraction"] >= 0.9
+        poly_dense, poly_sparse = one["polysemantic neurons (S = 0, S = 0.99)"]
+        assert poly_sparse == 5 and poly_dense < poly_sparse
+        score, recovered = one["SAE recovery (score, recovered)"]
+        assert score > 0.99 and recovered == 20
 
 
 # --- the library's copies agree with the exercises -----------------------------------------------------------
@@ -127,7 +158,24 @@ def variables():
         out[latent] = (acts, ex["label"], ex["doc"])
         if latent == "room":
             out["person"] = (acts, ex["group"], ex["doc"])
+    ex = sp.city_examples(docs)
+    out["city"] = (residual_dataset(model, docs, ex["doc"], ex["position"])[3], ex["label"], ex["doc"])
     return out
+
+
+def test_city_examples_sit_before_the_city():
+    docs = tinyworld.generate(200, seed=0, split="train")
+    ex = sp.city_examples(docs)
+    assert len(ex["doc"]) > 20
+    for d, pos, label, person in zip(*(ex[k].tolist() for k in ("doc", "position", "label", "group"))):
+        tokens = docs[d].tokens
+        assert tokens[pos] in ("in", "?") and tokens[pos + 1] == tinyworld.CITIES[label]
+        assert tinyworld.WORLD.value(tinyworld.NAMES[person], "city") == tinyworld.CITIES[label]
+
+
+def test_the_recalled_city_is_read_linearly(variables):
+    lin, mlp = _accuracies(*variables["city"])
+    assert lin[1] > 0.9 and lin[1] <= mlp[2] and mlp[1] <= lin[2]
 
 
 def _accuracies(x, y, doc):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .tinyworld import CITIES, NAMES
+
 # The fractional dimensionalities of Elhage et al.'s uniform superposition (1, 3/4, 2/3, 1/2, 2/5, 3/8, 1/3):
 # a feature alone in its dimension, tetrahedra, triangles, antipodal pairs, pentagons, square antiprisms, ...
 PLATEAUS: tuple[float, ...] = (1.0, 3 / 4, 2 / 3, 1 / 2, 2 / 5, 3 / 8, 1 / 3)
@@ -223,7 +225,8 @@ def train_toy_sae(
     """A small SAE on hidden vectors h: ReLU (L1 penalty, weighted by decoder norms) or TopK (``k`` given).
 
     Decoder rows are kept at unit norm. Returns {"W_enc" [m, d_sae], "b_enc", "W_dec" [d_sae, m], "b_dec"}
-    and the final "mse", "l0" on all of h.
+    and, on all of h, the final "mse", "l0" (latents active per vector), "fvu" (mse / total variance of h)
+    and "dead" (latents active on fewer than 1 in 1000 vectors: dead or as good as).
     """
     g = torch.Generator().manual_seed(seed)
     m = h.shape[1]
@@ -257,6 +260,8 @@ def train_toy_sae(
         acts = encode(h)
         mse = (acts @ W_dec + b_dec - h).pow(2).sum(-1).mean()
         l0 = (acts > 0).float().sum(-1).mean()
+        fvu = mse / (h - h.mean(0)).pow(2).sum(-1).mean()
+        dead = ((acts > 0).float().mean(0) < 1e-3).sum()
     return {
         "W_enc": W_enc.detach(),
         "b_enc": b_enc.detach(),
@@ -264,6 +269,8 @@ def train_toy_sae(
         "b_dec": b_dec.detach(),
         "mse": mse,
         "l0": l0,
+        "fvu": fvu,
+        "dead": dead,
     }
 
 
@@ -277,6 +284,26 @@ def hidden_activations(
 
 
 # --- the bundled model: variables as subspaces ---------------------------------------------------------------
+
+
+def city_examples(docs) -> dict[str, Tensor]:
+    """The home city of the person a fact sentence is about, where the model must recall it.
+
+    In TinyWorld's ``facts`` documents, the word just before a city value ("in" of "Alice lives in
+    Paris", "?" of "where does Alice live ? Paris") is an answer position: the text so far names the
+    person, never the city. Returns {"doc", "position", "label" (index into CITIES), "group" (index into
+    NAMES of the person)} as int64 tensors, like `interplab.probes.latent_examples`.
+    """
+    rows = []
+    for i, d in enumerate(docs):
+        if d.family != "facts":
+            continue
+        for pos, answer in enumerate(d.answer):
+            if answer in CITIES:
+                rows.append((i, pos, CITIES.index(answer), NAMES.index(d.tokens[pos - 2])))
+    keys = ("doc", "position", "label", "group")
+    cols = list(zip(*rows)) if rows else [[]] * len(keys)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in zip(keys, cols)}
 
 
 def class_mean_subspace(acts: Float[Tensor, "N d"], labels: Int[Tensor, " N"]) -> Float[Tensor, "k d"]:
@@ -460,10 +487,14 @@ def plot_directions(Ws: Sequence[Tensor], titles: Sequence[str]):
     return fig
 
 
-def plot_recovery(xs: Sequence[float], scores: Sequence[float], xlabel: str, n: int, counts: Sequence[int]):
+def plot_recovery(
+    xs: Sequence[float], scores: Sequence[float], xlabel: str, n: int, counts: Sequence[int], log_x: bool = False
+):
     """Mean max cosine (left axis) and features recovered (right axis) of SAEs along one knob."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
+    if log_x:
+        ax.set_xscale("log")
     ax.plot(xs, scores, "o-", c="C0")
     ax.set_ylabel("mean max cosine", color="C0")
     ax.set_ylim(0, 1.05)
@@ -495,6 +526,7 @@ def plot_overlap(names: Sequence[str], panels: dict[str, Tensor]):
 PHASE_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 GEOMETRY_PROBABILITIES = (1.0, 0.3, 0.1, 0.03)
 SAE_PROBABILITIES = (0.02, 0.05, 0.1, 0.3)
+L1_COEFFS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def toy_findings(seed: int = 0) -> dict:
@@ -502,7 +534,9 @@ def toy_findings(seed: int = 0) -> dict:
 
     Phase change (n = 20, m = 5, importance 0.9^i), antipodal pairs (n = 6, m = 3), dimensionality
     plateaus (n = 20, m = 8, equal importance, 10 sparsities), polysemantic neurons (ReLU hidden layer) and
-    toy-SAE recovery (n = 20, m = 8; TopK SAEs). ``seed`` seeds every training run (the chapter uses 0).
+    toy-SAE recovery (n = 20, m = 8; TopK SAEs, and ReLU + L1 SAEs along ``L1_COEFFS``: "sae_l1" holds one
+    (coefficient, score, recovered, L0, dead latents) per coefficient). ``seed`` seeds every training run
+    (the chapter uses 0).
     """
     out: dict[str, float | int | list] = {}
     S = torch.tensor(PHASE_SPARSITIES)
@@ -527,6 +561,61 @@ def toy_findings(seed: int = 0) -> dict:
         h = hidden_activations(toys[p], p, n=8192, seed=1)[0]
         sae = train_toy_sae(h, d_sae, k=2, steps=1000, batch_size=512, seed=seed)
         out[key] = recovery_score(toys[p].T, sae["W_dec"])
+    h = hidden_activations(toys[0.05], 0.05, n=8192, seed=1)[0]
+    out["sae_l1"] = []
+    for l1 in L1_COEFFS:
+        sae = train_toy_sae(h, 40, l1_coeff=l1, steps=1000, batch_size=512, seed=seed)
+        out["sae_l1"].append((l1, *recovery_score(toys[0.05].T, sae["W_dec"]), float(sae["l0"]), int(sae["dead"])))
+    return out
+
+
+def replicate_findings(n_runs: int = 2, seed: int = 1, progress: Callable | None = None) -> list[dict]:
+    """The chapter's toy-model counts at the ends of its sweeps, on ``n_runs`` more independent runs.
+
+    Each run is one more set of instances in the same vectorised training call (its own initial
+    weights and its own batches, drawn from one generator seeded with ``seed``), with the chapter's
+    settings: represented features of n = 20, m = 5 models at S = 0 and S = 0.999; antipodal pairs of
+    n = 6, m = 3 models when dense and at S = 0.97; the share of represented features on a plateau
+    in n = 20, m = 8 models at 5 sparsities above 0.3; polysemantic neurons with a ReLU hidden layer at
+    S = 0 and S = 0.99; and the recovery (score, recovered) of a TopK SAE (40 latents, k = 2) on an
+    n = 20, m = 8 model with p = 0.05. Returns one dict per run. ``progress`` wraps the training stages.
+    """
+
+    def runs(values: Sequence[float]) -> Tensor:
+        return torch.tensor(list(values) * n_runs)
+
+    p_dim = torch.logspace(0, -2, 10)[1::2]
+    stages = {
+        "phase": lambda: train_toy_models(20, 5, runs([1.0, 0.001]), geometric_importance(20, 0.9), seed=seed),
+        "antipodal": lambda: train_toy_models(6, 3, runs([1.0, 0.03]), torch.ones(6), seed=seed),
+        "plateaus": lambda: train_toy_models(20, 8, runs(p_dim.tolist()), torch.ones(20), seed=seed),
+        "relu": lambda: train_toy_models(
+            20, 5, runs([1.0, 0.01]), geometric_importance(20, 0.9), seed=seed, hidden_relu=True
+        ),
+        "sae": lambda: train_toy_models(20, 8, runs([0.05]), torch.ones(20), seed=seed),
+    }
+    names = list(stages) if progress is None else progress(list(stages))
+    W = {name: stages[name]()[0] for name in names}
+    W_phase, W_anti, W_dim, W_relu, W_sae = (W[k] for k in stages)
+    out = []
+    for r in range(n_runs):
+        dims = [
+            near_plateau(feature_dimensionality(w)[feature_norms(w) > 0.5])
+            for w in W_dim[r * len(p_dim) :][: len(p_dim)]
+        ]
+        h = hidden_activations(W_sae[r], 0.05, n=8192, seed=1)[0]
+        sae = train_toy_sae(h, 40, k=2, steps=1000, batch_size=512, seed=seed + r)
+        out.append(
+            {
+                "represented (S = 0, S = 0.999)": n_represented(W_phase[2 * r : 2 * r + 2]).tolist(),
+                "antipodal pairs (dense, S = 0.97)": [len(antipodal_pairs(w)) for w in W_anti[2 * r : 2 * r + 2]],
+                "plateau fraction": float(torch.cat(dims).float().mean()),
+                "polysemantic neurons (S = 0, S = 0.99)": [
+                    int((polysemantic_neurons(w) > 1).sum()) for w in W_relu[2 * r : 2 * r + 2]
+                ],
+                "SAE recovery (score, recovered)": recovery_score(W_sae[r].T, sae["W_dec"]),
+            }
+        )
     return out
 
 
