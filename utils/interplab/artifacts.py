@@ -141,6 +141,15 @@ REGISTRY: dict[str, Artifact] = {
             "SAE baselines on every MLP's output (chapter 05)",
             5,
         ),
+        Artifact(
+            "sae_resid3_topk",
+            ("sae_tinyworld_resid3_topk",),
+            ("tinyworld",),
+            "interplab.alignment:build_artifact",
+            "interplab.alignment:Resid3SAERecipe",
+            "TopK SAE on blocks.3.hook_resid_pre, where DAS looks for the room (chapter 07)",
+            2,
+        ),
     ]
 }
 
