@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from . import weights
+from .dictionaries.io import load_shipped
+from .dictionaries.modules import SAE
 from .dictionaries.shipped import SAERecipe, build_sae
 from .discovery import room_prompts
 from .probes import fit_probe, orthonormal_basis
@@ -63,9 +65,6 @@ def build_artifact(name: str = RESID3_SAE, *, progress: bool = True, out_dir: Pa
 
 def load_resid3_sae(device: str | None = None):
     """The TopK SAE on blocks.3.hook_resid_pre shipped for chapter 07, verified against the bundled model."""
-    from .dictionaries.io import load_shipped
-    from .dictionaries.modules import SAE
-
     return load_shipped(SAE, weights.WEIGHTS_DIR / RESID3_SAE_FOLDER, device=device)
 
 
