@@ -151,15 +151,26 @@ def das_pairs(model):
     return alignment.room_interchange_pairs(model, 128, seed=0), alignment.room_interchange_pairs(model, 128, seed=1)
 
 
-def test_das_beats_probes_and_random_subspaces(model, das_pairs):
+def test_das_beats_probes_sae_features_and_random_subspaces(model, das_pairs):
     train, test = das_pairs
     k = 7
     das = alignment.subspace_iia(model, test, alignment.train_das(model, train, k, steps=60, lr=0.02))
     probes = {n: alignment.subspace_iia(model, test, b) for n, b in alignment.probe_bases(model, train, k).items()}
     rand = max(alignment.subspace_iia(model, test, alignment.random_basis(192, k, s)) for s in range(3))
+    sae = alignment.load_resid3_sae()
+    assert sae.cfg.hook_name == alignment.DAS_HOOK  # the SAE reads where DAS intervenes
+
+    def sae_iia(n):  # features chosen on the training pairs, scored on the held-out ones
+        basis = alignment.dictionary_basis(model, train, sae.W_dec.detach(), sae.encode, alignment.DAS_HOOK, n)
+        return alignment.subspace_iia(model, test, basis)
+
+    sae_k = sae_iia(k)
     assert das >= 0.9  # measured 0.97
     assert das > max(probes.values()) + 0.05  # probes 0.84 / 0.80
-    assert min(probes.values()) > rand + 0.5  # random 0.00
+    assert min(probes.values()) > sae_k + 0.5  # SAE features at the same site, k matched: 0.07
+    assert sae_k > rand  # random 0.00; the SAE flips 9 of 128 pairs
+    assert sae_k <= 0.25
+    assert sae_iia(32) >= 0.8  # measured 0.92: with enough features the SAE's span carries the room
 
 
 def test_dormant_pathway_illusion_and_its_exposure(model):

@@ -15,6 +15,10 @@ Illusions:
   pairs that vary the room is evaluated on pairs that vary who is asked about
   (`rooms_pairs(..., corruption="person")`) and on longer room histories (`moves=2`).
 
+The SAE row of chapter 07's table needs an SAE where DAS works: `load_resid3_sae` loads the TopK SAE
+trained with chapter 04's recipe on `DAS_HOOK` (artifact sae_resid3_topk; `interplab rebuild --only
+sae_resid3_topk` retrains it from `Resid3SAERecipe`).
+
 Chapter 07's exercises ask learners to write the interchange on a subspace and IIA; the library
 holds its own copies (`interchange`, `iia_of`) and the chapter's tests check that they agree.
 """
@@ -23,15 +27,45 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from . import weights
+from .dictionaries.io import load_shipped
+from .dictionaries.modules import SAE
+from .dictionaries.shipped import SAERecipe, build_sae
 from .discovery import room_prompts
 from .probes import fit_probe, orthonormal_basis
 from .tinyworld import language as TW
 
 DAS_HOOK = "blocks.3.hook_resid_pre"  # after layer 2 has moved the room to the name (the last block reads it)
+RESID3_SAE = "sae_resid3_topk"  # the artifact: a TopK SAE where DAS works, so the SAE row of the table is fair
+RESID3_SAE_FOLDER = "sae_tinyworld_resid3_topk"
+
+
+@dataclass(frozen=True)
+class Resid3SAERecipe(SAERecipe):
+    """The TopK SAE shipped for chapter 07 (artifact sae_resid3_topk): chapter 04's TopK recipe (k = 16 of
+    768 features, the same data, optimiser and steps), read at DAS's site, block 3's input."""
+
+    architecture: str = "topk"
+    hook_name: str = DAS_HOOK
+
+
+def build_artifact(name: str = RESID3_SAE, *, progress: bool = True, out_dir: Path | None = None) -> None:
+    """Train the block-3 TopK SAE with its shipped recipe and write its folder (with provenance and checksums)."""
+    if name != RESID3_SAE:
+        raise KeyError(f"{name!r} is not built here; this module builds {RESID3_SAE}")
+    out_dir = Path(out_dir) if out_dir is not None else weights.WEIGHTS_DIR
+    build_sae(Resid3SAERecipe(), out_dir / RESID3_SAE_FOLDER, progress=progress, artifact=name)
+
+
+def load_resid3_sae(device: str | None = None):
+    """The TopK SAE on blocks.3.hook_resid_pre shipped for chapter 07, verified against the bundled model."""
+    return load_shipped(SAE, weights.WEIGHTS_DIR / RESID3_SAE_FOLDER, device=device)
 
 
 def room_token_ids(model) -> Tensor:
@@ -196,7 +230,7 @@ def train_das(
         return rot.basis.detach().clone()
 
 
-def _top_features(acts: Tensor, labels: Tensor, k: int) -> Tensor:
+def top_features(acts: Tensor, labels: Tensor, k: int) -> Tensor:
     """Indices of the k features whose activations separate the classes best (between-class share of variance)."""
     total = acts.var(0) + 1e-8
     means = torch.stack([acts[labels == c].mean(0) for c in labels.unique()])
@@ -225,7 +259,7 @@ def dictionary_basis(model, pairs: dict, directions: Tensor, encode: Callable, h
     (`encode` of the activations at `hook`, last position) best separate the rooms."""
     with torch.no_grad():
         acts = encode(last_position_acts(model, pairs["base"], hook))
-    top = _top_features(acts, pairs["base_label"], k)
+    top = top_features(acts, pairs["base_label"], k)
     return orthonormal_basis(directions[top].T.double()).T.float().contiguous()
 
 

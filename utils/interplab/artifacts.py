@@ -142,6 +142,15 @@ REGISTRY: dict[str, Artifact] = {
             5,
         ),
         Artifact(
+            "sae_resid3_topk",
+            ("sae_tinyworld_resid3_topk",),
+            ("tinyworld",),
+            "interplab.alignment:build_artifact",
+            "interplab.alignment:Resid3SAERecipe",
+            "TopK SAE on blocks.3.hook_resid_pre, where DAS looks for the room (chapter 07)",
+            2,
+        ),
+        Artifact(
             "clt_tinyworld",
             ("clt_tinyworld",),
             ("tinyworld",),
