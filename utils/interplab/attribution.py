@@ -33,7 +33,6 @@ from torch import Tensor
 from .dictionaries.circuits import fact_prompt, rate_interval
 from .dictionaries.config import mlp_in_hook, mlp_out_hook
 from .pairs import ioi_pairs, ioi_positions, sample_ioi_prompts
-from .patching import logit_diff_metric, patch_head_sweep
 from .tinyworld import CAST, RELATIONS, WORLD, encode, token_id
 from .tinyworld.language import NAMES, ROOMS
 
@@ -107,6 +106,55 @@ class LocalReplacement:
         ]
         logits = self.model.run_with_hooks(self.tokens[None].expand(B, -1), fwd_hooks=hooks)
         return {"logits": logits, "pre": torch.stack([pre[L] for L in range(self.n_layers)], dim=2)}
+
+    def run_linear(
+        self, emb: Tensor, errors: Tensor, heads_off: Sequence[tuple[int, int] | None] | None = None
+    ) -> Tensor:
+        """The graph's model as a function of its input sources: logits [B, pos, vocab].
+
+        As `run`, but the features are not sources: each is recomputed from its input, passing a
+        change of its pre-activation on one for one while it is active on this prompt and staying
+        at zero otherwise (the linearisation `total_effects` uses). With the prompt's own values it
+        reproduces the real run. ``heads_off[b]`` = (layer, head) removes that head's output (its
+        frozen-pattern mix of values; the output bias stays) in batch row b: since the model is
+        linear in its sources, the change of a logit is the sum of every path of the graph that
+        passes through the head.
+        """
+        clt, B = self.clt, emb.shape[0]
+        active = self.values["acts"] != 0  # [pos, n_layers, d_sae]
+        acts: dict[int, Tensor] = {}
+
+        def frozen(value: Tensor, hook) -> Tensor:
+            f = self.frozen[hook.name]
+            return f.expand(B, *f.shape[1:])
+
+        def read(x: Tensor, hook) -> None:
+            L = hook.layer()
+            if L < self.n_layers:
+                acts[L] = (x @ clt.W_enc[L] + clt.b_enc[L]) * active[:, L]
+
+        def write(y: Tensor, hook) -> Tensor:
+            L = hook.layer()
+            recon = clt.b_dec[L] + sum(acts[l] @ clt.W_dec[l][:, L - l] for l in range(L + 1))  # noqa: E741
+            return recon + errors[:, :, L]
+
+        def silence(z: Tensor, hook) -> Tensor:
+            z = z.clone()
+            for b, off in enumerate(heads_off):
+                if off is not None and off[0] == hook.layer():
+                    z[b, :, off[1]] = 0.0
+            return z
+
+        hooks = [
+            (lambda n: n.endswith("hook_pattern") or n.endswith("hook_scale"), frozen),
+            ("hook_embed", lambda v, hook: emb),
+            ("hook_pos_embed", lambda v, hook: torch.zeros_like(v).expand(B, *v.shape[1:])),
+            (lambda n: n.endswith("ln2.hook_normalized"), read),
+            (lambda n: n.endswith("hook_mlp_out"), write),
+        ]
+        if heads_off is not None:
+            hooks.append((lambda n: n.endswith("attn.hook_z"), silence))
+        return self.model.run_with_hooks(self.tokens[None].expand(B, -1), fwd_hooks=hooks)
 
     def constants(self) -> dict[str, Tensor]:
         """The replacement model with every source at zero: what the biases alone give ("logits", "pre")."""
@@ -446,17 +494,17 @@ def ablate_feature_logit_change(
 def total_effects(graph: AttributionGraph) -> Tensor:
     """[n_nodes, n_nodes]: the signed effect on each target of removing each source, through every path.
 
-    A feature's outgoing edges are scaled per unit of its activation; an active feature passes a
-    change of its pre-activation on one for one (the slope of its JumpReLU), so removing source s
-    changes target t by -(A (I - G)^-1)[t, s] with G the per-unit edges into features.
+    A feature's outgoing edges are scaled per unit of its activation (G, the per-unit edges from
+    features into every target); an active feature passes a change of its pre-activation on one for
+    one (the slope of its JumpReLU). Removing source s changes its direct targets by -A[:, s], and
+    the changes then travel along G: target t changes by -((I - G)^-1 A)[t, s].
     """
     A = graph.adjacency.double()
     n_f = graph.n_features
     G = torch.zeros_like(A)
     G[:, :n_f] = A[:, :n_f] / graph.activations.double().clamp_min(1e-12)
-    G[n_f:] = 0.0  # only features pass changes on (errors and embeddings are fixed sources)
     eye = torch.eye(A.shape[0], dtype=A.dtype)
-    return (torch.linalg.solve(eye - G.T, A.T).T).float()
+    return torch.linalg.solve(eye - G, A).float()
 
 
 def predicted_ablation_change(graph: AttributionGraph, node: int, logit: int = 0) -> float:
@@ -848,66 +896,161 @@ def room_binding_score(model, clt, n: int = 24, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def head_routing(model, clt, tokens: Tensor, logit_id: int, src: int) -> Tensor:
-    """[n_layers, n_heads]: how much the logit drops, in the replacement model, when one head stops moving
-    information from position ``src`` to the last position (its frozen attention weight set to 0)."""
-    rep = LocalReplacement(model, clt, tokens)
-    v = {k: t[None] for k, t in rep.values.items()}
-    base = float(rep.run(v["emb"], v["acts"], v["errors"])["logits"][0, -1, logit_id])
-    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    saved = dict(rep.frozen)
-    for L in range(model.cfg.n_layers):
-        name = f"blocks.{L}.attn.hook_pattern"
-        for h in range(model.cfg.n_heads):
-            pat = saved[name].clone()
-            pat[:, h, -1, src] = 0.0
-            rep.frozen = {**saved, name: pat}
-            out[L, h] = base - float(rep.run(v["emb"], v["acts"], v["errors"])["logits"][0, -1, logit_id])
-    rep.frozen = saved
+def ioi_agreement(model, clt, n: int = 6, seed: int = 0) -> dict:
+    """Does the answer's graph draw more influence from the IO name than from the first mention of S?
+
+    For each indirect-object prompt, the graph of the IO logit; a hit is a prompt whose nodes at
+    the IO position carry more influence than the nodes at S1. Returns the rate, its Wilson
+    interval and the rows.
+    """
+    pairs = ioi_pairs(model, sample_ioi_prompts(n, seed=seed, model=model), corruption="swap_names")
+    where = ioi_positions(pairs)
+    rows = []
+    for k in range(pairs["clean"].shape[0]):
+        g = attribution_graph(model, clt, pairs["clean"][k], logit_ids=[int(pairs["answer"][k])])
+        infl = node_influence(g)
+        io, s1 = int(where["IO"][k]), int(where["S1"][k])
+        rows.append({"io": float(infl[nodes_at(g, io)].sum()), "s1": float(infl[nodes_at(g, s1)].sum())})
+    hits = sum(r["io"] > r["s1"] for r in rows)
+    return {"routing": hits / len(rows), "routing_interval": wilson(hits, len(rows)), "n": len(rows), "rows": rows}
+
+
+def _logit_diffs(logits: Tensor, answer: Tensor, wrong: Tensor) -> Tensor:
+    final = logits[:, -1]
+    return final.gather(-1, answer[:, None])[:, 0] - final.gather(-1, wrong[:, None])[:, 0]
+
+
+@torch.no_grad()
+def head_patching_per_prompt(model, pairs: dict[str, Tensor], component: str = "z", freeze_patterns: bool = False):
+    """[n_prompts, n_layers, n_heads]: how much each prompt's logit difference drops when one head is noised.
+
+    Noising as in chapter 06: the model runs on the clean prompts with one head's ``component``
+    ("z": its output; "v": its values; "pattern": its attention pattern) taken from the corrupted
+    prompts; the drop is clean minus patched logit difference (answer minus wrong name, final
+    position), per prompt. ``freeze_patterns``: every head's attention pattern is held at its clean
+    value during the patched run (with "v", the head moves the corrupted values where the clean
+    prompt looked: attention as the replacement model sees it).
+    """
+    clean, corrupted, answer, wrong = pairs["clean"], pairs["corrupted"], pairs["answer"], pairs["wrong"]
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    name = lambda L: f"blocks.{L}.attn.hook_{component}"  # noqa: E731
+    source = model.run_with_cache(corrupted, names_filter=[name(L) for L in range(n_layers)])[1]
+    patterns = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_pattern"))[1]
+    base = _logit_diffs(model(clean), answer, wrong)
+    out = torch.zeros(clean.shape[0], n_layers, n_heads)
+    for L in range(n_layers):
+        for h in range(n_heads):
+
+            def paste(x: Tensor, hook, h=h) -> Tensor:
+                x = x.clone()
+                if component == "pattern":
+                    x[:, h] = source[hook.name][:, h]
+                else:
+                    x[:, :, h] = source[hook.name][:, :, h]
+                return x
+
+            hooks = [(name(L), paste)]
+            if freeze_patterns:
+                hooks = [(k, lambda x, hook: patterns[hook.name]) for k in patterns] + hooks
+            out[:, L, h] = base - _logit_diffs(model.run_with_hooks(clean, fwd_hooks=hooks), answer, wrong)
     return out
 
 
 @torch.no_grad()
-def ioi_agreement(model, clt, n: int = 16, seed: int = 0, top: int = 3) -> dict:
-    """Does the graph agree with the patching chapter's indirect-object circuit?
+def head_path_sums(model, clt, pairs: dict[str, Tensor]) -> Tensor:
+    """[n_prompts, n_layers, n_heads]: the logit difference each head carries in each prompt's graph.
 
-    - "routing": the share of prompts whose pruned graph of the IO logit carries more influence
-      from the nodes at the IO name than from the nodes at the first mention of S;
-    - "head_overlap": the heads that route the IO name to the answer in the replacement model
-      (`head_routing`, averaged over prompts; the ``top`` largest) against the ``top`` heads of
-      activation patching of every head's output (``swap_names`` corruption, the patching
-      chapter's method): the share of the graph's heads that patching also finds.
+    For each clean prompt, the local replacement model (`LocalReplacement.run_linear`) with and
+    without one head's output: the difference is the sum of every path of the attribution graph,
+    from the embeddings and error nodes through features and frozen attention to the logit
+    difference (answer minus wrong name), that passes through the head. Attention patterns are
+    frozen, so a head is credited only for what it moves, never for where it looks.
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads = [(L, h) for L in range(n_layers) for h in range(n_heads)]
+    out = torch.zeros(pairs["clean"].shape[0], n_layers, n_heads)
+    for k in range(pairs["clean"].shape[0]):
+        rep = LocalReplacement(model, clt, pairs["clean"][k])
+        emb, err = rep.values["emb"][None], rep.values["errors"][None]
+        B = len(heads) + 1
+        logits = rep.run_linear(emb.expand(B, -1, -1), err.expand(B, -1, -1, -1), [None, *heads])
+        ld = _logit_diffs(logits, pairs["answer"][k].expand(B), pairs["wrong"][k].expand(B))
+        out[k] = (ld[0] - ld[1:]).reshape(n_layers, n_heads)
+    return out
+
+
+def head_ranking_agreement(graph: Tensor, patching: Tensor, top: int = 3) -> dict:
+    """Agreement of two per-prompt head scores [n_prompts, n_layers, n_heads], averaged over the prompts.
+
+    "spearman": rank correlation over all heads of the magnitudes of the two mean scores;
+    "signed_spearman": the same on the signed means; "overlap": the share of the ``top`` heads by
+    magnitude that both name; "graph_heads", "patching_heads": those heads, strongest first.
+    """
+    g, p = graph.mean(0).flatten(), patching.mean(0).flatten()
+    n_heads = graph.shape[-1]
+    name = lambda i: f"L{i // n_heads}H{i % n_heads}"  # noqa: E731
+    gt, pt = g.abs().topk(top).indices.tolist(), p.abs().topk(top).indices.tolist()
+    return {
+        "spearman": spearman(g.abs(), p.abs()),
+        "signed_spearman": spearman(g, p),
+        "overlap": len(set(gt) & set(pt)) / top,
+        "graph_heads": [name(i) for i in gt],
+        "patching_heads": [name(i) for i in pt],
+    }
+
+
+def random_overlap_baseline(n_heads: int, top: int) -> dict:
+    """Top-k overlap of two head sets of size ``top`` drawn at random from ``n_heads``: its mean and P(>= 2/3 of k)."""
+    total = math.comb(n_heads, top)
+    p = [math.comb(top, j) * math.comb(n_heads - top, top - j) / total for j in range(top + 1)]
+    need = math.ceil(2 * top / 3)
+    return {"mean": top / n_heads, "p_two_thirds": sum(p[need:])}
+
+
+def spearman_null(n: int, n_draws: int = 2000, seed: int = 0) -> float:
+    """The 97.5% quantile of Spearman's rho between two random rankings of ``n`` items (no agreement at all)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.arange(n).double()
+    rhos = torch.tensor([spearman(torch.randperm(n, generator=g).double(), ref) for _ in range(n_draws)])
+    return float(rhos.quantile(0.975))
+
+
+@torch.no_grad()
+def ioi_head_agreement(model, clt, n: int = 64, seed: int = 0, top: int = 3, n_boot: int = 1000) -> dict:
+    """Do the graphs credit the heads that activation patching finds, on the same indirect-object prompts?
+
+    Graph: `head_path_sums`, the logit difference routed through each head (attention frozen).
+    Patching (chapter 06's method, ``swap_names`` corruption, noising): "z", each head's output;
+    "v_frozen", its values with every attention pattern held at the clean run's (what a head moves
+    when where it looks cannot change: attention as the graph sees it); "pattern", its attention
+    pattern alone (where it looks: invisible to the graph). Agreement (`head_ranking_agreement`)
+    of the graph with "z" and with "v_frozen", each with 95% bootstrap intervals over the prompts
+    (and the share of resamples where the top-``top`` overlap is at least 2/3), beside the chance
+    levels: random head sets' overlap and the 97.5% quantile of rho for random rankings.
     """
     pairs = ioi_pairs(model, sample_ioi_prompts(n, seed=seed, model=model), corruption="swap_names")
-    where = ioi_positions(pairs)
-    metric = logit_diff_metric(model, pairs)
-    patched = patch_head_sweep(model, pairs["corrupted"], pairs["clean"], metric, "z")
-    patch_effect = (1.0 - patched).abs()  # how much of the clean logit difference each head's output carries
-    routing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    rows = []
-    for k in range(pairs["clean"].shape[0]):
-        ids, ans = pairs["clean"][k], int(pairs["answer"][k])
-        io, s1 = int(where["IO"][k]), int(where["S1"][k])
-        g = attribution_graph(model, clt, ids, logit_ids=[ans])
-        infl = node_influence(g)
-        rows.append({"io": float(infl[nodes_at(g, io)].sum()), "s1": float(infl[nodes_at(g, s1)].sum())})
-        routing += head_routing(model, clt, ids, ans, io)
-    routing /= len(rows)
-    name = lambda i: f"L{i // model.cfg.n_heads}H{i % model.cfg.n_heads}"  # noqa: E731
-    graph_heads = [name(i) for i in routing.flatten().topk(top).indices.tolist()]
-    patch_heads = [name(i) for i in patch_effect.flatten().topk(top).indices.tolist()]
-    hits = sum(r["io"] > r["s1"] for r in rows)
-    return {
-        "routing": hits / len(rows),
-        "routing_interval": wilson(hits, len(rows)),
-        "n": len(rows),
-        "graph_heads": graph_heads,
-        "patching_heads": patch_heads,
-        "head_overlap": len(set(graph_heads) & set(patch_heads)) / top,
-        "head_routing": routing,
-        "patch_effect": patch_effect,
-        "rows": rows,
+    graph = head_path_sums(model, clt, pairs)
+    patching = {
+        "z": head_patching_per_prompt(model, pairs, "z"),
+        "v_frozen": head_patching_per_prompt(model, pairs, "v", freeze_patterns=True),
+        "pattern": head_patching_per_prompt(model, pairs, "pattern"),
     }
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(0, n, (n,), generator=gen) for _ in range(n_boot)]
+    out = {"n": n, "top": top, "graph": graph, "patching": patching}
+    for key in ("z", "v_frozen"):
+        res = head_ranking_agreement(graph, patching[key], top)
+        boot = [head_ranking_agreement(graph[i], patching[key][i], top) for i in draws]
+        rho = torch.tensor([b["spearman"] for b in boot])
+        res["spearman_interval"] = (float(rho.quantile(0.025)), float(rho.quantile(0.975)))
+        res["overlap_at_least_two_thirds"] = sum(b["overlap"] >= 2 / 3 - 1e-9 for b in boot) / n_boot
+        out[key] = res
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    out["random"] = random_overlap_baseline(n_heads, top) | {"spearman_97_5": spearman_null(n_heads)}
+    z, pattern = patching["z"].mean(0), patching["pattern"].mean(0)
+    out["pattern_share"] = float(pattern.abs().max() / z.abs().max())
+    out["z_vs_v_frozen_spearman"] = spearman(z.flatten(), patching["v_frozen"].mean(0).flatten())
+    return out
 
 
 def validation_items(model, clt, prompts: Sequence[Tensor], per_prompt: int = 5) -> list[dict]:
