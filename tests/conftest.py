@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # Windows: no bwrap sandbox there, and nothing to lock
+    fcntl = None
 
 NETGUARD = Path(__file__).parent / "netguard"
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +33,26 @@ if not hasattr(__import__("socket"), "NetworkBlockedError"):
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
-# Tests that run submissions in the grading sandbox. The sandbox runs them as `nobody` and limits
-# that user's process count, so two sandboxes at once (one per pytest-xdist worker) could starve each
-# other: `--dist loadgroup` (what `./course test` passes) keeps these on one worker, one at a time.
-SANDBOX_FILES = {"test_grading.py", "test_grading_hostile.py", "test_gradebook.py"}
+SANDBOX_LOCK = Path(tempfile.gettempdir()) / "interplab-sandbox-tests.lock"
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SANDBOX_FILES:
-            item.add_marker(pytest.mark.xdist_group("sandbox"))
+@pytest.fixture
+def one_sandbox_at_a_time():
+    """Hold a machine-wide lock while a test runs submissions in the grading sandbox.
+
+    The sandbox runs a submission as `nobody` and caps that user's process count, so two sandboxes at
+    once (one per pytest-xdist worker, or two test runs) could starve each other: a hostile submission
+    that forks up to its cap leaves the other none. The test files that use the sandbox take this lock.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(SANDBOX_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

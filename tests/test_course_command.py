@@ -332,7 +332,7 @@ def test_course_lab_opens_jupyterlab_on_the_chapters(tmp_path):
 
 def test_course_test_spreads_the_suite_over_the_cores_unless_told_otherwise():
     launcher = _load_launcher()
-    assert launcher.parallel_args([], 2, True) == ["-n", "2", "--dist", "loadgroup"]
+    assert launcher.parallel_args([], 2, True) == ["-n", "2"]
     assert launcher.parallel_args(["tests/test_cli.py"], 16, True)[:2] == ["-n", str(launcher.MAX_WORKERS)]
     for chosen in (["-n", "3"], ["-n0"], ["--numprocesses=2"], ["-p", "no:xdist"], ["--pdb"], ["--dist", "load"]):
         assert launcher.parallel_args(chosen, 2, True) == [], chosen

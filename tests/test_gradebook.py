@@ -15,6 +15,8 @@ from honest_ch00 import EXERCISES, notebook
 from interplab.grading.gradebook import NoNotebooks, grade
 from interplab.grading.notebooks import cell_source, inject_solutions, read_notebook, write_notebook
 
+pytestmark = pytest.mark.usefixtures("one_sandbox_at_a_time")  # see tests/conftest.py
+
 
 def _replace_def(nb, name, new_source):
     for cell in nb["cells"]:

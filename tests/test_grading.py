@@ -10,6 +10,8 @@ from interplab.exercises import get
 from interplab.grading import ExerciseFailed, exercise_names, reference, run, show_solution, stats
 from interplab.solutions import ch00_orientation as sol
 
+pytestmark = pytest.mark.usefixtures("one_sandbox_at_a_time")  # see tests/conftest.py
+
 
 def test_passing_function_is_returned(capsys):
     def per_token_loss(logits, tokens):

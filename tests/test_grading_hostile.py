@@ -28,6 +28,8 @@ from interplab.exercises import get
 from interplab.grading import sandbox
 from interplab.grading.gradebook import Limits, grade
 
+pytestmark = pytest.mark.usefixtures("one_sandbox_at_a_time")  # see tests/conftest.py
+
 MARK = "interplab-hostile-4f2a"  # processes a hostile notebook starts carry this in their command line
 LIMITS = Limits(case_cpu=3.0, cell_cpu=20.0, idle=6.0, memory=6 << 30, nproc=48)
 PACKAGE = Path(interplab.__file__).parent
