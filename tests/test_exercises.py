@@ -359,3 +359,26 @@ def test_the_dtype_policy_accepts_float64_and_other_integer_dtypes_and_rejects_h
     assert "loses precision" in compare(x, x.half())
     assert "bool mask" in compare(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.long))
     assert "floating-point" in compare(x, x.long())
+
+
+def test_cached_outputs_keep_no_autograd_graph():
+    """The expected and the known mistakes' outputs are cached for every case: with their autograd graphs
+    (every activation of the forward pass) they grew a test process by gigabytes, and a learner's kernel."""
+    import torch
+
+    ex = get("head_ablation_effects")
+    report = run("head_ablation_effects", ex.mistakes[0].fn)
+    assert not report.passed
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from tensors(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+
+    cached = list(tensors(ex._expected)) + list(tensors(list(ex._mistake_outputs.values())))
+    assert cached and not any(t.grad_fn is not None or t.requires_grad for t in cached)

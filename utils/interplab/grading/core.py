@@ -94,6 +94,23 @@ def _indent(text: str, pad: str = "  ") -> str:
 # --- copies of inputs ---------------------------------------------------------------
 
 
+def kept(x: Any) -> Any:
+    """What a cache keeps of an output: tensors detached, containers rebuilt, anything else as it is.
+
+    An output computed with gradients on carries its autograd graph, which holds every activation of
+    the forward pass that made it: cached for every case of every known mistake, graphs grew a test
+    process by gigabytes (and a learner's kernel with every check)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*(kept(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(kept(v) for v in x)
+    if isinstance(x, dict):
+        return {k: kept(v) for k, v in x.items()}
+    return x
+
+
 def fresh(x: Any) -> Any:
     """A copy of a case argument: tensors cloned, containers copied, modules shared."""
     if isinstance(x, torch.Tensor):
@@ -321,7 +338,7 @@ def expected_outputs(ex: Exercise) -> list[Any]:
                 raise RuntimeError(f"the reference for {ex.name!r} failed on case {case.label!r}: {result!r}")
             for m in _models_in((case.args, case.kwargs)):
                 _restore(m)
-            outs.append(result)
+            outs.append(kept(result))
         ex._expected = outs
     return ex._expected
 
@@ -345,7 +362,7 @@ def _mistake_output(ex: Exercise, name: str, case_index: int) -> tuple[str, Any]
         status, out, _, _ = call_safely(case.invoke(m.fn), fresh(case.args), fresh(case.kwargs), ex.time_limit)
         for model in _models_in((case.args, case.kwargs)):
             _restore(model)
-        outs[case_index] = (status, out)
+        outs[case_index] = (status, kept(out))
     return outs[case_index]
 
 
